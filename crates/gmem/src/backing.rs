@@ -1,0 +1,96 @@
+//! Backings: the file that holds the bytes of guest memory.
+//!
+//! A backing is a file with `mmap` and `fallocate` of a fixed size: a sealed
+//! `memfd`, or a kernel `guest_memfd` (created `MMAP | INIT_SHARED`, so the
+//! host may map every page and gmem's attribute map alone decides which it
+//! may touch). Everything above this module treats the two alike.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
+
+use crate::Error;
+
+/// What kind of file backs a [`GuestMemfd`](crate::GuestMemfd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingKind {
+    /// A sealed `memfd`: no KVM needed.
+    Memfd,
+    /// A kernel `guest_memfd` made by `KVM_CREATE_GUEST_MEMFD`.
+    KernelGuestMemfd,
+}
+
+/// The owned file of guest memory.
+#[derive(Debug)]
+pub(crate) struct Backing {
+    fd: OwnedFd,
+    kind: BackingKind,
+}
+
+impl Backing {
+    /// A new sealed memfd of `size` bytes: it can never grow or shrink.
+    pub(crate) fn memfd(size: u64) -> Result<Backing, Error> {
+        let fd = rustix::fs::memfd_create("gmem", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+            .map_err(Error::os("memfd_create"))?;
+        rustix::fs::ftruncate(&fd, size).map_err(Error::os("ftruncate"))?;
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL)
+            .map_err(Error::os("fcntl(F_ADD_SEALS)"))?;
+        Ok(Backing {
+            fd,
+            kind: BackingKind::Memfd,
+        })
+    }
+
+    /// A backing over a file the caller made, such as a kernel guest_memfd.
+    #[allow(dead_code)] // Used by the KVM backing (next layer up).
+    pub(crate) fn from_fd(fd: OwnedFd, kind: BackingKind) -> Backing {
+        Backing { fd, kind }
+    }
+
+    /// An empty memfd: mapping it anywhere makes every access `SIGBUS`.
+    pub(crate) fn empty() -> Result<OwnedFd, Error> {
+        rustix::fs::memfd_create("gmem-private", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+            .and_then(|fd| {
+                rustix::fs::fcntl_add_seals(&fd, SealFlags::GROW | SealFlags::SEAL)?;
+                Ok(fd)
+            })
+            .map_err(Error::os("memfd_create"))
+    }
+
+    pub(crate) fn kind(&self) -> BackingKind {
+        self.kind
+    }
+
+    /// Allocates the pages of `[offset, offset + len)`.
+    pub(crate) fn allocate(&self, offset: u64, len: u64) -> Result<(), Error> {
+        rustix::fs::fallocate(&self.fd, FallocateFlags::KEEP_SIZE, offset, len)
+            .map_err(Error::os("fallocate"))
+    }
+
+    /// Frees the pages of `[offset, offset + len)`; they read zero afterwards.
+    pub(crate) fn punch_hole(&self, offset: u64, len: u64) -> Result<(), Error> {
+        rustix::fs::fallocate(
+            &self.fd,
+            FallocateFlags::KEEP_SIZE | FallocateFlags::PUNCH_HOLE,
+            offset,
+            len,
+        )
+        .map_err(Error::os("fallocate(PUNCH_HOLE)"))
+    }
+
+    /// Bytes allocated to the file, where the kernel accounts them.
+    pub(crate) fn allocated_bytes(&self) -> Option<u64> {
+        let stat = rustix::fs::fstat(&self.fd).ok()?;
+        match self.kind {
+            BackingKind::Memfd => Some(stat.st_blocks as u64 * 512),
+            // guest_memfd does not account blocks.
+            BackingKind::KernelGuestMemfd => None,
+        }
+    }
+}
+
+impl AsFd for Backing {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}

@@ -1,0 +1,181 @@
+//! Typed errors. Every variant that mirrors a kernel failure says which errno
+//! the kernel gives for it, through `errno()`.
+
+use rustix::io::Errno;
+
+/// An error of a file, mapping or pin operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The file size is zero or not a multiple of the page size (`EINVAL`).
+    #[error("invalid size {size:#x}: must be a non-zero multiple of the page size")]
+    InvalidSize {
+        /// The size asked for.
+        size: u64,
+    },
+    /// A creation flag bit that the kernel does not know (`EINVAL`).
+    #[error("unknown flag bits {bits:#x}")]
+    UnknownFlags {
+        /// The unknown bits.
+        bits: u64,
+    },
+    /// `mmap` of a file created without `MMAP` (`ENODEV`).
+    #[error("the file was created without Flags::MMAP and cannot be mapped")]
+    MmapNotSupported,
+    /// An offset or length that must be page-aligned is not (`EINVAL`).
+    #[error("offset {offset:#x} or length {len:#x} is not page-aligned")]
+    Unaligned {
+        /// The offset given.
+        offset: u64,
+        /// The length given.
+        len: u64,
+    },
+    /// A zero length where the kernel refuses one (`EINVAL`).
+    #[error("length is zero")]
+    ZeroLength,
+    /// A range that is not inside the file or the mapping (`EINVAL`).
+    #[error("range {offset:#x}+{len:#x} is outside the object of size {limit:#x}")]
+    OutOfRange {
+        /// The offset given.
+        offset: u64,
+        /// The length given.
+        len: u64,
+        /// The size of the file, mapping or pin the range was checked against.
+        limit: u64,
+    },
+    /// An `fallocate` mode other than `KEEP_SIZE`, optionally with
+    /// `PUNCH_HOLE` (`EOPNOTSUPP`).
+    #[error("fallocate mode {mode:#x} is not supported: KEEP_SIZE is required, only PUNCH_HOLE may be added")]
+    UnsupportedMode {
+        /// The mode given.
+        mode: u32,
+    },
+    /// The host touched a private page (`EFAULT`).
+    #[error("the page at offset {offset:#x} is private")]
+    Private {
+        /// The offset of the first private page in the range.
+        offset: u64,
+    },
+    /// A punch hole over a pinned page (`EBUSY`; the kernel would detach it).
+    #[error("the page at offset {offset:#x} is pinned")]
+    Pinned {
+        /// The offset of the first pinned page in the range.
+        offset: u64,
+    },
+    /// A page's reference count would overflow (`ENOMEM`, as GUP gives).
+    #[error("too many references on the page at offset {offset:#x}")]
+    TooManyPins {
+        /// The offset of the page.
+        offset: u64,
+    },
+    /// A system call failed.
+    #[error("{call} failed: {errno}")]
+    Os {
+        /// The system call.
+        call: &'static str,
+        /// What it returned.
+        errno: Errno,
+    },
+}
+
+impl Error {
+    /// The errno the kernel gives for the same failure.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::InvalidSize { .. }
+            | Error::UnknownFlags { .. }
+            | Error::Unaligned { .. }
+            | Error::ZeroLength
+            | Error::OutOfRange { .. } => Errno::INVAL,
+            Error::MmapNotSupported => Errno::NODEV,
+            Error::UnsupportedMode { .. } => Errno::OPNOTSUPP,
+            Error::Private { .. } => Errno::FAULT,
+            Error::Pinned { .. } => Errno::BUSY,
+            Error::TooManyPins { .. } => Errno::NOMEM,
+            Error::Os { errno, .. } => *errno,
+        }
+        .raw_os_error()
+    }
+
+    pub(crate) fn os(call: &'static str) -> impl FnOnce(Errno) -> Error {
+        move |errno| Error::Os { call, errno }
+    }
+}
+
+/// An error of [`GuestMemfd::set_attributes`](crate::GuestMemfd::set_attributes).
+///
+/// Whatever the error, nothing changed: every page keeps its state and every
+/// host mapping its contents.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConversionError {
+    /// The request is malformed (`EINVAL`): zero size, a wrapping or
+    /// unaligned range, or a range not inside the file.
+    #[error("invalid conversion request {offset:#x}+{len:#x}: {reason}")]
+    Invalid {
+        /// The offset given.
+        offset: u64,
+        /// The length given.
+        len: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A folio still holds references after the one drain (`EAGAIN`): drop
+    /// the references you know about (pins) and retry.
+    #[error("page at offset {error_offset:#x} is still referenced")]
+    Again {
+        /// The first page of the referenced folio, clamped to the request.
+        error_offset: u64,
+    },
+    /// A conversion listener refused a shared to private conversion (`EBUSY`).
+    #[error("a conversion listener refused the range starting at {error_offset:#x}: {reason}")]
+    Refused {
+        /// The start of the request.
+        error_offset: u64,
+        /// The listener's reason.
+        reason: String,
+    },
+    /// Memory for the attribute update could not be reserved (`ENOMEM`).
+    #[error("no memory to prepare the attribute update at {error_offset:#x}")]
+    NoMemory {
+        /// The start of the request.
+        error_offset: u64,
+    },
+    /// Changing a host mapping failed; the mappings were restored.
+    #[error("{call} failed at {error_offset:#x}: {errno}")]
+    Os {
+        /// The start of the request.
+        error_offset: u64,
+        /// The system call.
+        call: &'static str,
+        /// What it returned.
+        errno: Errno,
+    },
+}
+
+impl ConversionError {
+    /// The errno the kernel gives for the same failure.
+    pub fn errno(&self) -> i32 {
+        match self {
+            ConversionError::Invalid { .. } => Errno::INVAL,
+            ConversionError::Again { .. } => Errno::AGAIN,
+            ConversionError::Refused { .. } => Errno::BUSY,
+            ConversionError::NoMemory { .. } => Errno::NOMEM,
+            ConversionError::Os { errno, .. } => *errno,
+        }
+        .raw_os_error()
+    }
+
+    /// The offset the kernel reports in `error_offset`: for `EAGAIN` the first
+    /// page of the offending folio (clamped to the request), else the start
+    /// of the request.
+    pub fn error_offset(&self) -> u64 {
+        match self {
+            ConversionError::Invalid { offset, .. } => *offset,
+            ConversionError::Again { error_offset }
+            | ConversionError::Refused { error_offset, .. }
+            | ConversionError::NoMemory { error_offset }
+            | ConversionError::Os { error_offset, .. } => *error_offset,
+        }
+    }
+}

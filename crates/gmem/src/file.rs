@@ -1,0 +1,301 @@
+//! The guest memory file: creation, allocation, punching holes and mapping.
+//! Conversion lives in `conversion.rs`, pins in `pin.rs`.
+
+use std::ops::Range;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crate::attributes::{Attribute, AttributeMap};
+use crate::backing::{Backing, BackingKind};
+use crate::listener::{ConversionListener, ListenerId, Listeners};
+use crate::mapping::{HostMapping, Mappings};
+use crate::refs::References;
+use crate::stats::{Counters, Stats};
+use crate::sys::MappedRegion;
+use crate::{Error, PAGE_SHIFT, PAGE_SIZE};
+
+bitflags::bitflags! {
+    /// Creation flags, with the kernel's `GUEST_MEMFD_FLAG_*` values.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct Flags: u64 {
+        /// The file may be mapped into the host (`GUEST_MEMFD_FLAG_MMAP`).
+        const MMAP = 1 << 0;
+        /// Every page starts shared (`GUEST_MEMFD_FLAG_INIT_SHARED`).
+        const INIT_SHARED = 1 << 1;
+    }
+}
+
+/// `fallocate` mode bits, as `linux/falloc.h`.
+pub mod falloc {
+    /// `FALLOC_FL_KEEP_SIZE`: required by guest_memfd.
+    pub const KEEP_SIZE: u32 = 0x01;
+    /// `FALLOC_FL_PUNCH_HOLE`: free the range.
+    pub const PUNCH_HOLE: u32 = 0x02;
+}
+
+/// Guest memory: a fixed-size file whose every page is shared or private.
+///
+/// `GuestMemfd` is `Send + Sync`; share it between vCPU and device threads in
+/// an `Arc`. See the crate documentation for an example.
+#[derive(Debug)]
+pub struct GuestMemfd {
+    pub(crate) state: Arc<FileState>,
+}
+
+/// Everything one file owns. Host mappings keep it alive.
+#[derive(Debug)]
+pub(crate) struct FileState {
+    pub(crate) size: u64,
+    pub(crate) flags: Flags,
+    pub(crate) backing: Backing,
+    /// An empty file, mapped over private pages so that they `SIGBUS`.
+    pub(crate) hole: OwnedFd,
+    /// gmem's own mapping of the whole file (the kernel's direct map), for
+    /// copies through pins. Never changed by conversions.
+    pub(crate) direct: MappedRegion,
+    /// The invalidate lock, and the state it guards. Conversions and punches
+    /// take it exclusively; faults (new mappings, slow-path pins, copies
+    /// through host mappings) take it shared.
+    pub(crate) attrs: RwLock<AttributeMap>,
+    pub(crate) refs: Arc<References>,
+    pub(crate) mappings: Mappings,
+    pub(crate) listeners: Listeners,
+    pub(crate) counters: Counters,
+}
+
+impl GuestMemfd {
+    /// A new memfd-backed file of `size` bytes.
+    ///
+    /// Errors: `EINVAL` for a size that is zero or not page-aligned, or for an
+    /// unknown flag bit.
+    pub fn new(size: u64, flags: Flags) -> Result<GuestMemfd, Error> {
+        Self::validate(size, flags)?;
+        Self::with_backing(Backing::memfd(size)?, size, flags)
+    }
+
+    fn validate(size: u64, flags: Flags) -> Result<(), Error> {
+        let unknown = flags.bits() & !Flags::all().bits();
+        if unknown != 0 {
+            return Err(Error::UnknownFlags { bits: unknown });
+        }
+        if size == 0 || size % PAGE_SIZE != 0 || size > isize::MAX as u64 {
+            return Err(Error::InvalidSize { size });
+        }
+        Ok(())
+    }
+
+    /// A file over a backing of `size` bytes that the host may map in full.
+    pub(crate) fn with_backing(backing: Backing, size: u64, flags: Flags) -> Result<GuestMemfd, Error> {
+        Self::validate(size, flags)?;
+        let initial = if flags.contains(Flags::INIT_SHARED) {
+            Attribute::Shared
+        } else {
+            Attribute::Private
+        };
+        let pages = size >> PAGE_SHIFT;
+        let direct = MappedRegion::map_shared(backing.as_fd(), size as usize).map_err(Error::os("mmap"))?;
+        Ok(GuestMemfd {
+            state: Arc::new(FileState {
+                size,
+                flags,
+                hole: Backing::empty()?,
+                direct,
+                backing,
+                attrs: RwLock::new(AttributeMap::new(pages, initial)),
+                refs: Arc::new(References::new(pages)),
+                mappings: Mappings::default(),
+                listeners: Listeners::default(),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// The size of the file in bytes.
+    pub fn size(&self) -> u64 {
+        self.state.size
+    }
+
+    /// The creation flags.
+    pub fn flags(&self) -> Flags {
+        self.state.flags
+    }
+
+    /// What backs the file.
+    pub fn backing_kind(&self) -> BackingKind {
+        self.state.backing.kind()
+    }
+
+    /// The backing file, for binding it to a KVM memslot.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.state.backing.as_fd()
+    }
+
+    /// The state of the page holding `offset`.
+    ///
+    /// Errors: `EINVAL` if `offset` is not inside the file.
+    pub fn attribute(&self, offset: u64) -> Result<Attribute, Error> {
+        if offset >= self.size() {
+            return Err(Error::OutOfRange {
+                offset,
+                len: 1,
+                limit: self.size(),
+            });
+        }
+        Ok(self.state.read_attrs().get(offset >> PAGE_SHIFT))
+    }
+
+    /// Maps the whole file into the host.
+    ///
+    /// Errors: `ENODEV` if the file was created without [`Flags::MMAP`].
+    pub fn mmap(&self) -> Result<HostMapping, Error> {
+        self.mmap_len(self.size())
+    }
+
+    /// Maps `len` bytes of the file from offset 0, rounded up to pages.
+    /// `len` may exceed the file: pages past its end raise `SIGBUS`.
+    ///
+    /// Errors: `ENODEV` without [`Flags::MMAP`]; `EINVAL` for a zero length.
+    pub fn mmap_len(&self, len: u64) -> Result<HostMapping, Error> {
+        if !self.flags().contains(Flags::MMAP) {
+            return Err(Error::MmapNotSupported);
+        }
+        if len == 0 {
+            return Err(Error::ZeroLength);
+        }
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE)
+            .filter(|len| *len <= isize::MAX as u64)
+            .ok_or(Error::OutOfRange {
+                offset: 0,
+                len,
+                limit: isize::MAX as u64,
+            })?;
+        HostMapping::new(&self.state, len)
+    }
+
+    /// `fallocate(2)` with the kernel's guest_memfd rules: `mode` must hold
+    /// `KEEP_SIZE` and may add only `PUNCH_HOLE` (else `EOPNOTSUPP`); offset
+    /// and length must be page-aligned and the length non-zero (`EINVAL`).
+    pub fn fallocate(&self, mode: u32, offset: u64, len: u64) -> Result<(), Error> {
+        if len == 0 {
+            return Err(Error::ZeroLength);
+        }
+        if mode & falloc::KEEP_SIZE == 0 || mode & !(falloc::KEEP_SIZE | falloc::PUNCH_HOLE) != 0 {
+            return Err(Error::UnsupportedMode { mode });
+        }
+        if offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Error::Unaligned { offset, len });
+        }
+        let Some(end) = offset.checked_add(len).filter(|end| *end <= i64::MAX as u64) else {
+            return Err(Error::OutOfRange {
+                offset,
+                len,
+                limit: i64::MAX as u64,
+            });
+        };
+        if mode & falloc::PUNCH_HOLE != 0 {
+            self.state.punch_hole(offset, end.min(self.size()))
+        } else if end > self.size() {
+            Err(Error::OutOfRange {
+                offset,
+                len,
+                limit: self.size(),
+            })
+        } else {
+            let _faults = self.state.read_attrs();
+            self.state.backing.allocate(offset, len)
+        }
+    }
+
+    /// Allocates the pages of `[offset, offset + len)`.
+    ///
+    /// Errors: `EINVAL` for an unaligned or empty range or one reaching past
+    /// the end of the file.
+    pub fn allocate(&self, offset: u64, len: u64) -> Result<(), Error> {
+        self.fallocate(falloc::KEEP_SIZE, offset, len)
+    }
+
+    /// Frees the pages of `[offset, offset + len)`: the next access sees a
+    /// zeroed page. Page state does not change. The part past the end of the
+    /// file is ignored.
+    ///
+    /// Errors: `EINVAL` for an unaligned or empty range; `EBUSY` with the
+    /// offset of the first pinned page (where the kernel would detach it).
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), Error> {
+        self.fallocate(falloc::KEEP_SIZE | falloc::PUNCH_HOLE, offset, len)
+    }
+
+    /// Registers a listener of conversions.
+    pub fn add_listener(&self, listener: Arc<dyn ConversionListener>) -> ListenerId {
+        self.state.listeners.add(listener)
+    }
+
+    /// Removes a listener; false if it was not registered.
+    pub fn remove_listener(&self, id: ListenerId) -> bool {
+        self.state.listeners.remove(id)
+    }
+
+    /// Flushes every thread's batch of released pins, as a conversion's drain
+    /// does.
+    pub fn drain_pin_batches(&self) {
+        self.state.refs.drain_all();
+    }
+
+    /// A snapshot of the file's counters and state.
+    pub fn stats(&self) -> Stats {
+        let state = &self.state;
+        let (pages_private, pages_shared) = {
+            let attrs = state.read_attrs();
+            (attrs.count(Attribute::Private), attrs.count(Attribute::Shared))
+        };
+        Stats {
+            conversions_to_private: Counters::get(&state.counters.to_private),
+            conversions_to_shared: Counters::get(&state.counters.to_shared),
+            eagain: Counters::get(&state.counters.eagain),
+            refused: Counters::get(&state.counters.refused),
+            drains: state.refs.drains(),
+            pins_live: state.refs.pins_live(),
+            pages_allocated: state.backing.allocated_bytes().map(|b| b >> PAGE_SHIFT),
+            pages_private,
+            pages_shared,
+            metadata_bytes: state.refs.footprint(),
+        }
+    }
+}
+
+impl FileState {
+    /// Takes the invalidate lock shared (a fault).
+    pub(crate) fn read_attrs(&self) -> RwLockReadGuard<'_, AttributeMap> {
+        // A panic while holding the lock cannot leave the map half-updated
+        // (`set` does not allocate or fail), so poisoning is ignored.
+        self.attrs.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the invalidate lock exclusively (a conversion or punch).
+    pub(crate) fn write_attrs(&self) -> RwLockWriteGuard<'_, AttributeMap> {
+        self.attrs.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Punches `[offset, end)`, both page-aligned; empty is a no-op.
+    fn punch_hole(&self, offset: u64, end: u64) -> Result<(), Error> {
+        if offset >= end {
+            return Ok(());
+        }
+        let pages = page_range(offset, end);
+        let _exclusive = self.write_attrs();
+        self.refs.unmap(pages.clone());
+        if let Err(page) = self.refs.check_unreferenced(pages.clone()) {
+            return Err(Error::Pinned {
+                offset: page << PAGE_SHIFT,
+            });
+        }
+        self.backing.punch_hole(offset, end - offset)?;
+        self.refs.mark_unallocated(pages);
+        Ok(())
+    }
+}
+
+/// The pages covering bytes `[offset, end)`.
+pub(crate) fn page_range(offset: u64, end: u64) -> Range<u64> {
+    (offset >> PAGE_SHIFT)..end.div_ceil(PAGE_SIZE)
+}

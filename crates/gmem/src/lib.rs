@@ -1,0 +1,84 @@
+//! Guest memory with per-page shared/private state and in-place conversion.
+//!
+//! `gmem` reproduces, for userspace VMMs, the semantics of Linux's
+//! `guest_memfd` together with the (unmerged) in-place conversion series:
+//!
+//! * a [`GuestMemfd`] is a fixed-size file whose every page is
+//!   [`Attribute::Shared`] or [`Attribute::Private`], independently of whether
+//!   a page is allocated there;
+//! * [`HostMapping`]s are the VMM's view of the file: shared pages are
+//!   readable and writable, a private page (or a page past the end of the
+//!   file) raises `SIGBUS`, in every live mapping;
+//! * [`GuestMemfd::set_attributes`] converts a range in place, following the
+//!   kernel's protocol: exclusive invalidate lock, unmap, exact reference
+//!   check, one drain of every thread's batch of released pins, `EAGAIN` with
+//!   the failing offset, all or nothing;
+//! * [`Pin`]s are the device-I/O references (the analogue of GUP) that a
+//!   conversion respects; taking one is lock-free.
+//!
+//! What it does not do: it does not protect guest memory against a hostile
+//! host (private pages are hidden by the VMM's own page tables), and a forked
+//! child keeps the mappings it had at fork time.
+//!
+//! The memory is backed by a sealed `memfd`, or (with the `kvm` feature) by a
+//! kernel `guest_memfd` created on a KVM VM; see `ARCHITECTURE.md` for the
+//! layers.
+//!
+//! ```
+//! use gmem::{Attribute, Flags, GuestMemfd, PAGE_SIZE};
+//!
+//! let mem = GuestMemfd::new(16 * PAGE_SIZE, Flags::MMAP | Flags::INIT_SHARED)?;
+//! let map = mem.mmap()?;
+//! map.write(0, b"hello")?;
+//!
+//! // The guest takes the first page private: the host can no longer touch it.
+//! mem.set_attributes(0, PAGE_SIZE, Attribute::Private)?;
+//! assert_eq!(map.write(0, b"x").unwrap_err().errno(), libc_efault());
+//!
+//! // A device pins the second page: converting it now fails with EAGAIN.
+//! let pin = mem.pin(PAGE_SIZE, 512)?;
+//! let err = mem.set_attributes(PAGE_SIZE, PAGE_SIZE, Attribute::Private).unwrap_err();
+//! assert_eq!(err.error_offset(), PAGE_SIZE);
+//! drop(pin);
+//! mem.set_attributes(PAGE_SIZE, PAGE_SIZE, Attribute::Private)?;
+//!
+//! // Back to shared, contents preserved.
+//! mem.set_attributes(0, PAGE_SIZE, Attribute::Shared)?;
+//! let mut buf = [0u8; 5];
+//! map.read(0, &mut buf)?;
+//! assert_eq!(&buf, b"hello");
+//! # fn libc_efault() -> i32 { 14 }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![deny(unsafe_code)]
+
+mod attributes;
+mod backing;
+mod batch;
+mod conversion;
+mod error;
+mod file;
+mod listener;
+mod mapping;
+mod pin;
+mod refs;
+mod stats;
+mod sync;
+#[allow(unsafe_code)] // The one leaf module for memfd, mmap and raw copies.
+mod sys;
+
+pub use attributes::Attribute;
+pub use backing::BackingKind;
+pub use error::{ConversionError, Error};
+pub use file::{Flags, GuestMemfd};
+pub use listener::{ConversionListener, ListenerId, Refusal};
+pub use mapping::HostMapping;
+pub use pin::Pin;
+pub use stats::Stats;
+
+/// The size of a page, and the granularity of state, allocation and mapping.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// `PAGE_SIZE` as a shift.
+pub(crate) const PAGE_SHIFT: u32 = 12;

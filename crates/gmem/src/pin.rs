@@ -1,0 +1,130 @@
+//! Pins: the references that device I/O holds on shared pages (the analogue
+//! of GUP), and copies through them.
+
+use std::ops::Range;
+
+use crate::attributes::Attribute;
+use crate::file::{GuestMemfd, page_range};
+use crate::refs::PinMiss;
+use crate::{Error, PAGE_SHIFT};
+
+/// A pin of `[offset, offset + len)` of a file: while it lives, every page it
+/// covers is shared and allocated, and a conversion of any of them to private
+/// fails with `EAGAIN`. Dropping it releases the pages through the dropping
+/// thread's batch.
+#[derive(Debug)]
+pub struct Pin<'a> {
+    file: &'a GuestMemfd,
+    offset: u64,
+    len: u64,
+}
+
+impl GuestMemfd {
+    /// Pins the pages covering `[offset, offset + len)` for device I/O,
+    /// allocating missing ones. Lock-free unless a page was never pinned or
+    /// was converted or punched since.
+    ///
+    /// Errors: `EINVAL` for an empty range or one not inside the file;
+    /// `EFAULT` with the offset of the first private page.
+    pub fn pin(&self, offset: u64, len: u64) -> Result<Pin<'_>, Error> {
+        if len == 0 {
+            return Err(Error::ZeroLength);
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|end| *end <= self.size())
+            .ok_or(Error::OutOfRange {
+                offset,
+                len,
+                limit: self.size(),
+            })?;
+        let pages = page_range(offset, end);
+        match self.state.refs.try_pin_fast(pages.clone()) {
+            Ok(()) => {}
+            Err(PinMiss::NotMapped) => self.pin_slow(pages)?,
+            Err(PinMiss::Overflow(page)) => {
+                return Err(Error::TooManyPins {
+                    offset: page << PAGE_SHIFT,
+                });
+            }
+        }
+        Ok(Pin {
+            file: self,
+            offset,
+            len,
+        })
+    }
+
+    /// The slow path: a fault. Under the invalidate lock (shared), check the
+    /// state, allocate, and map the pages for the fast path.
+    fn pin_slow(&self, pages: Range<u64>) -> Result<(), Error> {
+        let state = &self.state;
+        let attrs = state.read_attrs();
+        if let Some(page) = attrs.first_not(pages.clone(), Attribute::Shared) {
+            return Err(Error::Private {
+                offset: page << PAGE_SHIFT,
+            });
+        }
+        if state.refs.may_need_allocation(pages.clone()) {
+            let (start, end) = (pages.start << PAGE_SHIFT, pages.end << PAGE_SHIFT);
+            state.backing.allocate(start, end - start)?;
+        }
+        state
+            .refs
+            .pin_mapped(pages)
+            .map_err(|page| Error::TooManyPins {
+                offset: page << PAGE_SHIFT,
+            })
+    }
+}
+
+impl Pin<'_> {
+    /// The file offset the pin starts at.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The length of the pin in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the pin is empty (it never is).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies from `offset` within the pin into `buf`.
+    ///
+    /// Errors: `EINVAL` if the range is not inside the pin.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let at = self.check(offset, buf.len() as u64)?;
+        self.file.state.direct.read(at, buf);
+        Ok(())
+    }
+
+    /// Copies `data` to `offset` within the pin; errors as [`read`](Self::read).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
+        let at = self.check(offset, data.len() as u64)?;
+        self.file.state.direct.write(at, data);
+        Ok(())
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<u64, Error> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(Error::OutOfRange {
+                offset,
+                len,
+                limit: self.len,
+            });
+        }
+        Ok(self.offset + offset)
+    }
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        let pages = page_range(self.offset, self.offset + self.len);
+        self.file.state.refs.unpin(pages);
+    }
+}

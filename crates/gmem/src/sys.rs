@@ -1,0 +1,121 @@
+//! The leaf of system calls that need `unsafe`: shared mappings of a file and
+//! raw copies through them. Nothing above this module dereferences a pointer
+//! into guest memory.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::ptr::NonNull;
+
+use rustix::io::Errno;
+use rustix::mm::{MapFlags, ProtFlags};
+
+/// An owned `MAP_SHARED` mapping of a file; `Drop` unmaps it.
+///
+/// The mapping may be longer than the file (pages past the end raise
+/// `SIGBUS`). Parts of it can be replaced in place by [`remap`](Self::remap),
+/// which keeps the address range owned by this value throughout.
+#[derive(Debug)]
+pub(crate) struct MappedRegion {
+    addr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the region is plain memory owned by this value; every access goes
+// through raw copies whose bounds are checked, and remaps are serialised by
+// the owner (the conversion holds the mapping registry's lock).
+unsafe impl Send for MappedRegion {}
+// SAFETY: as for Send; `&MappedRegion` only allows bounded raw copies.
+unsafe impl Sync for MappedRegion {}
+
+impl MappedRegion {
+    /// Maps `len` bytes (page-aligned, non-zero) of `fd` from offset 0, shared.
+    pub(crate) fn map_shared(fd: BorrowedFd<'_>, len: usize) -> Result<MappedRegion, Errno> {
+        // SAFETY: a new mapping at an address the kernel picks; it overlaps
+        // nothing we own.
+        let addr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::NORESERVE,
+                fd,
+                0,
+            )?
+        };
+        let addr = NonNull::new(addr.cast::<u8>()).ok_or(Errno::NOMEM)?;
+        Ok(MappedRegion { addr, len })
+    }
+
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.addr.as_ptr()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Replaces `[start, start + len)` of this region with a shared mapping
+    /// of `fd` at file offset `start`. Mapping the real file there makes the
+    /// pages accessible; mapping an empty file makes every access `SIGBUS`
+    /// (the offset is past its end), and keeps offsets contiguous so that the
+    /// kernel merges neighbouring pieces into one VMA.
+    pub(crate) fn remap(&self, start: u64, len: u64, fd: impl AsFd) -> Result<(), Errno> {
+        let end = start.checked_add(len).ok_or(Errno::INVAL)?;
+        if end > self.len as u64 || len == 0 {
+            return Err(Errno::INVAL);
+        }
+        // SAFETY: the range lies inside this region, which this value owns:
+        // MAP_FIXED replaces only our own pages. Nobody holds a Rust
+        // reference into the region (access is by raw copies only).
+        unsafe {
+            rustix::mm::mmap(
+                self.as_ptr().add(start as usize).cast(),
+                len as usize,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::FIXED | MapFlags::NORESERVE,
+                fd.as_fd(),
+                start,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Copies `buf.len()` bytes from `offset` of the region into `buf`.
+    ///
+    /// The caller has checked that the pages are mapped to the file (shared
+    /// and inside it); a page that is not raises `SIGBUS`, as a raw access
+    /// would. Panics if the range is outside the region.
+    pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) {
+        let offset = self.check(offset, buf.len());
+        // SAFETY: the source range is inside the region (checked), mapped
+        // readable; the destination is a distinct Rust buffer. Guest memory
+        // may change under the copy: we copy bytes, never form references.
+        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), buf.as_mut_ptr(), buf.len()) }
+    }
+
+    /// Copies `data` to `offset` of the region; as [`read`](Self::read).
+    pub(crate) fn write(&self, offset: u64, data: &[u8]) {
+        let offset = self.check(offset, data.len());
+        // SAFETY: the destination range is inside the region (checked),
+        // mapped writable; the source is a distinct Rust buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len()) }
+    }
+
+    fn check(&self, offset: u64, len: usize) -> usize {
+        let end = offset.checked_add(len as u64);
+        assert!(
+            end.is_some_and(|end| end <= self.len as u64),
+            "copy of {len} bytes at {offset:#x} outside a region of {:#x}",
+            self.len
+        );
+        offset as usize
+    }
+}
+
+impl Drop for MappedRegion {
+    fn drop(&mut self) {
+        // SAFETY: this value owns the mapping; after drop no copy can reach it.
+        if let Err(errno) = unsafe { rustix::mm::munmap(self.as_ptr().cast(), self.len) } {
+            tracing::error!(%errno, len = self.len, "munmap of a guest memory mapping failed");
+        }
+    }
+}
