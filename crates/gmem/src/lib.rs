@@ -71,7 +71,7 @@ mod sys;
 pub use attributes::Attribute;
 pub use backing::BackingKind;
 pub use error::{ConversionError, Error};
-pub use file::{Flags, GuestMemfd};
+pub use file::{Flags, GuestMemfd, falloc};
 pub use listener::{ConversionListener, ListenerId, Refusal};
 pub use mapping::HostMapping;
 pub use pin::Pin;
