@@ -1,1 +1,3 @@
+//! The `gmem` command.
+
 fn main() {}

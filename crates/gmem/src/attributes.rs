@@ -176,8 +176,8 @@ impl AttributeMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
     use Attribute::{Private, Shared};
+    use proptest::prelude::*;
 
     #[test]
     fn set_merges_neighbours() {
@@ -210,7 +210,7 @@ mod tests {
         #[test]
         fn behaves_like_a_page_array(ops in prop::collection::vec((0u64..32, 1u64..32, any::<bool>()), 1..64)) {
             let mut map = AttributeMap::new(32, Private);
-            let mut model = vec![Private; 32];
+            let mut model = [Private; 32];
             for (start, len, shared) in ops {
                 let end = (start + len).min(32);
                 let attr = if shared { Shared } else { Private };

@@ -49,12 +49,15 @@ impl Backing {
 
     /// An empty memfd: mapping it anywhere makes every access `SIGBUS`.
     pub(crate) fn empty() -> Result<OwnedFd, Error> {
-        rustix::fs::memfd_create("gmem-private", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
-            .and_then(|fd| {
-                rustix::fs::fcntl_add_seals(&fd, SealFlags::GROW | SealFlags::SEAL)?;
-                Ok(fd)
-            })
-            .map_err(Error::os("memfd_create"))
+        rustix::fs::memfd_create(
+            "gmem-private",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )
+        .and_then(|fd| {
+            rustix::fs::fcntl_add_seals(&fd, SealFlags::GROW | SealFlags::SEAL)?;
+            Ok(fd)
+        })
+        .map_err(Error::os("memfd_create"))
     }
 
     pub(crate) fn kind(&self) -> BackingKind {

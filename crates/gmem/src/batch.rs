@@ -38,6 +38,22 @@ fn decode(slot: u64) -> Range<u64> {
     first..first + (slot & MAX_LEN)
 }
 
+/// Stores a parked release into an empty slot. Release pairs with the
+/// Acquire of the `swap` in [`PinBatch::drain`].
+#[cfg(not(loom))]
+fn publish(slot: &AtomicU64, parked: u64) {
+    slot.store(parked, Ordering::Release);
+}
+
+/// Under loom the store is a `swap`: loom 0.7 lets a plain store fall between
+/// the read and the write of another thread's RMW (tokio-rs/loom#254), which
+/// C11 forbids. An RMW of the same ordering is what C11 gives the store here.
+#[cfg(loom)]
+fn publish(slot: &AtomicU64, parked: u64) {
+    let old = slot.swap(parked, Ordering::Release);
+    assert_eq!(old, 0, "a parked release overwrote another");
+}
+
 /// One thread's parked pin releases for one file.
 #[derive(Debug)]
 pub(crate) struct PinBatch {
@@ -76,7 +92,7 @@ impl PinBatch {
             // since its last flush emptied them all. Release pairs with the
             // Acquire of the `swap` in `drain`: the owner's accesses under the
             // pin happen before the drainer drops the reference.
-            self.slots[slot].store(encode(first, len), Ordering::Release);
+            publish(&self.slots[slot], encode(first, len));
             self.filled.store(slot + 1, Ordering::Relaxed);
             first += len;
         }
@@ -99,7 +115,8 @@ impl PinBatch {
     /// Counts a pin taken by the owner.
     pub(crate) fn count_taken(&self) {
         // Relaxed: a statistic, summed by `References::pins_live`.
-        self.taken.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.taken
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Parks a pin's release and counts it (owner thread only).

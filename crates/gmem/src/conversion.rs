@@ -19,7 +19,12 @@ impl GuestMemfd {
     ///
     /// Errors: `EINVAL` for a malformed range; `EAGAIN` with the offset of a
     /// page still referenced; `EBUSY` if a listener refused; `ENOMEM`.
-    pub fn set_attributes(&self, offset: u64, len: u64, to: Attribute) -> Result<(), ConversionError> {
+    pub fn set_attributes(
+        &self,
+        offset: u64,
+        len: u64,
+        to: Attribute,
+    ) -> Result<(), ConversionError> {
         let pages = self.conversion_pages(offset, len)?;
         let state = &*self.state;
         // 1. The invalidate lock, exclusively: no fault, new mapping or
@@ -30,9 +35,9 @@ impl GuestMemfd {
             return Ok(());
         }
         // 3. Nothing after the point of no return may fail for memory.
-        attrs
-            .prepare()
-            .map_err(|_| ConversionError::NoMemory { error_offset: offset })?;
+        attrs.prepare().map_err(|_| ConversionError::NoMemory {
+            error_offset: offset,
+        })?;
         match to {
             // 4. Unmap, then the exact reference check.
             Attribute::Private => state.unmap_and_check(&attrs, pages.clone(), offset)?,
@@ -60,11 +65,17 @@ impl GuestMemfd {
     }
 
     fn conversion_pages(&self, offset: u64, len: u64) -> Result<Range<u64>, ConversionError> {
-        let invalid = |reason| ConversionError::Invalid { offset, len, reason };
+        let invalid = |reason| ConversionError::Invalid {
+            offset,
+            len,
+            reason,
+        };
         if len == 0 {
             return Err(invalid("size is zero"));
         }
-        let end = offset.checked_add(len).ok_or(invalid("offset + size wraps"))?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(invalid("offset + size wraps"))?;
         if offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(invalid("offset or size is not page-aligned"));
         }
@@ -79,7 +90,12 @@ impl FileState {
     /// Step 4 of a shared to private conversion: ask the listeners, remove the
     /// range from every host mapping and from the pin fast path, then check
     /// references exactly. On failure the host mappings are restored.
-    fn unmap_and_check(&self, attrs: &AttributeMap, pages: Range<u64>, offset: u64) -> Result<(), ConversionError> {
+    fn unmap_and_check(
+        &self,
+        attrs: &AttributeMap,
+        pages: Range<u64>,
+        offset: u64,
+    ) -> Result<(), ConversionError> {
         let len = (pages.end - pages.start) << PAGE_SHIFT;
         if let Err(refusal) = self.listeners.before_private(offset, len) {
             Counters::bump(&self.counters.refused);
@@ -105,7 +121,12 @@ impl FileState {
             // Clamped to the start of the request (a huge folio may begin
             // before it).
             let error_offset = (page << PAGE_SHIFT).max(offset);
-            tracing::trace!(offset, len, error_offset, "conversion failed: page referenced");
+            tracing::trace!(
+                offset,
+                len,
+                error_offset,
+                "conversion failed: page referenced"
+            );
             return Err(ConversionError::Again { error_offset });
         }
         Ok(())

@@ -45,7 +45,9 @@ pub enum Error {
     },
     /// An `fallocate` mode other than `KEEP_SIZE`, optionally with
     /// `PUNCH_HOLE` (`EOPNOTSUPP`).
-    #[error("fallocate mode {mode:#x} is not supported: KEEP_SIZE is required, only PUNCH_HOLE may be added")]
+    #[error(
+        "fallocate mode {mode:#x} is not supported: KEEP_SIZE is required, only PUNCH_HOLE may be added"
+    )]
     UnsupportedMode {
         /// The mode given.
         mode: u32,

@@ -85,7 +85,11 @@ impl GuestMemfd {
     }
 
     /// A file over a backing of `size` bytes that the host may map in full.
-    pub(crate) fn with_backing(backing: Backing, size: u64, flags: Flags) -> Result<GuestMemfd, Error> {
+    pub(crate) fn with_backing(
+        backing: Backing,
+        size: u64,
+        flags: Flags,
+    ) -> Result<GuestMemfd, Error> {
         Self::validate(size, flags)?;
         let initial = if flags.contains(Flags::INIT_SHARED) {
             Attribute::Shared
@@ -93,7 +97,8 @@ impl GuestMemfd {
             Attribute::Private
         };
         let pages = size >> PAGE_SHIFT;
-        let direct = MappedRegion::map_shared(backing.as_fd(), size as usize).map_err(Error::os("mmap"))?;
+        let direct =
+            MappedRegion::map_shared(backing.as_fd(), size as usize).map_err(Error::os("mmap"))?;
         Ok(GuestMemfd {
             state: Arc::new(FileState {
                 size,
@@ -186,7 +191,10 @@ impl GuestMemfd {
         if offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(Error::Unaligned { offset, len });
         }
-        let Some(end) = offset.checked_add(len).filter(|end| *end <= i64::MAX as u64) else {
+        let Some(end) = offset
+            .checked_add(len)
+            .filter(|end| *end <= i64::MAX as u64)
+        else {
             return Err(Error::OutOfRange {
                 offset,
                 len,
@@ -246,7 +254,10 @@ impl GuestMemfd {
         let state = &self.state;
         let (pages_private, pages_shared) = {
             let attrs = state.read_attrs();
-            (attrs.count(Attribute::Private), attrs.count(Attribute::Shared))
+            (
+                attrs.count(Attribute::Private),
+                attrs.count(Attribute::Shared),
+            )
         };
         Stats {
             conversions_to_private: Counters::get(&state.counters.to_private),

@@ -60,6 +60,8 @@ mod conversion;
 mod error;
 mod file;
 mod listener;
+#[cfg(all(test, loom))]
+mod loom_tests;
 mod mapping;
 mod pin;
 mod refs;

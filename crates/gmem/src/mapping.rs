@@ -33,9 +33,13 @@ impl HostMapping {
     pub(crate) fn new(file: &Arc<FileState>, len: u64) -> Result<HostMapping, Error> {
         // A fault: the state cannot change while the mapping is set up.
         let attrs = file.read_attrs();
-        let region = MappedRegion::map_shared(file.backing.as_fd(), len as usize).map_err(Error::os("mmap"))?;
+        let region = MappedRegion::map_shared(file.backing.as_fd(), len as usize)
+            .map_err(Error::os("mmap"))?;
         let pages = 0..(file.size >> PAGE_SHIFT);
-        for run in attrs.runs_in(pages).filter(|run| run.attr == Attribute::Private) {
+        for run in attrs
+            .runs_in(pages)
+            .filter(|run| run.attr == Attribute::Private)
+        {
             let (start, end) = (run.pages.0 << PAGE_SHIFT, run.pages.1 << PAGE_SHIFT);
             region
                 .remap(start, end - start, &file.hole)
@@ -84,7 +88,11 @@ impl HostMapping {
 
     /// Checks the range and takes the invalidate lock shared, so that no page
     /// of it turns private during the copy.
-    fn check_shared(&self, offset: u64, len: u64) -> Result<std::sync::RwLockReadGuard<'_, AttributeMap>, Error> {
+    fn check_shared(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<std::sync::RwLockReadGuard<'_, AttributeMap>, Error> {
         let limit = self.len().min(self.file.size);
         if offset.checked_add(len).is_none_or(|end| end > limit) {
             return Err(Error::OutOfRange { offset, len, limit });
@@ -129,7 +137,13 @@ impl Mappings {
 
     /// Maps `pages` of every live mapping to `fd` (the backing, or the empty
     /// file). On failure, restores the mappings already changed to `attrs`.
-    pub(crate) fn remap_all(&self, file: &FileState, attrs: &AttributeMap, pages: Range<u64>, to: Attribute) -> Result<(), Errno> {
+    pub(crate) fn remap_all(
+        &self,
+        file: &FileState,
+        attrs: &AttributeMap,
+        pages: Range<u64>,
+        to: Attribute,
+    ) -> Result<(), Errno> {
         let live = self.lock();
         for (done, region) in live.iter().enumerate() {
             if let Err(errno) = remap(file, region, pages.clone(), to) {
@@ -150,8 +164,16 @@ impl Mappings {
     }
 }
 
-fn remap(file: &FileState, region: &MappedRegion, pages: Range<u64>, to: Attribute) -> Result<(), Errno> {
-    let (start, len) = (pages.start << PAGE_SHIFT, (pages.end - pages.start) << PAGE_SHIFT);
+fn remap(
+    file: &FileState,
+    region: &MappedRegion,
+    pages: Range<u64>,
+    to: Attribute,
+) -> Result<(), Errno> {
+    let (start, len) = (
+        pages.start << PAGE_SHIFT,
+        (pages.end - pages.start) << PAGE_SHIFT,
+    );
     match to {
         Attribute::Shared => region.remap(start, len, file.backing.as_fd()),
         Attribute::Private => region.remap(start, len, file.hole.as_fd()),

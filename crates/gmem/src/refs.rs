@@ -179,8 +179,8 @@ impl PageRefTable {
     /// Bytes of metadata this table holds.
     fn footprint(&self) -> u64 {
         let made = self.chunks.iter().filter(|c| c.get().is_some()).count();
-        (std::mem::size_of_val(&*self.chunks) + made * std::mem::size_of::<[PageRef; CHUNK_PAGES as usize]>())
-            as u64
+        (std::mem::size_of_val(&*self.chunks)
+            + made * std::mem::size_of::<[PageRef; CHUNK_PAGES as usize]>()) as u64
     }
 }
 

@@ -89,7 +89,9 @@ impl MappedRegion {
         // SAFETY: the source range is inside the region (checked), mapped
         // readable; the destination is a distinct Rust buffer. Guest memory
         // may change under the copy: we copy bytes, never form references.
-        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), buf.as_mut_ptr(), buf.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), buf.as_mut_ptr(), buf.len())
+        }
     }
 
     /// Copies `data` to `offset` of the region; as [`read`](Self::read).
@@ -97,7 +99,9 @@ impl MappedRegion {
         let offset = self.check(offset, data.len());
         // SAFETY: the destination range is inside the region (checked),
         // mapped writable; the source is a distinct Rust buffer.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
+        }
     }
 
     fn check(&self, offset: u64, len: usize) -> usize {

@@ -1,0 +1,105 @@
+//! `loom` models of the pin / convert / drain protocol, on the real
+//! [`PageRef`] and [`PinBatch`] with loom's atomics.
+//!
+//! Run with `RUSTFLAGS="--cfg loom" cargo test -p gmem --lib --release loom`.
+
+use loom::sync::Arc;
+use loom::sync::atomic::{AtomicBool, Ordering};
+use loom::thread;
+
+use crate::batch::{BATCH_SLOTS, PinBatch};
+use crate::refs::{PageRef, TryGet};
+
+/// A mapped page with no references.
+fn mapped_page() -> Arc<PageRef> {
+    let page = Arc::new(PageRef::new());
+    assert!(page.get_mapped());
+    page.put(1);
+    page
+}
+
+/// The conversion's step 4 on one page: unmap, check, one drain, check.
+fn convert(page: &PageRef, batch: &PinBatch) -> bool {
+    page.unmap();
+    if page.count() == 0 {
+        return true;
+    }
+    batch.drain(|pages| page.put(pages.end - pages.start));
+    page.count() == 0
+}
+
+/// A pin that succeeded is never live while a conversion succeeds.
+#[test]
+fn loom_no_conversion_over_a_live_pin() {
+    loom::model(|| {
+        let page = mapped_page();
+        let batch = Arc::new(PinBatch::new());
+        let converted = Arc::new(AtomicBool::new(false));
+        let pinner = {
+            let (page, batch, converted) = (page.clone(), batch.clone(), converted.clone());
+            thread::spawn(move || {
+                if page.try_get() == TryGet::Got {
+                    // Under the pin the page must still be shared.
+                    assert!(
+                        !converted.load(Ordering::Acquire),
+                        "pin live over a conversion"
+                    );
+                    batch.push(0..1, |pages| page.put(pages.end - pages.start));
+                }
+            })
+        };
+        if convert(&page, &batch) {
+            converted.store(true, Ordering::Release);
+        }
+        pinner.join().unwrap();
+    });
+}
+
+/// A release parked before the conversion starts never causes EAGAIN.
+#[test]
+fn loom_a_parked_release_is_drained() {
+    loom::model(|| {
+        let page = mapped_page();
+        let batch = Arc::new(PinBatch::new());
+        let parked = Arc::new(AtomicBool::new(false));
+        let owner = {
+            let (page, batch, parked) = (page.clone(), batch.clone(), parked.clone());
+            thread::spawn(move || {
+                assert_eq!(page.try_get(), TryGet::Got);
+                batch.push(0..1, |pages| page.put(pages.end - pages.start));
+                parked.store(true, Ordering::Release);
+            })
+        };
+        while !parked.load(Ordering::Acquire) {
+            thread::yield_now();
+        }
+        assert!(convert(&page, &batch), "false EAGAIN after the drain");
+        owner.join().unwrap();
+    });
+}
+
+/// The owner's flush of a full batch and another thread's drain release
+/// every parked reference exactly once.
+#[test]
+fn loom_flush_and_drain_release_once() {
+    loom::model(|| {
+        let page = mapped_page();
+        let pins = BATCH_SLOTS as u64 + 1;
+        for _ in 0..pins {
+            assert_eq!(page.try_get(), TryGet::Got);
+        }
+        let batch = Arc::new(PinBatch::new());
+        let owner = {
+            let (page, batch) = (page.clone(), batch.clone());
+            thread::spawn(move || {
+                for _ in 0..pins {
+                    batch.push(0..1, |pages| page.put(pages.end - pages.start));
+                }
+            })
+        };
+        batch.drain(|pages| page.put(pages.end - pages.start));
+        owner.join().unwrap();
+        batch.drain(|pages| page.put(pages.end - pages.start));
+        assert_eq!(page.count(), 0);
+    });
+}
