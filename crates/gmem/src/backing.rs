@@ -25,6 +25,8 @@ pub enum BackingKind {
 pub(crate) struct Backing {
     fd: OwnedFd,
     kind: BackingKind,
+    /// The KVM VM a kernel guest_memfd belongs to.
+    owner_vm: Option<u64>,
 }
 
 impl Backing {
@@ -38,13 +40,19 @@ impl Backing {
         Ok(Backing {
             fd,
             kind: BackingKind::Memfd,
+            owner_vm: None,
         })
     }
 
     /// A backing over a file the caller made, such as a kernel guest_memfd.
-    #[allow(dead_code)] // Used by the KVM backing (next layer up).
-    pub(crate) fn from_fd(fd: OwnedFd, kind: BackingKind) -> Backing {
-        Backing { fd, kind }
+    #[cfg_attr(not(feature = "kvm"), allow(dead_code))]
+    pub(crate) fn from_fd(fd: OwnedFd, kind: BackingKind, owner_vm: Option<u64>) -> Backing {
+        Backing { fd, kind, owner_vm }
+    }
+
+    /// The KVM VM that owns a kernel guest_memfd.
+    pub(crate) fn owner_vm(&self) -> Option<u64> {
+        self.owner_vm
     }
 
     /// An empty memfd: mapping it anywhere makes every access `SIGBUS`.

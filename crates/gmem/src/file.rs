@@ -73,7 +73,7 @@ impl GuestMemfd {
         Self::with_backing(Backing::memfd(size)?, size, flags)
     }
 
-    fn validate(size: u64, flags: Flags) -> Result<(), Error> {
+    pub(crate) fn validate(size: u64, flags: Flags) -> Result<(), Error> {
         let unknown = flags.bits() & !Flags::all().bits();
         if unknown != 0 {
             return Err(Error::UnknownFlags { bits: unknown });
@@ -133,6 +133,24 @@ impl GuestMemfd {
     /// The backing file, for binding it to a KVM memslot.
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.state.backing.as_fd()
+    }
+
+    /// The KVM VM whose guest_memfd backs the file, if any.
+    #[cfg_attr(not(feature = "kvm"), allow(dead_code))]
+    pub(crate) fn owner_vm(&self) -> Option<u64> {
+        self.state.backing.owner_vm()
+    }
+
+    /// gmem's own mapping of the whole file, which conversions never change:
+    /// what a memslot gives KVM as `userspace_addr`.
+    #[cfg_attr(not(feature = "kvm"), allow(dead_code))]
+    pub(crate) fn direct_map_ptr(&self) -> *mut u8 {
+        self.state.direct.as_ptr()
+    }
+
+    /// A number naming the file uniquely in this process.
+    pub(crate) fn file_id(&self) -> u64 {
+        self.state.refs.id()
     }
 
     /// The state of the page holding `offset`.

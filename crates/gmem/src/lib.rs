@@ -70,6 +70,10 @@ mod sync;
 #[allow(unsafe_code)] // The one leaf module for memfd, mmap and raw copies.
 mod sys;
 
+#[cfg(feature = "kvm")]
+#[allow(unsafe_code)] // KVM ioctls: the kernel keeps pointers, and kvm_run unions.
+pub mod kvm;
+
 pub use attributes::Attribute;
 pub use backing::BackingKind;
 pub use error::{ConversionError, Error};

@@ -1,0 +1,149 @@
+//! What the host's KVM offers, probed.
+
+use std::ops::ControlFlow;
+use std::sync::{Arc, OnceLock, mpsc};
+use std::time::Duration;
+
+use kvm_bindings::{
+    KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_USER_MEMORY2,
+    KVM_CAP_VM_TYPES,
+};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+use super::uapi::{KVM_CAP_GUEST_MEMFD_FLAGS, KVM_HC_MAP_GPA_RANGE};
+use super::{GuestIo, KvmError, Vcpu, VcpuStop, Vm, ioctl};
+use crate::{Flags, PAGE_SIZE};
+
+/// What the host supports, for `gmem info` and for choosing paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSupport {
+    /// `KVM_GET_API_VERSION`.
+    pub api_version: i32,
+    /// `KVM_CAP_GUEST_MEMFD`.
+    pub guest_memfd: bool,
+    /// `KVM_CAP_GUEST_MEMFD_FLAGS`: the guest_memfd flags the host takes.
+    pub guest_memfd_flags: u64,
+    /// `KVM_CAP_MEMORY_ATTRIBUTES`: VM-wide attributes the host takes.
+    pub memory_attributes: u64,
+    /// `KVM_CAP_VM_TYPES`: a mask of the VM types.
+    pub vm_types: u64,
+    /// `KVM_CAP_USER_MEMORY2`.
+    pub user_memory2: bool,
+    /// `KVM_CAP_EXIT_HYPERCALL`: hypercalls that may exit to userspace.
+    pub exit_hypercall: u64,
+    /// Whether the guest_memfd takes per-page attributes in place
+    /// (`KVM_SET_MEMORY_ATTRIBUTES2`), found by probing the ioctl.
+    pub per_page_attributes: bool,
+    /// Whether a guest's `vmcall` of `KVM_HC_MAP_GPA_RANGE` really reaches
+    /// userspace, found by running one under a timeout.
+    pub hypercall_exit_delivered: bool,
+    /// `KVM_CAP_NR_VCPUS`: the recommended vCPU count.
+    pub recommended_vcpus: usize,
+}
+
+impl HostSupport {
+    /// Probes the host (once a process: the hypercall probe runs a guest
+    /// under a timeout).
+    pub fn probe() -> Result<HostSupport, KvmError> {
+        static PROBED: OnceLock<Result<HostSupport, KvmError>> = OnceLock::new();
+        PROBED.get_or_init(Self::probe_now).clone()
+    }
+
+    fn probe_now() -> Result<HostSupport, KvmError> {
+        let vm = Vm::new()?;
+        let fd = &vm.shared.fd;
+        let cap = |c: u32| fd.check_extension_raw(c.into()).max(0) as u64;
+        let mut support = HostSupport {
+            api_version: vm.shared.kvm.get_api_version(),
+            guest_memfd: cap(KVM_CAP_GUEST_MEMFD) != 0,
+            guest_memfd_flags: cap(KVM_CAP_GUEST_MEMFD_FLAGS),
+            memory_attributes: cap(KVM_CAP_MEMORY_ATTRIBUTES),
+            vm_types: cap(KVM_CAP_VM_TYPES),
+            user_memory2: cap(KVM_CAP_USER_MEMORY2) != 0,
+            exit_hypercall: cap(KVM_CAP_EXIT_HYPERCALL),
+            per_page_attributes: false,
+            hypercall_exit_delivered: false,
+            recommended_vcpus: vm.shared.kvm.get_nr_vcpus(),
+        };
+        if support.guest_memfd {
+            let mem = vm
+                .create_guest_memfd(16 * PAGE_SIZE, Flags::MMAP | Flags::INIT_SHARED)
+                .map_err(|e| KvmError::Ioctl {
+                    call: "KVM_CREATE_GUEST_MEMFD",
+                    errno: rustix::io::Errno::from_raw_os_error(e.errno()),
+                })?;
+            support.per_page_attributes = ioctl::has_memory_attributes2(mem.as_fd());
+            if support.exit_hypercall & (1 << KVM_HC_MAP_GPA_RANGE) != 0 {
+                support.hypercall_exit_delivered = probe_hypercall(&vm, Arc::new(mem))?;
+            }
+        }
+        Ok(support)
+    }
+}
+
+/// 32-bit code: `mov eax, 12; mov ebx, 0x2000; mov ecx, 1; mov esi, 0;
+/// vmcall; hlt` — ask for page 2 to become shared.
+const VMCALL_PROBE: [u8; 24] = [
+    0xb8, 0x0c, 0, 0, 0, 0xbb, 0x00, 0x20, 0, 0, 0xb9, 0x01, 0, 0, 0, 0xbe, 0, 0, 0, 0, 0x0f, 0x01,
+    0xc1, 0xf4,
+];
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Runs a `vmcall` guest on a thread; kicks it with a signal if it has not
+/// exited in time (seen here: `vmcall` can hang `KVM_RUN`).
+fn probe_hypercall(vm: &Vm, mem: Arc<crate::GuestMemfd>) -> Result<bool, KvmError> {
+    struct Quiet;
+    impl GuestIo for Quiet {
+        fn io_out(&mut self, _: u64, _: u16, _: &[u8]) -> ControlFlow<()> {
+            ControlFlow::Break(())
+        }
+    }
+    let map = mem.mmap().map_err(|_| KvmError::Unsupported {
+        what: "mmap of a guest_memfd",
+    })?;
+    map.write(0x1000, &VMCALL_PROBE)
+        .expect("the probe page is shared");
+    let _slot = vm
+        .bind(0, 0, &mem, 0, mem.size())
+        .map_err(|e| KvmError::Ioctl {
+            call: "KVM_SET_USER_MEMORY_REGION2",
+            errno: rustix::io::Errno::from_raw_os_error(e.errno()),
+        })?;
+    let mut vcpu: Vcpu = vm.create_vcpu(0)?;
+    vcpu.enter_protected_mode(0x1000, 0x8000)?;
+    let kick = kick_signal();
+    let (tx, rx) = mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        let stop = vcpu.run(&mut Quiet);
+        let _ = tx.send(());
+        (stop, vcpu)
+    });
+    if rx.recv_timeout(PROBE_TIMEOUT).is_err() {
+        if let Some(signal) = kick {
+            let _ = runner.kill(signal);
+        }
+        if rx.recv_timeout(PROBE_TIMEOUT).is_err() {
+            tracing::warn!("the hypercall probe's vCPU could not be stopped; leaving it");
+            return Ok(false);
+        }
+    }
+    let (stop, _vcpu) = runner.join().map_err(|_| KvmError::Unsupported {
+        what: "the hypercall probe",
+    })?;
+    // The request converted page 2 to shared (it already was) and the guest
+    // halted: the hypercall reached userspace and came back.
+    Ok(matches!(stop, Ok(VcpuStop::Halted)) && vm.conversion_totals().requests == 1)
+}
+
+/// The real-time signal used to kick a vCPU out of `KVM_RUN`, with a no-op
+/// handler installed once (`SIGRTMIN + 7`).
+pub(crate) fn kick_signal() -> Option<i32> {
+    static SIGNAL: OnceLock<Option<i32>> = OnceLock::new();
+    *SIGNAL.get_or_init(|| {
+        extern "C" fn ignore(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        let signal = SIGRTMIN() + 7;
+        register_signal_handler(signal, ignore)
+            .ok()
+            .map(|()| signal)
+    })
+}
