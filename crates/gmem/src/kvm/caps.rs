@@ -94,7 +94,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 fn probe_hypercall(vm: &Vm, mem: Arc<crate::GuestMemfd>) -> Result<bool, KvmError> {
     struct Quiet;
     impl GuestIo for Quiet {
-        fn io_out(&mut self, _: u64, _: u16, _: &[u8]) -> ControlFlow<()> {
+        fn io_out(&mut self, _: u64, _: u16, _: &[u8], _: &super::ExitRegs) -> ControlFlow<()> {
             ControlFlow::Break(())
         }
     }

@@ -27,6 +27,7 @@ pub use caps::HostSupport;
 pub use error::{KvmError, MemslotError, VcpuError};
 pub use memslot::Memslot;
 pub use vcpu::{
-    CONVERSION_PORT, ConversionOutcome, ConversionRequest, GuestIo, RequestChannel, Vcpu, VcpuStop,
+    CONVERSION_PORT, ConversionOutcome, ConversionRequest, ExitRegs, GuestIo, RequestChannel, Vcpu,
+    VcpuStop,
 };
 pub use vm::{ConversionPolicy, ConversionTotals, Vm};

@@ -61,10 +61,29 @@ pub struct ConversionOutcome {
     pub attempts: u32,
 }
 
+/// General registers at an exit (from `kvm_run`'s synced registers), so that
+/// a port write can carry more than its data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExitRegs {
+    /// `rax`.
+    pub rax: u64,
+    /// `rbx`.
+    pub rbx: u64,
+    /// `rcx`.
+    pub rcx: u64,
+    /// `rdx`.
+    pub rdx: u64,
+    /// `rsi`.
+    pub rsi: u64,
+    /// `rdi`.
+    pub rdi: u64,
+}
+
 /// The VMM's side of a guest's port I/O, and a witness of its conversions.
 pub trait GuestIo {
-    /// The guest wrote `data` to `port`. `Break` stops the vCPU.
-    fn io_out(&mut self, vcpu: u64, port: u16, data: &[u8]) -> ControlFlow<()>;
+    /// The guest wrote `data` to `port`, with `regs` at the time of the
+    /// write. `Break` stops the vCPU.
+    fn io_out(&mut self, vcpu: u64, port: u16, data: &[u8], regs: &ExitRegs) -> ControlFlow<()>;
 
     /// The guest reads `data.len()` bytes from `port`; fill `data`.
     fn io_in(&mut self, vcpu: u64, port: u16, data: &mut [u8]) {
@@ -196,7 +215,16 @@ impl Vcpu {
                     self.serve_port_request(io);
                 }
                 Exit::Out(port, bytes, len) => {
-                    if io.io_out(self.id, port, &bytes[..len]).is_break() {
+                    let r = ioctl::sync_regs(&mut self.fd);
+                    let regs = ExitRegs {
+                        rax: r.rax,
+                        rbx: r.rbx,
+                        rcx: r.rcx,
+                        rdx: r.rdx,
+                        rsi: r.rsi,
+                        rdi: r.rdi,
+                    };
+                    if io.io_out(self.id, port, &bytes[..len], &regs).is_break() {
                         return Ok(VcpuStop::Stopped);
                     }
                 }

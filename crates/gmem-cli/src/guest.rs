@@ -1,0 +1,255 @@
+//! The guest program: a small command interpreter in 32-bit protected mode,
+//! assembled at run time with `iced-x86`, that the host drives with command
+//! lists in guest memory.
+//!
+//! Guest code at CPL0 is emulated instruction by instruction on some hosts
+//! (seen: about 0.4 µs an instruction), so the interpreter touches two
+//! dwords a page: the first and the last.
+
+use gmem::kvm::CONVERSION_PORT;
+use gmem::kvm::uapi::{KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED};
+use gmem::{Attribute, PAGE_SIZE};
+use iced_x86::code_asm::*;
+
+/// Where the interpreter's code is loaded.
+pub const CODE_GPA: u64 = 0x1000;
+/// Where each vCPU's stack ends (`STACK_TOP - vcpu * 0x1000`).
+pub const STACK_TOP: u64 = 0x8000;
+/// The port of a conversion's result: `eax` = 0 or errno, `ebx` = gpa.
+pub const RESULT_PORT: u16 = 0x4d50;
+/// The port of a check's result: `eax` = mismatches, `ebx` = gpa, `ecx` = pages.
+pub const CHECK_PORT: u16 = 0x4d51;
+/// The port of a notification to the VMM's device model: `ebx`, `ecx`, `esi`.
+pub const NOTIFY_PORT: u16 = 0x4d52;
+/// The port of a read's report: `eax` = the value, `ebx` = gpa.
+pub const REPORT_PORT: u16 = 0x4d53;
+
+/// One command of the interpreter (16 bytes in guest memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Stop (`hlt`).
+    Halt,
+    /// Ask for `[gpa, gpa + pages * 4 KiB)` to become `to`; the result goes
+    /// to [`RESULT_PORT`].
+    Convert {
+        /// Guest-physical start.
+        gpa: u32,
+        /// Pages.
+        pages: u32,
+        /// The state asked for.
+        to: Attribute,
+    },
+    /// Write the pattern of `seed` to each page (first and last dword).
+    Fill {
+        /// Guest-physical start.
+        gpa: u32,
+        /// Pages.
+        pages: u32,
+        /// The pattern's seed.
+        seed: u32,
+    },
+    /// Compare each page with the pattern of `seed`; the mismatch count goes
+    /// to [`CHECK_PORT`].
+    Check {
+        /// Guest-physical start.
+        gpa: u32,
+        /// Pages.
+        pages: u32,
+        /// The pattern's seed.
+        seed: u32,
+    },
+    /// Tell the VMM something through [`NOTIFY_PORT`].
+    Notify {
+        /// First value (`ebx`).
+        a: u32,
+        /// Second value (`ecx`).
+        b: u32,
+        /// Third value (`esi`).
+        c: u32,
+    },
+    /// Report the dword at `gpa` through [`REPORT_PORT`].
+    Read {
+        /// Guest-physical address.
+        gpa: u32,
+    },
+    /// Store `value` at `gpa`.
+    Write {
+        /// Guest-physical address.
+        gpa: u32,
+        /// The value.
+        value: u32,
+    },
+}
+
+impl Command {
+    /// The command's 16 bytes: op, then three arguments, little-endian.
+    pub fn encode(&self) -> [u8; 16] {
+        let attr = |to: &Attribute| match to {
+            Attribute::Private => KVM_MAP_GPA_RANGE_ENCRYPTED as u32,
+            Attribute::Shared => 0,
+        };
+        let words: [u32; 4] = match self {
+            Command::Halt => [0, 0, 0, 0],
+            Command::Convert { gpa, pages, to } => [1, *gpa, *pages, attr(to)],
+            Command::Fill { gpa, pages, seed } => [2, *gpa, *pages, *seed],
+            Command::Check { gpa, pages, seed } => [3, *gpa, *pages, *seed],
+            Command::Notify { a, b, c } => [4, *a, *b, *c],
+            Command::Read { gpa } => [5, *gpa, 0, 0],
+            Command::Write { gpa, value } => [6, *gpa, *value, 0],
+        };
+        let mut bytes = [0u8; 16];
+        for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        bytes
+    }
+
+    /// A list of commands as guest memory, ending with `Halt`.
+    pub fn encode_list(commands: &[Command]) -> Vec<u8> {
+        commands
+            .iter()
+            .chain(std::iter::once(&Command::Halt))
+            .flat_map(|c| c.encode())
+            .collect()
+    }
+}
+
+/// The first dword of a page under the pattern of `seed`; the last dword is
+/// its complement.
+pub fn pattern_word(seed: u32, page_gpa: u64) -> u32 {
+    seed ^ page_gpa as u32
+}
+
+/// Writes the pattern of `seed` into `page` (4 KiB), as the guest's `Fill`.
+pub fn fill_page(page: &mut [u8], seed: u32, page_gpa: u64) {
+    let word = pattern_word(seed, page_gpa);
+    page[..4].copy_from_slice(&word.to_le_bytes());
+    page[PAGE_SIZE as usize - 4..].copy_from_slice(&(!word).to_le_bytes());
+}
+
+/// Whether `page` holds the pattern of `seed`, as the guest's `Check`.
+pub fn page_matches(page: &[u8], seed: u32, page_gpa: u64) -> bool {
+    let word = pattern_word(seed, page_gpa);
+    let first = u32::from_le_bytes(page[..4].try_into().expect("4 bytes"));
+    let last = u32::from_le_bytes(page[PAGE_SIZE as usize - 4..].try_into().expect("4 bytes"));
+    first == word && last == !word
+}
+
+/// How the guest asks for conversions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestPath {
+    /// `vmcall` of `KVM_HC_MAP_GPA_RANGE`.
+    Hypercall,
+    /// A write to [`CONVERSION_PORT`].
+    PortIo,
+}
+
+/// Assembles the interpreter. It starts with `edi` pointing at its command
+/// list and runs commands until `Halt`.
+pub fn interpreter(path: RequestPath) -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(32)?;
+    let mut top = a.create_label();
+    let mut ops = [(); 7].map(|()| a.create_label());
+    let mut next = a.create_label();
+    a.set_label(&mut top)?;
+    a.mov(eax, dword_ptr(edi))?;
+    for (op, label) in ops.iter().enumerate() {
+        a.cmp(eax, op as u32)?;
+        a.je(*label)?;
+    }
+    a.hlt()?; // An unknown op.
+    // 0: halt.
+    a.set_label(&mut ops[0])?;
+    a.hlt()?;
+    // 1: convert.
+    a.set_label(&mut ops[1])?;
+    a.mov(ebx, dword_ptr(edi + 4))?;
+    a.mov(ecx, dword_ptr(edi + 8))?;
+    match path {
+        RequestPath::PortIo => {
+            a.mov(esi, dword_ptr(edi + 12))?;
+            a.mov(dx, CONVERSION_PORT as u32)?;
+            a.out(dx, al)?;
+        }
+        RequestPath::Hypercall => {
+            a.mov(edx, dword_ptr(edi + 12))?;
+            a.mov(eax, KVM_HC_MAP_GPA_RANGE as u32)?;
+            a.vmcall()?;
+        }
+    }
+    a.mov(dx, RESULT_PORT as u32)?;
+    a.out(dx, eax)?;
+    a.jmp(next)?;
+    // 2: fill.
+    a.set_label(&mut ops[2])?;
+    load_range(&mut a)?;
+    let mut fill = a.create_label();
+    a.set_label(&mut fill)?;
+    a.mov(eax, esi)?;
+    a.xor(eax, ebx)?;
+    a.mov(dword_ptr(ebx), eax)?;
+    a.not(eax)?;
+    a.mov(dword_ptr(ebx + (PAGE_SIZE as i32 - 4)), eax)?;
+    a.add(ebx, PAGE_SIZE as u32)?;
+    a.dec(ecx)?;
+    a.jnz(fill)?;
+    a.jmp(next)?;
+    // 3: check.
+    a.set_label(&mut ops[3])?;
+    load_range(&mut a)?;
+    a.xor(ebp, ebp)?;
+    let mut check = a.create_label();
+    let mut first_ok = a.create_label();
+    let mut last_ok = a.create_label();
+    a.set_label(&mut check)?;
+    a.mov(eax, esi)?;
+    a.xor(eax, ebx)?;
+    a.cmp(dword_ptr(ebx), eax)?;
+    a.je(first_ok)?;
+    a.inc(ebp)?;
+    a.set_label(&mut first_ok)?;
+    a.not(eax)?;
+    a.cmp(dword_ptr(ebx + (PAGE_SIZE as i32 - 4)), eax)?;
+    a.je(last_ok)?;
+    a.inc(ebp)?;
+    a.set_label(&mut last_ok)?;
+    a.add(ebx, PAGE_SIZE as u32)?;
+    a.dec(ecx)?;
+    a.jnz(check)?;
+    a.mov(eax, ebp)?;
+    a.mov(ebx, dword_ptr(edi + 4))?;
+    a.mov(ecx, dword_ptr(edi + 8))?;
+    a.mov(dx, CHECK_PORT as u32)?;
+    a.out(dx, eax)?;
+    a.jmp(next)?;
+    // 4: notify.
+    a.set_label(&mut ops[4])?;
+    load_range(&mut a)?;
+    a.mov(dx, NOTIFY_PORT as u32)?;
+    a.out(dx, al)?;
+    a.jmp(next)?;
+    // 5: read.
+    a.set_label(&mut ops[5])?;
+    a.mov(ebx, dword_ptr(edi + 4))?;
+    a.mov(eax, dword_ptr(ebx))?;
+    a.mov(dx, REPORT_PORT as u32)?;
+    a.out(dx, eax)?;
+    a.jmp(next)?;
+    // 6: write.
+    a.set_label(&mut ops[6])?;
+    a.mov(ebx, dword_ptr(edi + 4))?;
+    a.mov(eax, dword_ptr(edi + 8))?;
+    a.mov(dword_ptr(ebx), eax)?;
+    // Next command.
+    a.set_label(&mut next)?;
+    a.add(edi, 16)?;
+    a.jmp(top)?;
+    a.assemble(CODE_GPA)
+}
+
+/// `ebx` = gpa, `ecx` = pages, `esi` = seed, from the command at `edi`.
+fn load_range(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(ebx, dword_ptr(edi + 4))?;
+    a.mov(ecx, dword_ptr(edi + 8))?;
+    a.mov(esi, dword_ptr(edi + 12))
+}

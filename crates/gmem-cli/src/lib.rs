@@ -1,0 +1,6 @@
+//! The library behind the `gmem` command: the guest program, test machines,
+//! the bundled workload, the self-test scenarios and the benchmarks.
+
+pub mod guest;
+pub mod machine;
+pub mod scenarios;

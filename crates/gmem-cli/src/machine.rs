@@ -1,0 +1,158 @@
+//! A test machine: a VM whose memory is one kernel guest_memfd at guest
+//! address 0, the interpreter loaded, and vCPUs that run command lists.
+//!
+//! Guest memory layout: the first [`FIRMWARE_SIZE`] bytes hold the code
+//! (at [`CODE_GPA`]), the stacks, and one command area per vCPU; they stay
+//! shared. The rest is the guest's to convert.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use gmem::kvm::{
+    ConversionOutcome, ConversionRequest, ExitRegs, GuestIo, HostSupport, Memslot, Vcpu, VcpuStop,
+    Vm,
+};
+use gmem::{Attribute, Flags, GuestMemfd, HostMapping};
+
+use crate::guest::{
+    CHECK_PORT, CODE_GPA, Command, NOTIFY_PORT, REPORT_PORT, RESULT_PORT, RequestPath, STACK_TOP,
+    interpreter,
+};
+
+/// Bytes at the start of guest memory for code, stacks and command lists.
+pub const FIRMWARE_SIZE: u64 = 4 << 20;
+/// The most vCPUs a machine runs.
+pub const MAX_VCPUS: u64 = 4;
+const COMMANDS_GPA: u64 = 0x10000;
+const COMMAND_AREA: u64 = (FIRMWARE_SIZE - COMMANDS_GPA) / MAX_VCPUS;
+
+/// The most commands one vCPU's list may hold, `Halt` included.
+pub const MAX_COMMANDS: usize = (COMMAND_AREA / 16) as usize;
+
+/// A VM with one guest_memfd and the interpreter loaded.
+pub struct Machine {
+    /// The VM.
+    pub vm: Vm,
+    /// Guest memory: `[0, size)` of the guest.
+    pub mem: Arc<GuestMemfd>,
+    /// The VMM's mapping of guest memory.
+    pub map: HostMapping,
+    /// How the guest asks for conversions on this host.
+    pub path: RequestPath,
+    _slot: Memslot,
+}
+
+impl Machine {
+    /// A machine with `size` bytes of guest memory (at least the firmware
+    /// area plus a page), every page initially `initial` but the firmware
+    /// area, which is shared.
+    pub fn new(size: u64, initial: Attribute) -> anyhow::Result<Machine> {
+        if size <= FIRMWARE_SIZE {
+            bail!("guest memory must exceed the {FIRMWARE_SIZE:#x} bytes of firmware area");
+        }
+        let support = HostSupport::probe().context("probing KVM")?;
+        let path = if support.hypercall_exit_delivered {
+            RequestPath::Hypercall
+        } else {
+            RequestPath::PortIo
+        };
+        let vm = Vm::new().context("creating a VM")?;
+        let flags = match initial {
+            Attribute::Shared => Flags::MMAP | Flags::INIT_SHARED,
+            Attribute::Private => Flags::MMAP,
+        };
+        let mem = Arc::new(
+            vm.create_guest_memfd(size, flags)
+                .context("creating the guest_memfd")?,
+        );
+        mem.set_attributes(0, FIRMWARE_SIZE, Attribute::Shared)
+            .context("sharing the firmware area")?;
+        let slot = vm
+            .bind(0, 0, &mem, 0, size)
+            .context("binding guest memory")?;
+        let map = mem.mmap().context("mapping guest memory")?;
+        map.write(
+            CODE_GPA,
+            &interpreter(path).context("assembling the guest")?,
+        )?;
+        Ok(Machine {
+            vm,
+            mem,
+            map,
+            path,
+            _slot: slot,
+        })
+    }
+
+    /// The guest memory size.
+    pub fn size(&self) -> u64 {
+        self.mem.size()
+    }
+
+    /// A vCPU set up to run `commands` (written to its command area).
+    pub fn vcpu(&self, id: u64, commands: &[Command]) -> anyhow::Result<Vcpu> {
+        if id >= MAX_VCPUS {
+            bail!("at most {MAX_VCPUS} vCPUs");
+        }
+        if commands.len() >= MAX_COMMANDS {
+            bail!(
+                "{} commands exceed the {} a vCPU's area holds",
+                commands.len(),
+                MAX_COMMANDS - 1
+            );
+        }
+        let list = COMMANDS_GPA + id * COMMAND_AREA;
+        self.map.write(list, &Command::encode_list(commands))?;
+        let mut vcpu = self.vm.create_vcpu(id)?;
+        vcpu.enter_protected_mode(CODE_GPA, STACK_TOP - id * 0x1000)?;
+        vcpu.set_arguments(list, 0)?;
+        Ok(vcpu)
+    }
+
+    /// Runs `commands` on a new vCPU 0 until it halts, recording what the
+    /// guest reports.
+    pub fn run(&self, commands: &[Command]) -> anyhow::Result<Record> {
+        let mut record = Record::default();
+        let stop = self.vcpu(0, commands)?.run(&mut record)?;
+        if stop != VcpuStop::Halted {
+            bail!("the guest stopped without halting: {stop:?}");
+        }
+        Ok(record)
+    }
+}
+
+/// What a guest reported while running a command list.
+#[derive(Debug, Default)]
+pub struct Record {
+    /// Results of conversions: (gpa, 0 or errno).
+    pub results: Vec<(u32, u32)>,
+    /// Results of checks: (gpa, pages, mismatching dwords).
+    pub checks: Vec<(u32, u32, u32)>,
+    /// Values read: (gpa, value).
+    pub reads: Vec<(u32, u32)>,
+    /// Notifications: (a, b, c).
+    pub notifies: Vec<(u32, u32, u32)>,
+    /// Conversion requests served, with their outcomes.
+    pub conversions: Vec<(ConversionRequest, ConversionOutcome)>,
+    /// Writes to ports the interpreter does not use.
+    pub unknown: Vec<u16>,
+}
+
+impl GuestIo for Record {
+    fn io_out(&mut self, _vcpu: u64, port: u16, _data: &[u8], regs: &ExitRegs) -> ControlFlow<()> {
+        let (a, b, c) = (regs.rbx as u32, regs.rcx as u32, regs.rsi as u32);
+        match port {
+            RESULT_PORT => self.results.push((a, regs.rax as u32)),
+            CHECK_PORT => self.checks.push((a, b, regs.rax as u32)),
+            REPORT_PORT => self.reads.push((a, regs.rax as u32)),
+            NOTIFY_PORT => self.notifies.push((a, b, c)),
+            other => self.unknown.push(other),
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn converted(&mut self, request: &ConversionRequest, outcome: &ConversionOutcome) {
+        self.conversions.push((*request, outcome.clone()));
+    }
+}

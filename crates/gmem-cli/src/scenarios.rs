@@ -1,0 +1,1 @@
+//! Kernel-parity scenarios (being written).
