@@ -4,3 +4,4 @@
 pub mod guest;
 pub mod machine;
 pub mod scenarios;
+pub mod workload;

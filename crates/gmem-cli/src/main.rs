@@ -1,3 +1,229 @@
-//! The `gmem` command.
+//! The `gmem` command: runs, tests, measures and shows guest memory with
+//! in-place shared/private conversion on KVM.
 
-fn main() {}
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gmem_cli::workload::{self, RunConfig, Summary};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(
+    name = "gmem",
+    version,
+    about = "Guest memory with in-place shared/private conversion, on KVM"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot the bundled workload: vCPUs converting their memory in rounds
+    /// while device threads pin and copy through shared buffers.
+    Run(RunArgs),
+    /// Show what this host's KVM supports.
+    Info {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 64)]
+    memory_mib: u64,
+    /// vCPUs (1 to 4).
+    #[arg(long, default_value_t = 2)]
+    vcpus: u64,
+    /// Rounds over each vCPU's memory.
+    #[arg(long, default_value_t = 16)]
+    rounds: u32,
+    /// KiB the guest converts per request.
+    #[arg(long, default_value_t = 256)]
+    chunk_kib: u64,
+    /// Host device threads pinning shared buffers.
+    #[arg(long, default_value_t = 2)]
+    device_threads: usize,
+    /// Print one JSON object instead of the progress and summary.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Info { json } => info(json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gmem: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    require_kvm()?;
+    let config = RunConfig {
+        memory: args.memory_mib << 20,
+        vcpus: args.vcpus,
+        rounds: args.rounds,
+        chunk: args.chunk_kib << 10,
+        device_threads: args.device_threads,
+    };
+    let progress = if args.json {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} converting {bar:40} {pos}/{len} chunks {elapsed_precise}",
+            )
+            .expect("a valid template"),
+        );
+        bar
+    };
+    let summary = workload::run(&config, progress)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(if summary.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_summary(s: &Summary) {
+    println!(
+        "gmem run: {} vCPUs, {} MiB guest_memfd, {} rounds of {} KiB conversions, {} device threads, requests by {}",
+        s.vcpus,
+        s.memory_bytes >> 20,
+        s.rounds,
+        s.chunk_bytes >> 10,
+        s.device_threads,
+        s.request_path
+    );
+    println!(
+        "  conversions      {} in {:.2} s ({:.0}/s)",
+        s.conversions, s.elapsed_s, s.conversions_per_sec
+    );
+    println!(
+        "  EAGAIN           {} met, {} retried after let-go requests, {} requests resolved, {} failed",
+        s.eagain.met, s.eagain.retried, s.eagain.resolved, s.eagain.failed
+    );
+    println!("  drains           {}", s.drains);
+    println!(
+        "  device pins      {} taken, {} refused (buffer already private), {} let-go requests",
+        s.device_pins, s.device_pins_refused, s.let_go_requests
+    );
+    println!(
+        "  verified         {} bytes by the guest, {} bytes by the host",
+        s.guest_bytes_verified, s.host_bytes_verified
+    );
+    if s.ok {
+        println!("  invariants       all held");
+    } else {
+        println!("  invariants       {} BROKEN:", s.broken.len());
+        for what in &s.broken {
+            println!("    {what}");
+        }
+    }
+}
+
+/// Fails with what to do when `/dev/kvm` cannot be used.
+fn require_kvm() -> anyhow::Result<()> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .context(
+            "cannot use /dev/kvm: gmem runs real KVM guests. Enable virtualisation (VT-x/AMD-V, or nested \
+             virtualisation in a VM), load the kvm module (`modprobe kvm_intel` or `kvm_amd`), and give \
+             this user access (`sudo usermod -aG kvm $USER`, then log in again)",
+        )
+}
+
+fn info(json: bool) -> anyhow::Result<ExitCode> {
+    require_kvm()?;
+    let support = gmem::kvm::HostSupport::probe()?;
+    let flags = |mask: u64| {
+        let mut names = Vec::new();
+        if mask & 1 != 0 {
+            names.push("MMAP");
+        }
+        if mask & 2 != 0 {
+            names.push("INIT_SHARED");
+        }
+        if mask & !3 != 0 {
+            names.push("unknown bits");
+        }
+        names
+    };
+    let vm_types: Vec<u32> = (0..64)
+        .filter(|t| support.vm_types & (1 << t) != 0)
+        .collect();
+    if json {
+        let value = serde_json::json!({
+            "kvm_api_version": support.api_version,
+            "guest_memfd": support.guest_memfd,
+            "guest_memfd_flags": flags(support.guest_memfd_flags),
+            "memory_attributes": support.memory_attributes,
+            "vm_types": vm_types,
+            "user_memory2": support.user_memory2,
+            "exit_hypercall_mask": support.exit_hypercall,
+            "hypercall_exit_delivered": support.hypercall_exit_delivered,
+            "per_page_attributes": support.per_page_attributes,
+            "recommended_vcpus": support.recommended_vcpus,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    println!("KVM API version              {}", support.api_version);
+    println!("guest_memfd                  {}", yes(support.guest_memfd));
+    println!(
+        "guest_memfd flags            {:#x} ({})",
+        support.guest_memfd_flags,
+        flags(support.guest_memfd_flags).join(" | ")
+    );
+    println!(
+        "VM memory attributes         {:#x}",
+        support.memory_attributes
+    );
+    println!("VM types                     {vm_types:?}");
+    println!("KVM_SET_USER_MEMORY_REGION2  {}", yes(support.user_memory2));
+    println!(
+        "hypercall exits              mask {:#x}; KVM_HC_MAP_GPA_RANGE delivered: {}",
+        support.exit_hypercall,
+        yes(support.hypercall_exit_delivered)
+    );
+    println!(
+        "per-page attributes          {}",
+        if support.per_page_attributes {
+            "yes (KVM_SET_MEMORY_ATTRIBUTES2 on guest_memfd; gmem keeps its own map for now)"
+        } else {
+            "no (gmem's attribute map decides what the host may touch)"
+        }
+    );
+    println!(
+        "guest conversion requests    {}",
+        if support.hypercall_exit_delivered {
+            "hypercall"
+        } else {
+            "port I/O"
+        }
+    );
+    println!("recommended vCPUs            {}", support.recommended_vcpus);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,529 @@
+//! The bundled workload of `gmem run`: vCPUs converting their memory between
+//! private and shared in rounds while host device threads pin and copy
+//! through shared buffers in the same places.
+//!
+//! Each vCPU owns a region of guest memory cut into chunks. For every chunk,
+//! every round, the guest: takes the chunk private, checks the pattern the
+//! host left there, writes its own pattern, gives the chunk back (shared),
+//! and notifies the VMM. On the notification the VMM's device model pins the
+//! chunk, checks the guest's pattern and writes the host's pattern for the
+//! next round. Meanwhile device threads pin small buffers in the chunk each
+//! vCPU will convert next, write and read back their own bytes, and hold the
+//! pin until the VMM asks them to let go (on `EAGAIN`) or a while passes.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use gmem::kvm::{ExitRegs, GuestIo, VcpuStop};
+use gmem::{Attribute, GuestMemfd, PAGE_SIZE};
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use crate::guest::{
+    CHECK_PORT, Command, NOTIFY_PORT, RESULT_PORT, RequestPath, fill_page, page_matches,
+};
+use crate::machine::{FIRMWARE_SIZE, MAX_COMMANDS, MAX_VCPUS, Machine};
+
+/// What `gmem run` runs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub vcpus: u64,
+    /// Rounds over each vCPU's region.
+    pub rounds: u32,
+    /// Bytes converted by one guest request.
+    pub chunk: u64,
+    /// Host device threads.
+    pub device_threads: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            memory: 64 << 20,
+            vcpus: 2,
+            rounds: 16,
+            chunk: 256 << 10,
+            device_threads: 2,
+        }
+    }
+}
+
+/// How the `EAGAIN`s of the run were met and resolved.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EagainSummary {
+    /// Conversions that met `EAGAIN` (every attempt counted).
+    pub met: u64,
+    /// Retries made after asking device threads to let go.
+    pub retried: u64,
+    /// Guest requests that succeeded after at least one `EAGAIN`.
+    pub resolved: u64,
+    /// Guest requests that failed in the end.
+    pub failed: u64,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    /// vCPUs.
+    pub vcpus: u64,
+    /// Guest memory in bytes.
+    pub memory_bytes: u64,
+    /// Rounds.
+    pub rounds: u32,
+    /// Bytes a guest request converts.
+    pub chunk_bytes: u64,
+    /// Device threads.
+    pub device_threads: usize,
+    /// How the guest asked for conversions: "hypercall" or "port-io".
+    pub request_path: String,
+    /// Seconds from the first vCPU start to the last halt.
+    pub elapsed_s: f64,
+    /// Conversions completed (both directions).
+    pub conversions: u64,
+    /// Conversions per second.
+    pub conversions_per_sec: f64,
+    /// `EAGAIN`s and how they resolved.
+    pub eagain: EagainSummary,
+    /// Drains of the threads' batches of released pins.
+    pub drains: u64,
+    /// Times the VMM asked device threads to let go.
+    pub let_go_requests: u64,
+    /// Pins taken by device threads and the device model.
+    pub device_pins: u64,
+    /// Device pins refused because the buffer had turned private (`EFAULT`).
+    pub device_pins_refused: u64,
+    /// Bytes the guest checked.
+    pub guest_bytes_verified: u64,
+    /// Bytes the host checked.
+    pub host_bytes_verified: u64,
+    /// Broken invariants; empty on success.
+    pub broken: Vec<String>,
+    /// Whether every invariant held.
+    pub ok: bool,
+}
+
+/// The seed of the guest's pattern in `round`.
+fn guest_seed(round: u32) -> u32 {
+    0x6000_0011 | round << 8
+}
+
+/// The seed of the host's pattern for `round`.
+fn host_seed(round: u32) -> u32 {
+    0x4000_0022 | round << 8
+}
+
+/// Where device thread `t` writes in each page: clear of the patterns'
+/// first and last dwords, and of the other threads.
+fn device_bytes(thread: usize) -> std::ops::Range<usize> {
+    let start = 1024 + thread * 256;
+    start..start + 256
+}
+
+/// State shared by the vCPU threads, the device threads and the let-go hook.
+struct RunState {
+    mem: Arc<GuestMemfd>,
+    regions: Vec<(u64, u64)>,
+    chunk: u64,
+    /// The chunk each vCPU notified last (device threads pin the next one).
+    cursor: Vec<AtomicU64>,
+    /// The range the VMM last asked device threads to let go of.
+    let_go: Mutex<(u64, u64)>,
+    let_go_requests: AtomicU64,
+    device_pins: AtomicU64,
+    device_pins_refused: AtomicU64,
+    guest_bytes: AtomicU64,
+    host_bytes: AtomicU64,
+    stop: AtomicBool,
+    broken: Mutex<Vec<String>>,
+    progress: ProgressBar,
+}
+
+impl RunState {
+    fn broke(&self, what: String) {
+        let mut broken = self.broken.lock().unwrap_or_else(|e| e.into_inner());
+        if broken.len() < 32 {
+            broken.push(what);
+        }
+    }
+
+    fn asked_to_let_go(&self, gpa: u64, len: u64) -> bool {
+        let (start, end) = *self.let_go.lock().unwrap_or_else(|e| e.into_inner());
+        gpa < end && start < gpa + len
+    }
+}
+
+/// Runs the workload. `progress` counts chunks notified.
+pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary> {
+    let machine = Machine::new(config.memory, Attribute::Shared).context("setting up the VM")?;
+    let regions = plan(config)?;
+    let commands = regions
+        .iter()
+        .map(|&(start, end)| commands(start, end, config))
+        .collect::<Vec<_>>();
+    let state = Arc::new(RunState {
+        mem: machine.mem.clone(),
+        regions: regions.clone(),
+        chunk: config.chunk,
+        cursor: regions.iter().map(|_| AtomicU64::new(0)).collect(),
+        let_go: Mutex::new((0, 0)),
+        let_go_requests: AtomicU64::new(0),
+        device_pins: AtomicU64::new(0),
+        device_pins_refused: AtomicU64::new(0),
+        guest_bytes: AtomicU64::new(0),
+        host_bytes: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        broken: Mutex::new(Vec::new()),
+        progress,
+    });
+    state.progress.set_length(
+        regions
+            .iter()
+            .map(|(s, e)| (e - s) / config.chunk)
+            .sum::<u64>()
+            * u64::from(config.rounds),
+    );
+    seed_host_pattern(&machine, &regions)?;
+    {
+        let state = state.clone();
+        machine.vm.set_let_go(Arc::new(move |gpa, len| {
+            *state.let_go.lock().unwrap_or_else(|e| e.into_inner()) = (gpa, gpa + len);
+            // Relaxed: a statistic.
+            state.let_go_requests.fetch_add(1, Ordering::Relaxed);
+        }));
+    }
+    let mut vcpus = Vec::new();
+    for (id, list) in commands.iter().enumerate() {
+        vcpus.push(machine.vcpu(id as u64, list)?);
+    }
+    let started = Instant::now();
+    let elapsed = std::thread::scope(|s| -> anyhow::Result<Duration> {
+        let devices: Vec<_> = (0..config.device_threads)
+            .map(|t| {
+                let state = &state;
+                s.spawn(move || device_thread(state, t))
+            })
+            .collect();
+        let runners: Vec<_> = vcpus
+            .into_iter()
+            .map(|mut vcpu| {
+                let mut io = WorkloadIo {
+                    state: state.clone(),
+                };
+                s.spawn(move || vcpu.run(&mut io))
+            })
+            .collect();
+        let mut results = Vec::new();
+        for runner in runners {
+            results.push(runner.join().expect("vCPU thread panicked"));
+        }
+        let elapsed = started.elapsed();
+        // Release: the device threads' Acquire loads see the run is over.
+        state.stop.store(true, Ordering::Release);
+        for device in devices {
+            device.join().expect("device thread panicked");
+        }
+        for result in results {
+            match result {
+                Ok(VcpuStop::Halted) => {}
+                other => state.broke(format!("a vCPU ended with {other:?}")),
+            }
+        }
+        Ok(elapsed)
+    })?;
+    state.progress.finish_and_clear();
+    check_final_state(&state);
+    Ok(summarize(config, &machine, &state, elapsed))
+}
+
+/// Each vCPU's region: an equal share of the memory past the firmware area,
+/// in whole chunks.
+fn plan(config: &RunConfig) -> anyhow::Result<Vec<(u64, u64)>> {
+    anyhow::ensure!(
+        (1..=MAX_VCPUS).contains(&config.vcpus),
+        "--vcpus must be 1 to {MAX_VCPUS}"
+    );
+    anyhow::ensure!(
+        config.chunk >= PAGE_SIZE && config.chunk % PAGE_SIZE == 0,
+        "the chunk must be a whole number of pages"
+    );
+    anyhow::ensure!(config.rounds > 0, "--rounds must be at least 1");
+    anyhow::ensure!(
+        config.memory % PAGE_SIZE == 0,
+        "the memory size must be a whole number of pages"
+    );
+    let share =
+        config.memory.saturating_sub(FIRMWARE_SIZE) / config.vcpus / config.chunk * config.chunk;
+    anyhow::ensure!(
+        share > 0,
+        "{} MiB leaves no chunk per vCPU past the {} MiB firmware area",
+        config.memory >> 20,
+        FIRMWARE_SIZE >> 20
+    );
+    let chunks = share / config.chunk;
+    let needed = chunks as usize * 5 * config.rounds as usize;
+    anyhow::ensure!(
+        needed < MAX_COMMANDS,
+        "{} rounds of {chunks} chunks need {needed} guest commands, over the {} a vCPU holds: fewer rounds or bigger chunks",
+        config.rounds,
+        MAX_COMMANDS - 1
+    );
+    Ok((0..config.vcpus)
+        .map(|v| (FIRMWARE_SIZE + v * share, FIRMWARE_SIZE + (v + 1) * share))
+        .collect())
+}
+
+/// The guest's command list for the region `[start, end)`.
+fn commands(start: u64, end: u64, config: &RunConfig) -> Vec<Command> {
+    let pages = (config.chunk / PAGE_SIZE) as u32;
+    let mut list = Vec::new();
+    for round in 0..config.rounds {
+        for chunk in (start..end).step_by(config.chunk as usize) {
+            let gpa = chunk as u32;
+            list.extend([
+                Command::Convert {
+                    gpa,
+                    pages,
+                    to: Attribute::Private,
+                },
+                Command::Check {
+                    gpa,
+                    pages,
+                    seed: host_seed(round),
+                },
+                Command::Fill {
+                    gpa,
+                    pages,
+                    seed: guest_seed(round),
+                },
+                Command::Convert {
+                    gpa,
+                    pages,
+                    to: Attribute::Shared,
+                },
+                Command::Notify {
+                    a: gpa,
+                    b: pages,
+                    c: round,
+                },
+            ]);
+        }
+    }
+    list
+}
+
+/// The host pattern of round 0 in every page the guests will check.
+fn seed_host_pattern(machine: &Machine, regions: &[(u64, u64)]) -> anyhow::Result<()> {
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for &(start, end) in regions {
+        for gpa in (start..end).step_by(PAGE_SIZE as usize) {
+            fill_page(&mut page, host_seed(0), gpa);
+            machine.map.write(gpa, &page)?;
+        }
+    }
+    Ok(())
+}
+
+/// The VMM side of a vCPU: results, checks and the device model.
+struct WorkloadIo {
+    state: Arc<RunState>,
+}
+
+impl GuestIo for WorkloadIo {
+    fn io_out(&mut self, vcpu: u64, port: u16, _data: &[u8], regs: &ExitRegs) -> ControlFlow<()> {
+        let state = &*self.state;
+        let (a, b, c) = (
+            regs.rbx as u32 as u64,
+            regs.rcx as u32 as u64,
+            regs.rsi as u32,
+        );
+        match port {
+            RESULT_PORT if regs.rax as u32 != 0 => {
+                state.broke(format!(
+                    "vCPU {vcpu}: conversion at {a:#x} failed with errno {}",
+                    regs.rax as u32
+                ));
+            }
+            RESULT_PORT => {}
+            CHECK_PORT => {
+                // Relaxed: statistics, here and below.
+                state.guest_bytes.fetch_add(b * 8, Ordering::Relaxed);
+                if regs.rax as u32 != 0 {
+                    state.broke(format!(
+                        "vCPU {vcpu}: {} dwords of the host's pattern wrong in {a:#x}+{} pages",
+                        regs.rax as u32, b
+                    ));
+                }
+            }
+            NOTIFY_PORT => device_model(state, vcpu, a, b, c),
+            other => state.broke(format!("vCPU {vcpu}: write to unknown port {other:#x}")),
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// The device model's answer to a notification: pin the chunk the guest just
+/// shared, check the guest's pattern, write the host's for the next round.
+fn device_model(state: &RunState, vcpu: u64, gpa: u64, pages: u64, round: u32) {
+    let pin = match state.mem.pin(gpa, pages * PAGE_SIZE) {
+        Ok(pin) => pin,
+        Err(e) => {
+            return state.broke(format!(
+                "vCPU {vcpu}: pinning the notified chunk {gpa:#x}: {e}"
+            ));
+        }
+    };
+    state.device_pins.fetch_add(1, Ordering::Relaxed);
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut wrong = 0;
+    for i in 0..pages {
+        let at = i * PAGE_SIZE;
+        let page_gpa = gpa + at;
+        let copied = pin.read(at, &mut page).and_then(|()| {
+            wrong += u64::from(!page_matches(&page, guest_seed(round), page_gpa));
+            fill_page(&mut page, host_seed(round + 1), page_gpa);
+            pin.write(at, &page[..4])?;
+            pin.write(at + PAGE_SIZE - 4, &page[PAGE_SIZE as usize - 4..])
+        });
+        if let Err(e) = copied {
+            return state.broke(format!(
+                "vCPU {vcpu}: copy through a pin at {page_gpa:#x}: {e}"
+            ));
+        }
+    }
+    state.host_bytes.fetch_add(pages * 8, Ordering::Relaxed);
+    if wrong != 0 {
+        state.broke(format!(
+            "vCPU {vcpu}: {wrong} pages of {gpa:#x} lack the guest's pattern of round {round}"
+        ));
+    }
+    let index = (gpa - state.regions[vcpu as usize].0) / state.chunk;
+    state.cursor[vcpu as usize].store(index, Ordering::Relaxed);
+    state.progress.inc(1);
+}
+
+/// A device thread: DMA into the chunk each vCPU converts next.
+fn device_thread(state: &RunState, thread: usize) {
+    const BUFFER_PAGES: u64 = 4;
+    const HOLD: Duration = Duration::from_micros(200);
+    let bytes = device_bytes(thread);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ thread as u64;
+    let mut token = vec![0u8; bytes.len()];
+    let mut back = vec![0u8; bytes.len()];
+    // Acquire pairs with the Release store at the end of the run.
+    while !state.stop.load(Ordering::Acquire) {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let vcpu = (rng >> 33) as usize % state.regions.len();
+        let (start, end) = state.regions[vcpu];
+        let chunks = (end - start) / state.chunk;
+        let next = (state.cursor[vcpu].load(Ordering::Relaxed) + 1) % chunks;
+        let window = (rng >> 13) % (state.chunk / PAGE_SIZE - BUFFER_PAGES + 1);
+        let gpa = start + next * state.chunk + window * PAGE_SIZE;
+        let len = BUFFER_PAGES * PAGE_SIZE;
+        let pin = match state.mem.pin(gpa, len) {
+            Ok(pin) => pin,
+            Err(e) if e.errno() == 14 => {
+                // EFAULT: the guest took it private first.
+                state.device_pins_refused.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_micros(50));
+                continue;
+            }
+            Err(e) => return state.broke(format!("device {thread}: pin {gpa:#x}: {e}")),
+        };
+        state.device_pins.fetch_add(1, Ordering::Relaxed);
+        token.fill((rng >> 40) as u8 | 1);
+        for page in 0..BUFFER_PAGES {
+            let at = page * PAGE_SIZE + bytes.start as u64;
+            let copied = pin.write(at, &token).and_then(|()| pin.read(at, &mut back));
+            match copied {
+                Ok(()) if back == token => {}
+                Ok(()) => state.broke(format!(
+                    "device {thread}: bytes at {:#x} changed under a pin",
+                    gpa + at
+                )),
+                Err(e) => state.broke(format!(
+                    "device {thread}: copy through a pin at {:#x}: {e}",
+                    gpa + at
+                )),
+            }
+        }
+        state
+            .host_bytes
+            .fetch_add(BUFFER_PAGES * bytes.len() as u64, Ordering::Relaxed);
+        let held = Instant::now();
+        while held.elapsed() < HOLD
+            && !state.asked_to_let_go(gpa, len)
+            && !state.stop.load(Ordering::Acquire)
+        {
+            std::hint::spin_loop();
+        }
+        drop(pin);
+    }
+}
+
+/// After the run: no pin left, and every region shared again.
+fn check_final_state(state: &RunState) {
+    let stats = state.mem.stats();
+    if stats.pins_live != 0 {
+        state.broke(format!("{} pins still live after the run", stats.pins_live));
+    }
+    for &(start, end) in &state.regions {
+        for gpa in (start..end).step_by(state.chunk as usize) {
+            if state.mem.attribute(gpa).ok() != Some(Attribute::Shared) {
+                state.broke(format!("chunk {gpa:#x} is not shared at the end"));
+            }
+        }
+    }
+}
+
+fn summarize(
+    config: &RunConfig,
+    machine: &Machine,
+    state: &RunState,
+    elapsed: Duration,
+) -> Summary {
+    let stats = machine.mem.stats();
+    let totals = machine.vm.conversion_totals();
+    let conversions = stats.conversions_to_private + stats.conversions_to_shared;
+    let broken = state
+        .broken
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    Summary {
+        vcpus: config.vcpus,
+        memory_bytes: config.memory,
+        rounds: config.rounds,
+        chunk_bytes: config.chunk,
+        device_threads: config.device_threads,
+        request_path: match machine.path {
+            RequestPath::Hypercall => "hypercall",
+            RequestPath::PortIo => "port-io",
+        }
+        .into(),
+        elapsed_s: elapsed.as_secs_f64(),
+        conversions,
+        conversions_per_sec: conversions as f64 / elapsed.as_secs_f64().max(1e-9),
+        eagain: EagainSummary {
+            met: stats.eagain,
+            retried: totals.eagain_retries,
+            resolved: totals.resolved_after_retry,
+            failed: totals.failed,
+        },
+        drains: stats.drains,
+        let_go_requests: state.let_go_requests.load(Ordering::Relaxed),
+        device_pins: state.device_pins.load(Ordering::Relaxed),
+        device_pins_refused: state.device_pins_refused.load(Ordering::Relaxed),
+        guest_bytes_verified: state.guest_bytes.load(Ordering::Relaxed),
+        host_bytes_verified: state.host_bytes.load(Ordering::Relaxed),
+        ok: broken.is_empty(),
+        broken,
+    }
+}
