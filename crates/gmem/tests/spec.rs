@@ -5,9 +5,9 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
+use Attribute::{Private, Shared};
 use common::reads_ok;
 use gmem::{Attribute, ConversionListener, Flags, GuestMemfd, PAGE_SIZE, Refusal};
-use Attribute::{Private, Shared};
 
 const P: u64 = PAGE_SIZE;
 
@@ -63,7 +63,10 @@ fn mapping_past_the_end_sigbuses_without_disturbing_pages_inside() {
     let map = mem.mmap_len(4 * P).unwrap();
     assert_eq!(map.len(), 4 * P);
     map.write(P, b"inside").unwrap();
-    assert!(!reads_ok(&map, 2 * P), "page at the end of the file must SIGBUS");
+    assert!(
+        !reads_ok(&map, 2 * P),
+        "page at the end of the file must SIGBUS"
+    );
     assert!(!reads_ok(&map, 4 * P - 1));
     assert!(reads_ok(&map, P));
     let mut buf = [0u8; 6];
@@ -71,19 +74,40 @@ fn mapping_past_the_end_sigbuses_without_disturbing_pages_inside() {
     assert_eq!(&buf, b"inside");
     // Copies past the file are EINVAL, not a fault.
     assert_eq!(map.read(2 * P, &mut buf).unwrap_err().errno(), libc::EINVAL);
-    assert_eq!(map.write(2 * P - 3, b"abcd").unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(
+        map.write(2 * P - 3, b"abcd").unwrap_err().errno(),
+        libc::EINVAL
+    );
 }
 
 #[test]
 fn fallocate_modes_follow_guest_memfd() {
     use gmem::falloc::{KEEP_SIZE, PUNCH_HOLE};
     let mem = shared(4);
-    assert_eq!(mem.fallocate(0, 0, P).unwrap_err().errno(), libc::EOPNOTSUPP);
-    assert_eq!(mem.fallocate(PUNCH_HOLE, 0, P).unwrap_err().errno(), libc::EOPNOTSUPP);
-    assert_eq!(mem.fallocate(KEEP_SIZE | 0x8, 0, P).unwrap_err().errno(), libc::EOPNOTSUPP);
-    assert_eq!(mem.fallocate(KEEP_SIZE, 1, P).unwrap_err().errno(), libc::EINVAL);
-    assert_eq!(mem.fallocate(KEEP_SIZE, 0, P + 1).unwrap_err().errno(), libc::EINVAL);
-    assert_eq!(mem.fallocate(KEEP_SIZE, 0, 0).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(
+        mem.fallocate(0, 0, P).unwrap_err().errno(),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        mem.fallocate(PUNCH_HOLE, 0, P).unwrap_err().errno(),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        mem.fallocate(KEEP_SIZE | 0x8, 0, P).unwrap_err().errno(),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        mem.fallocate(KEEP_SIZE, 1, P).unwrap_err().errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        mem.fallocate(KEEP_SIZE, 0, P + 1).unwrap_err().errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        mem.fallocate(KEEP_SIZE, 0, 0).unwrap_err().errno(),
+        libc::EINVAL
+    );
     mem.fallocate(KEEP_SIZE, 0, P).unwrap();
     mem.fallocate(KEEP_SIZE | PUNCH_HOLE, 0, P).unwrap();
 }
@@ -92,8 +116,14 @@ fn fallocate_modes_follow_guest_memfd() {
 fn allocate_past_the_end_is_einval_punch_past_the_end_is_a_noop() {
     let mem = shared(4);
     assert_eq!(mem.allocate(4 * P, P).unwrap_err().errno(), libc::EINVAL);
-    assert_eq!(mem.allocate(3 * P, 2 * P).unwrap_err().errno(), libc::EINVAL);
-    assert_eq!(mem.allocate(u64::MAX - P + 1, P).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(
+        mem.allocate(3 * P, 2 * P).unwrap_err().errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        mem.allocate(u64::MAX - P + 1, P).unwrap_err().errno(),
+        libc::EINVAL
+    );
     mem.punch_hole(4 * P, P).unwrap();
     mem.punch_hole(100 * P, 8 * P).unwrap();
     assert_eq!(mem.punch_hole(P, 0).unwrap_err().errno(), libc::EINVAL);
@@ -118,7 +148,11 @@ fn punch_zeroes_and_keeps_state() {
     mem.set_attributes(P, P, Private).unwrap();
     mem.punch_hole(0, 2 * P).unwrap();
     assert_eq!(mem.attribute(0).unwrap(), Shared);
-    assert_eq!(mem.attribute(P).unwrap(), Private, "a punch keeps a private page private");
+    assert_eq!(
+        mem.attribute(P).unwrap(),
+        Private,
+        "a punch keeps a private page private"
+    );
     let mut buf = [1u8; 16];
     map.read(0, &mut buf).unwrap();
     assert_eq!(buf, [0; 16]);
@@ -132,7 +166,14 @@ fn punch_zeroes_and_keeps_state() {
 #[test]
 fn malformed_requests_are_einval_and_change_nothing() {
     let mem = shared(4);
-    let cases = [(0, 0), (1, P), (0, P + 1), (P, u64::MAX - P + 1), (4 * P, P), (3 * P, 2 * P)];
+    let cases = [
+        (0, 0),
+        (1, P),
+        (0, P + 1),
+        (P, u64::MAX - P + 1),
+        (4 * P, P),
+        (3 * P, 2 * P),
+    ];
     for (offset, len) in cases {
         let err = mem.set_attributes(offset, len, Private).unwrap_err();
         assert_eq!(err.errno(), libc::EINVAL, "{offset:#x}+{len:#x}");
@@ -148,7 +189,10 @@ fn nothing_to_change_succeeds_at_once_without_a_check() {
     // Every page is already shared: no unmap, no check, no drain, despite the pin.
     mem.set_attributes(0, 4 * P, Shared).unwrap();
     let stats = mem.stats();
-    assert_eq!((stats.conversions_to_shared, stats.drains, stats.eagain), (0, 0, 0));
+    assert_eq!(
+        (stats.conversions_to_shared, stats.drains, stats.eagain),
+        (0, 0, 0)
+    );
     drop(pin);
     mem.set_attributes(0, P, Private).unwrap();
     mem.set_attributes(0, P, Private).unwrap();
@@ -185,7 +229,10 @@ fn private_pages_are_efault_for_copies_and_pins() {
     let mut buf = vec![0u8; 3 * P as usize];
     let err = map.read(P + 10, &mut buf[..2 * P as usize]).unwrap_err();
     assert_eq!((err.errno(), err_offset(&err)), (libc::EFAULT, 2 * P));
-    assert_eq!(map.write(2 * P + 5, b"x").unwrap_err().errno(), libc::EFAULT);
+    assert_eq!(
+        map.write(2 * P + 5, b"x").unwrap_err().errno(),
+        libc::EFAULT
+    );
     let err = mem.pin(P, 2 * P).unwrap_err();
     assert_eq!((err.errno(), err_offset(&err)), (libc::EFAULT, 2 * P));
     map.read(0, &mut buf[..2 * P as usize]).unwrap();
@@ -229,7 +276,11 @@ fn a_dropped_pin_converts_at_the_first_attempt_through_one_drain() {
     drop(mem.pin(P, P).unwrap());
     assert_eq!(mem.stats().drains, 0);
     mem.set_attributes(0, 4 * P, Private).unwrap();
-    assert_eq!(mem.stats().drains, 1, "the parked release needed exactly one drain");
+    assert_eq!(
+        mem.stats().drains,
+        1,
+        "the parked release needed exactly one drain"
+    );
     // Another thread's parked release is drained too, the thread still alive.
     mem.set_attributes(0, 4 * P, Shared).unwrap();
     let (parked, proceed) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
@@ -299,7 +350,10 @@ fn pinning_allocates_and_pins_copy_within_their_range() {
     assert_eq!(mem.stats().pages_allocated, Some(3));
     assert_eq!((pin.offset(), pin.len()), (P + 8, 2 * P));
     pin.write(2 * P - 4, b"tail").unwrap();
-    assert_eq!(pin.write(2 * P - 3, b"tail").unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(
+        pin.write(2 * P - 3, b"tail").unwrap_err().errno(),
+        libc::EINVAL
+    );
     let mut buf = [0u8; 4];
     mem.mmap().unwrap().read(3 * P + 4, &mut buf).unwrap();
     assert_eq!(&buf, b"tail");
@@ -313,7 +367,10 @@ struct Recorder {
 
 impl ConversionListener for Recorder {
     fn before_private(&self, offset: u64, len: u64) -> Result<(), Refusal> {
-        self.events.lock().unwrap().push(format!("before {offset:#x}+{len:#x}"));
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("before {offset:#x}+{len:#x}"));
         if *self.refuse.lock().unwrap() {
             return Err(Refusal::new("device busy"));
         }
@@ -321,7 +378,10 @@ impl ConversionListener for Recorder {
     }
 
     fn converted(&self, offset: u64, len: u64, to: Attribute) {
-        self.events.lock().unwrap().push(format!("{to:?} {offset:#x}+{len:#x}"));
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("{to:?} {offset:#x}+{len:#x}"));
     }
 }
 
@@ -342,7 +402,15 @@ fn listeners_hear_conversions_and_may_refuse() {
     assert!(mem.remove_listener(id));
     mem.set_attributes(P, P, Private).unwrap();
     let events = recorder.events.lock().unwrap().clone();
-    assert_eq!(events, ["before 0x0+0x1000", "before 0x0+0x1000", "Private 0x0+0x1000", "Shared 0x0+0x1000"]);
+    assert_eq!(
+        events,
+        [
+            "before 0x0+0x1000",
+            "before 0x0+0x1000",
+            "Private 0x0+0x1000",
+            "Shared 0x0+0x1000"
+        ]
+    );
     assert_eq!(mem.stats().refused, 1);
 }
 
