@@ -54,14 +54,17 @@ fn publish(slot: &AtomicU64, parked: u64) {
     assert_eq!(old, 0, "a parked release overwrote another");
 }
 
-/// One thread's parked pin releases for one file.
+/// One thread's parked pin releases for one file. Aligned to a cache line so
+/// that two threads' batches never share one.
 #[derive(Debug)]
+#[repr(align(64))]
 pub(crate) struct PinBatch {
     /// Parked releases; 0 is an empty slot (a release always has pages).
     slots: [AtomicU64; BATCH_SLOTS],
     /// Slots the owner filled since its last flush. Owner-only.
     filled: AtomicUsize,
-    /// Pins taken and released by the owner thread (statistics).
+    /// Pins taken and released by the owner thread (statistics). Written by
+    /// the owner only, read by anyone.
     taken: std::sync::atomic::AtomicU64,
     released: std::sync::atomic::AtomicU64,
 }
@@ -114,17 +117,13 @@ impl PinBatch {
 
     /// Counts a pin taken by the owner.
     pub(crate) fn count_taken(&self) {
-        // Relaxed: a statistic, summed by `References::pins_live`.
-        self.taken
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        bump_owned(&self.taken);
     }
 
     /// Parks a pin's release and counts it (owner thread only).
     pub(crate) fn release(&self, refs: &References, pages: Range<u64>) {
         self.push(pages, |parked| refs.put_now(parked));
-        // Relaxed: a statistic.
-        self.released
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        bump_owned(&self.released);
     }
 
     /// (pins taken, pins released) by the owner.
@@ -132,6 +131,13 @@ impl PinBatch {
         use std::sync::atomic::Ordering::Relaxed;
         (self.taken.load(Relaxed), self.released.load(Relaxed))
     }
+}
+
+/// Adds one to a counter that only the owner thread writes: a plain load and
+/// store, no locked instruction. Relaxed: a statistic; readers may see it late.
+fn bump_owned(counter: &std::sync::atomic::AtomicU64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    counter.store(counter.load(Relaxed) + 1, Relaxed);
 }
 
 thread_local! {
