@@ -1,6 +1,9 @@
 //! The library behind the `gmem` command: the guest program, test machines,
 //! the bundled workload, the self-test scenarios and the benchmarks.
 
+pub mod bench;
+pub mod bench_kvm;
+pub mod floor;
 pub mod guest;
 pub mod machine;
 pub mod scenarios;

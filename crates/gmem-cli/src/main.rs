@@ -24,6 +24,12 @@ enum Command {
     /// Boot the bundled workload: vCPUs converting their memory in rounds
     /// while device threads pin and copy through shared buffers.
     Run(RunArgs),
+    /// Measure the headline costs against floors measured in the same run.
+    Bench {
+        /// Print one JSON object `{"cases": [...]}`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what this host's KVM supports.
     Info {
         /// Print one JSON object.
@@ -59,6 +65,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Info { json } => info(json),
+        Command::Bench { json } => bench(json),
     };
     match result {
         Ok(code) => code,
@@ -152,6 +159,24 @@ fn require_kvm() -> anyhow::Result<()> {
              virtualisation in a VM), load the kvm module (`modprobe kvm_intel` or `kvm_amd`), and give \
              this user access (`sudo usermod -aG kvm $USER`, then log in again)",
         )
+}
+
+fn bench(json: bool) -> anyhow::Result<ExitCode> {
+    let mut progress = |name: &str| {
+        if !json {
+            eprintln!("measuring {name} ...");
+        }
+    };
+    let results = gmem_cli::bench::run_all(&mut progress);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "cases": results }))?
+        );
+    } else {
+        gmem_cli::bench::print_table(&results);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn info(json: bool) -> anyhow::Result<ExitCode> {

@@ -1,0 +1,531 @@
+//! `gmem bench`: the headline cases, each timed against a floor measured in
+//! the same run, in one process.
+//!
+//! Method: every timed case has an `ours` and (mostly) a `floor` closure. The
+//! harness calibrates a batch to about 5 ms, then runs `SAMPLES` batches of
+//! each, alternating ours and floor so that drift hits both, and reports the
+//! median time per iteration. Memory cases report bytes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hint::black_box;
+use std::sync::{Arc, Barrier, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use gmem::{Attribute, Flags, GuestMemfd, PAGE_SIZE};
+use serde::Serialize;
+
+use crate::floor::RawMapping;
+
+const SAMPLES: usize = 11;
+const BATCH: Duration = Duration::from_millis(5);
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// What a case must reach.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Goal {
+    /// `ours / floor` at most this.
+    RatioAtMost(f64),
+    /// `floor / ours` (a speed-up) at least this.
+    SpeedupAtLeast(f64),
+    /// Our time at most this many nanoseconds.
+    NanosAtMost(f64),
+    /// A value (bytes, or a fraction) at most this.
+    ValueAtMost(f64),
+}
+
+impl Goal {
+    fn describe(&self) -> String {
+        match self {
+            Goal::RatioAtMost(r) => format!("ratio <= {r}"),
+            Goal::SpeedupAtLeast(r) => format!("speedup >= {r}"),
+            Goal::NanosAtMost(ns) => format!("<= {} ms", ns / 1e6),
+            Goal::ValueAtMost(v) => format!("<= {v}"),
+        }
+    }
+}
+
+/// One row of the results.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    /// The case.
+    pub name: String,
+    /// Our median time per iteration, for timed cases.
+    pub ours_ns: Option<f64>,
+    /// The floor's median time per iteration, where there is a floor.
+    pub floor_ns: Option<f64>,
+    /// `ours / floor`, or `floor / ours` for speed-up goals.
+    pub ratio: Option<f64>,
+    /// The goal, in words.
+    pub goal: Option<String>,
+    /// Whether the goal was met.
+    pub met: bool,
+    /// The measured value of a memory case.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// Its unit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<&'static str>,
+    /// Why the case did not run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+impl CaseResult {
+    fn timed(name: &str, ours: f64, floor: Option<f64>, goal: Goal) -> CaseResult {
+        let ratio = floor.map(|floor| match goal {
+            Goal::SpeedupAtLeast(_) => floor / ours,
+            _ => ours / floor,
+        });
+        let met = match (goal, ratio) {
+            (Goal::RatioAtMost(max), Some(r)) => r <= max,
+            (Goal::SpeedupAtLeast(min), Some(r)) => r >= min,
+            (Goal::NanosAtMost(max), _) => ours <= max,
+            _ => false,
+        };
+        CaseResult {
+            name: name.into(),
+            ours_ns: Some(ours),
+            floor_ns: floor,
+            ratio,
+            goal: Some(goal.describe()),
+            met,
+            value: None,
+            unit: None,
+            skipped: None,
+        }
+    }
+
+    fn value(name: &str, value: f64, unit: &'static str, max: f64) -> CaseResult {
+        CaseResult {
+            name: name.into(),
+            ours_ns: None,
+            floor_ns: None,
+            ratio: None,
+            goal: Some(Goal::ValueAtMost(max).describe()),
+            met: value <= max,
+            value: Some(value),
+            unit: Some(unit),
+            skipped: None,
+        }
+    }
+
+    fn skipped(name: &str, goal: Goal, why: String) -> CaseResult {
+        CaseResult {
+            name: name.into(),
+            ours_ns: None,
+            floor_ns: None,
+            ratio: None,
+            goal: Some(goal.describe()),
+            met: false,
+            value: None,
+            unit: None,
+            skipped: Some(why),
+        }
+    }
+}
+
+/// Median nanoseconds per iteration of `ours` and `floor`, alternating.
+pub fn measure(ours: &mut dyn FnMut(), mut floor: Option<&mut dyn FnMut()>) -> (f64, Option<f64>) {
+    let iters_ours = calibrate(ours);
+    let iters_floor = floor.as_mut().map(|f| calibrate(*f));
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..SAMPLES {
+        a.push(batch(ours, iters_ours));
+        if let (Some(f), Some(iters)) = (floor.as_mut(), iters_floor) {
+            b.push(batch(*f, iters));
+        }
+    }
+    (median(a), (!b.is_empty()).then(|| median(b)))
+}
+
+fn calibrate(f: &mut dyn FnMut()) -> u64 {
+    f(); // warm up
+    let mut iters = 1;
+    loop {
+        let started = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        if started.elapsed() >= BATCH / 4 || iters >= 1 << 24 {
+            let per = started.elapsed().as_nanos().max(1) as f64 / iters as f64;
+            return ((BATCH.as_nanos() as f64 / per) as u64).max(1);
+        }
+        iters *= 4;
+    }
+}
+
+fn batch(f: &mut dyn FnMut(), iters: u64) -> f64 {
+    let started = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    started.elapsed().as_nanos() as f64 / iters as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs every headline case; `progress` hears each name before it runs.
+pub fn run_all(progress: &mut dyn FnMut(&str)) -> Vec<CaseResult> {
+    let mut results = Vec::new();
+    for len in [4 * KIB, 2 * MIB, 64 * MIB] {
+        let name = format!("round-trip-{}", size_name(len));
+        progress(&name);
+        results.push(round_trip(&name, len));
+    }
+    progress("pin-unpin");
+    results.extend(pin_unpin());
+    progress("pin-unpin-2-threads");
+    results.push(pin_unpin_two_threads());
+    progress("copies-64k");
+    results.extend(copies());
+    progress("convert-64g-sparse");
+    results.push(convert_sparse_64g());
+    progress("metadata-64g");
+    results.extend(metadata_64g());
+    progress("drain-path");
+    results.push(drain_path());
+    progress("kvm-guest-round-trip-4k");
+    results.push(crate::bench_kvm::guest_round_trip());
+    results
+}
+
+fn size_name(len: u64) -> String {
+    if len >= MIB {
+        format!("{}m", len / MIB)
+    } else {
+        format!("{}k", len / KIB)
+    }
+}
+
+/// Shared to private to shared of a populated range, with one host mapping,
+/// against the same two remaps of a raw mapping.
+fn round_trip(name: &str, len: u64) -> CaseResult {
+    let mem = GuestMemfd::new(len.max(2 * MIB), Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
+    let map = mem.mmap().expect("mmap");
+    mem.allocate(0, len).expect("allocate");
+    map.write(0, &vec![1u8; len as usize]).expect("populate");
+    let raw = RawMapping::new(len.max(2 * MIB) as usize).expect("raw mapping");
+    raw.touch(0, len as usize);
+    let mut ours = || {
+        mem.set_attributes(0, len, Attribute::Private)
+            .expect("to private");
+        mem.set_attributes(0, len, Attribute::Shared)
+            .expect("to shared");
+    };
+    let mut floor = || {
+        raw.hide(0, len as usize);
+        raw.show(0, len as usize);
+    };
+    let goal = if len <= 4 * KIB { 1.5 } else { 1.15 };
+    let (o, f) = measure(&mut ours, Some(&mut floor));
+    CaseResult::timed(name, o, f, Goal::RatioAtMost(goal))
+}
+
+/// A reference count guarded by a mutex, with the state in a map: the
+/// design gmem's lock-free pin is measured against.
+struct MutexRefs {
+    inner: Mutex<MutexRefsState>,
+}
+
+/// State runs (start to end and state) and per-page counts.
+type MutexRefsState = (BTreeMap<u64, (u64, Attribute)>, HashMap<u64, u32>);
+
+impl MutexRefs {
+    fn new(pages: u64) -> MutexRefs {
+        let runs = BTreeMap::from([(0, (pages, Attribute::Shared))]);
+        MutexRefs {
+            inner: Mutex::new((runs, HashMap::new())),
+        }
+    }
+
+    fn pin(&self, page: u64) -> bool {
+        let mut inner = self.inner.lock().expect("not poisoned");
+        let shared = inner
+            .0
+            .range(..=page)
+            .next_back()
+            .is_some_and(|(_, (end, attr))| page < *end && *attr == Attribute::Shared);
+        if shared {
+            *inner.1.entry(page).or_insert(0) += 1;
+        }
+        shared
+    }
+
+    fn unpin(&self, page: u64) {
+        let mut inner = self.inner.lock().expect("not poisoned");
+        if let Some(count) = inner.1.get_mut(&page) {
+            *count -= 1;
+            if *count == 0 {
+                inner.1.remove(&page);
+            }
+        }
+    }
+}
+
+/// Pin + unpin of one page on one thread, against an atomic increment and
+/// decrement, and against the mutex design.
+fn pin_unpin() -> Vec<CaseResult> {
+    let mem = GuestMemfd::new(4 * MIB, Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
+    drop(mem.pin(0, 1).expect("pin"));
+    let counter = std::sync::atomic::AtomicU64::new(0);
+    let mutex = MutexRefs::new(1024);
+    let mut ours = || drop(black_box(mem.pin(black_box(0), 1).expect("pin")));
+    let mut atomic = || {
+        // Relaxed: the floor is the bare locked instructions.
+        black_box(counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        black_box(counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed));
+    };
+    let mut locked = || {
+        assert!(mutex.pin(black_box(0)));
+        mutex.unpin(black_box(0));
+    };
+    let (o, f) = measure(&mut ours, Some(&mut atomic));
+    let (o2, m) = measure(&mut ours, Some(&mut locked));
+    vec![
+        CaseResult::timed("pin-unpin", o, f, Goal::RatioAtMost(3.0)),
+        CaseResult::timed("pin-unpin-vs-mutex", o2, m, Goal::SpeedupAtLeast(10.0)),
+    ]
+}
+
+/// Two threads pinning distinct pages: throughput against one thread.
+fn pin_unpin_two_threads() -> CaseResult {
+    const OPS: u64 = 1 << 20;
+    let mem = Arc::new(GuestMemfd::new(4 * MIB, Flags::MMAP | Flags::INIT_SHARED).expect("memfd"));
+    // Pages in different 2 MiB chunks: their counts share no cache line.
+    let pages = [0, 512];
+    let run = |threads: usize| -> f64 {
+        let barrier = Arc::new(Barrier::new(threads + 1));
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (mem, barrier) = (mem.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let offset = pages[t] * PAGE_SIZE;
+                    drop(mem.pin(offset, 1).expect("pin"));
+                    barrier.wait();
+                    for _ in 0..OPS {
+                        drop(black_box(mem.pin(black_box(offset), 1).expect("pin")));
+                    }
+                })
+            })
+            .collect();
+        barrier.wait();
+        let started = Instant::now();
+        for handle in handles {
+            handle.join().expect("pinner");
+        }
+        started.elapsed().as_nanos() as f64 / (OPS * threads as u64) as f64
+    };
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        one.push(run(1));
+        two.push(run(2));
+    }
+    CaseResult::timed(
+        "pin-unpin-2-threads",
+        median(two),
+        Some(median(one)),
+        Goal::SpeedupAtLeast(1.8),
+    )
+}
+
+/// 64 KiB copies through a host mapping and through a pin, against
+/// `copy_nonoverlapping` from and to a raw mapping of a memfd.
+fn copies() -> Vec<CaseResult> {
+    let len = 64 * KIB as usize;
+    let mem = GuestMemfd::new(2 * MIB, Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
+    let map = mem.mmap().expect("mmap");
+    map.write(0, &vec![3u8; len]).expect("populate");
+    let pin = mem.pin(0, len as u64).expect("pin");
+    let raw = RawMapping::new(2 * MIB as usize).expect("raw");
+    raw.touch(0, len);
+    let mut buf = vec![0u8; len];
+    let mut out = vec![0u8; len];
+    let mut results = Vec::new();
+    let mut case = |name: &str, ours: &mut dyn FnMut(), floor: &mut dyn FnMut()| {
+        let (o, f) = measure(ours, Some(floor));
+        // Bandwidth at least 0.9 of the floor's: time at most 1/0.9 of it.
+        results.push(CaseResult::timed(name, o, f, Goal::RatioAtMost(1.0 / 0.9)));
+    };
+    case(
+        "host-mapping-read-64k",
+        &mut || map.read(0, black_box(&mut buf)).expect("read"),
+        &mut || raw.copy_out(0, black_box(&mut out)),
+    );
+    case(
+        "host-mapping-write-64k",
+        &mut || map.write(0, black_box(&buf)).expect("write"),
+        &mut || raw.copy_in(0, black_box(&out)),
+    );
+    case(
+        "pin-read-64k",
+        &mut || pin.read(0, black_box(&mut buf)).expect("read"),
+        &mut || raw.copy_out(0, black_box(&mut out)),
+    );
+    case(
+        "pin-write-64k",
+        &mut || pin.write(0, black_box(&buf)).expect("write"),
+        &mut || raw.copy_in(0, black_box(&out)),
+    );
+    results
+}
+
+/// A round trip over 63 GiB of a 64 GiB file with 1 MiB allocated and 16
+/// pins in the last GiB: the cost must follow what is allocated and pinned.
+fn convert_sparse_64g() -> CaseResult {
+    let size = 64 * GIB;
+    let range = 63 * GIB;
+    let mem = GuestMemfd::new(size, Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
+    let map = mem.mmap().expect("mmap");
+    map.write(0, &vec![1u8; MIB as usize]).expect("populate");
+    let pins: Vec<_> = (0..16)
+        .map(|i| mem.pin(range + i * 64 * MIB, PAGE_SIZE).expect("pin"))
+        .collect();
+    let mut ours = || {
+        mem.set_attributes(0, range, Attribute::Private)
+            .expect("to private");
+        mem.set_attributes(0, range, Attribute::Shared)
+            .expect("to shared");
+    };
+    let (o, _) = measure(&mut ours, None);
+    drop(pins);
+    CaseResult::timed("convert-64g-sparse", o, None, Goal::NanosAtMost(10e6))
+}
+
+/// gmem's metadata for an idle 64 GiB file, and for one whose every 2 MiB
+/// has been pinned (all reference chunks made).
+fn metadata_64g() -> Vec<CaseResult> {
+    let size = 64 * GIB;
+    let mem = GuestMemfd::new(size, Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
+    let idle = mem.stats().metadata_bytes as f64;
+    for chunk in (0..size).step_by(2 * MIB as usize) {
+        drop(mem.pin(chunk, 1).expect("pin"));
+    }
+    let touched = mem.stats().metadata_bytes as f64 / size as f64;
+    mem.punch_hole(0, size).expect("punch");
+    vec![
+        CaseResult::value("metadata-64g-idle", idle, "bytes", MIB as f64),
+        CaseResult::value("metadata-64g-touched", touched, "fraction of memory", 0.002),
+    ]
+}
+
+/// A round trip whose check meets two other threads' parked releases in
+/// range (one drain), against the same round trip with none.
+fn drain_path() -> CaseResult {
+    let len = 2 * MIB;
+    let mem = Arc::new(GuestMemfd::new(4 * MIB, Flags::MMAP | Flags::INIT_SHARED).expect("memfd"));
+    let _map = mem.mmap().expect("mmap");
+    mem.allocate(0, len).expect("allocate");
+    let (mut requests, mut dones) = (Vec::new(), Vec::new());
+    let mut handles = Vec::new();
+    for t in 0..2u64 {
+        let (request_tx, request_rx) = mpsc::channel::<bool>();
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let mem = mem.clone();
+        handles.push(std::thread::spawn(move || {
+            // Each request: pin and drop (the release stays parked), then idle.
+            while request_rx.recv().unwrap_or(false) {
+                drop(mem.pin(t * 8 * PAGE_SIZE, PAGE_SIZE).expect("pin"));
+                done_tx.send(()).expect("bench alive");
+            }
+        }));
+        requests.push(request_tx);
+        dones.push(done_rx);
+    }
+    let park = || {
+        for (request, done) in requests.iter().zip(&dones) {
+            request.send(true).expect("thread alive");
+            done.recv().expect("thread alive");
+        }
+    };
+    let with = |parked: bool| -> f64 {
+        let mut samples = Vec::new();
+        for _ in 0..SAMPLES * 10 {
+            if parked {
+                park();
+            }
+            let started = Instant::now();
+            mem.set_attributes(0, len, Attribute::Private)
+                .expect("to private");
+            mem.set_attributes(0, len, Attribute::Shared)
+                .expect("to shared");
+            samples.push(started.elapsed().as_nanos() as f64);
+        }
+        median(samples)
+    };
+    let (mut ours, mut floor) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        ours.push(with(true));
+        floor.push(with(false));
+    }
+    for request in &requests {
+        request.send(false).expect("thread alive");
+    }
+    for handle in handles {
+        handle.join().expect("thread");
+    }
+    CaseResult::timed(
+        "drain-path",
+        median(ours),
+        Some(median(floor)),
+        Goal::RatioAtMost(2.0),
+    )
+}
+
+/// Prints the table.
+pub fn print_table(results: &[CaseResult]) {
+    println!(
+        "{:<26} {:>14} {:>14} {:>8}  {:<16} met",
+        "case", "gmem", "floor", "ratio", "goal"
+    );
+    for r in results {
+        let time = |ns: Option<f64>| ns.map_or("-".into(), format_ns);
+        let (ours, floor) = match (r.value, &r.skipped) {
+            (_, Some(_)) => ("skipped".into(), "-".into()),
+            (Some(v), _) if r.unit == Some("bytes") => {
+                (format!("{:.0} KiB", v / 1024.0), "-".into())
+            }
+            (Some(v), _) => (format!("{:.4}%", v * 100.0), "-".into()),
+            _ => (time(r.ours_ns), time(r.floor_ns)),
+        };
+        let ratio = r.ratio.map_or("-".into(), |r| format!("{r:.2}"));
+        let met = match &r.skipped {
+            Some(why) => format!("skipped: {why}"),
+            None if r.met => "yes".into(),
+            None => "NO".into(),
+        };
+        println!(
+            "{:<26} {:>14} {:>14} {:>8}  {:<16} {}",
+            r.name,
+            ours,
+            floor,
+            ratio,
+            r.goal.as_deref().unwrap_or("-"),
+            met
+        );
+    }
+}
+
+fn format_ns(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} us", ns / 1e3)
+    } else {
+        format!("{ns:.1} ns")
+    }
+}
+
+/// Exposed for `bench_kvm`.
+pub(crate) fn timed(name: &str, ours: f64, floor: Option<f64>, goal: Goal) -> CaseResult {
+    CaseResult::timed(name, ours, floor, goal)
+}
+
+/// Exposed for `bench_kvm`.
+pub(crate) fn skipped(name: &str, goal: Goal, why: String) -> CaseResult {
+    CaseResult::skipped(name, goal, why)
+}

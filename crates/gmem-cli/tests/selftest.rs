@@ -1,0 +1,71 @@
+//! The host-side self-test scenarios, on both backings.
+//!
+//! The kernel guest_memfd scenarios skip without KVM; where `GMEM_REQUIRE_KVM`
+//! is set (CI on a KVM host) a skip fails the test instead.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use gmem_cli::scenarios::{self, Outcome, Side};
+
+#[test]
+fn every_host_scenario_passes() {
+    let require_kvm = std::env::var_os("GMEM_REQUIRE_KVM").is_some();
+    let mut failed = Vec::new();
+    let mut ran = 0;
+    for scenario in scenarios::all()
+        .into_iter()
+        .filter(|s| s.side == Side::Host)
+    {
+        let start = Instant::now();
+        let outcome = (scenario.run)();
+        eprintln!("{} {:?} in {:?}", scenario.name, outcome, start.elapsed());
+        ran += 1;
+        match outcome {
+            Outcome::Pass => {}
+            Outcome::Fail(message) => failed.push(format!("{}: {message}", scenario.name)),
+            Outcome::Skip(reason) if require_kvm => {
+                failed.push(format!("{} skipped on a KVM host: {reason}", scenario.name));
+            }
+            Outcome::Skip(reason) => eprintln!("skipped: {}: {reason}", scenario.name),
+        }
+    }
+    assert!(ran > 0, "no host scenario");
+    assert!(
+        failed.is_empty(),
+        "{} of {ran} host scenarios failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn scenario_names_are_unique_kebab_case_and_cover_both_backings() {
+    let all = scenarios::all();
+    let mut names = HashSet::new();
+    for scenario in &all {
+        assert!(names.insert(scenario.name), "{} twice", scenario.name);
+        assert!(
+            scenario
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '/'),
+            "{} is not kebab-case",
+            scenario.name
+        );
+        let prefix_ok = match scenario.side {
+            Side::Host => {
+                scenario.name.starts_with("host/memfd/") || scenario.name.starts_with("host/kvm/")
+            }
+            Side::Guest => scenario.name.starts_with("guest/"),
+        };
+        assert!(prefix_ok, "{} does not name its side", scenario.name);
+    }
+    for scenario in all.iter().filter(|s| s.name.starts_with("host/memfd/")) {
+        let rule = &scenario.name["host/memfd/".len()..];
+        assert!(
+            names.contains(format!("host/kvm/{rule}").as_str()),
+            "{rule} runs on the memfd backing only"
+        );
+    }
+}
