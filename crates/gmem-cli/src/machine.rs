@@ -40,6 +40,8 @@ pub struct Machine {
     pub map: HostMapping,
     /// How the guest asks for conversions on this host.
     pub path: RequestPath,
+    /// vCPU 0 between runs of [`Machine::run`] (KVM never frees a vCPU id).
+    first: std::sync::Mutex<Option<Vcpu>>,
     _slot: Memslot,
 }
 
@@ -81,6 +83,7 @@ impl Machine {
             mem,
             map,
             path,
+            first: std::sync::Mutex::new(None),
             _slot: slot,
         })
     }
@@ -90,11 +93,18 @@ impl Machine {
         self.mem.size()
     }
 
-    /// A vCPU set up to run `commands` (written to its command area).
+    /// Creates vCPU `id` (each id once per machine), set up to run `commands`.
     pub fn vcpu(&self, id: u64, commands: &[Command]) -> anyhow::Result<Vcpu> {
         if id >= MAX_VCPUS {
             bail!("at most {MAX_VCPUS} vCPUs");
         }
+        let mut vcpu = self.vm.create_vcpu(id)?;
+        self.reload(&mut vcpu, commands)?;
+        Ok(vcpu)
+    }
+
+    /// Sets `vcpu` up to run `commands` from the start of the interpreter.
+    pub fn reload(&self, vcpu: &mut Vcpu, commands: &[Command]) -> anyhow::Result<()> {
         if commands.len() >= MAX_COMMANDS {
             bail!(
                 "{} commands exceed the {} a vCPU's area holds",
@@ -102,22 +112,32 @@ impl Machine {
                 MAX_COMMANDS - 1
             );
         }
+        let id = vcpu.id();
         let list = COMMANDS_GPA + id * COMMAND_AREA;
         self.map.write(list, &Command::encode_list(commands))?;
-        let mut vcpu = self.vm.create_vcpu(id)?;
         vcpu.enter_protected_mode(CODE_GPA, STACK_TOP - id * 0x1000)?;
         vcpu.set_arguments(list, 0)?;
-        Ok(vcpu)
+        Ok(())
     }
 
-    /// Runs `commands` on a new vCPU 0 until it halts, recording what the
-    /// guest reports.
+    /// Runs `commands` on vCPU 0 until it halts, recording what the guest
+    /// reports. May be called again: vCPU 0 is kept between runs.
     pub fn run(&self, commands: &[Command]) -> anyhow::Result<Record> {
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        let mut vcpu = match first.take() {
+            Some(mut vcpu) => {
+                self.reload(&mut vcpu, commands)?;
+                vcpu
+            }
+            None => self.vcpu(0, commands)?,
+        };
         let mut record = Record::default();
-        let stop = self.vcpu(0, commands)?.run(&mut record)?;
-        if stop != VcpuStop::Halted {
-            bail!("the guest stopped without halting: {stop:?}");
-        }
+        let stop = vcpu.run(&mut record);
+        *first = Some(vcpu);
+        anyhow::ensure!(
+            stop? == VcpuStop::Halted,
+            "the guest stopped without halting"
+        );
         Ok(record)
     }
 }

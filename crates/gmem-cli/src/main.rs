@@ -24,6 +24,11 @@ enum Command {
     /// Boot the bundled workload: vCPUs converting their memory in rounds
     /// while device threads pin and copy through shared buffers.
     Run(RunArgs),
+    /// Run the kernel-parity scenarios, host side and guest side.
+    Selftest {
+        /// Run only scenarios whose name contains this.
+        filter: Option<String>,
+    },
     /// Measure the headline costs against floors measured in the same run.
     Bench {
         /// Print one JSON object `{"cases": [...]}`.
@@ -66,6 +71,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Info { json } => info(json),
         Command::Bench { json } => bench(json),
+        Command::Selftest { filter } => selftest(filter.as_deref()),
     };
     match result {
         Ok(code) => code,
@@ -159,6 +165,39 @@ fn require_kvm() -> anyhow::Result<()> {
              virtualisation in a VM), load the kvm module (`modprobe kvm_intel` or `kvm_amd`), and give \
              this user access (`sudo usermod -aG kvm $USER`, then log in again)",
         )
+}
+
+fn selftest(filter: Option<&str>) -> anyhow::Result<ExitCode> {
+    use gmem_cli::scenarios::{Outcome, all};
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    let scenarios: Vec<_> = all()
+        .into_iter()
+        .filter(|s| filter.is_none_or(|f| s.name.contains(f)))
+        .collect();
+    println!("1..{}", scenarios.len());
+    for (number, scenario) in scenarios.iter().enumerate() {
+        let number = number + 1;
+        match (scenario.run)() {
+            Outcome::Pass => {
+                passed += 1;
+                println!("ok {number} - {}", scenario.name);
+            }
+            Outcome::Fail(why) => {
+                failed += 1;
+                println!("not ok {number} - {}: {why}", scenario.name);
+            }
+            Outcome::Skip(why) => {
+                skipped += 1;
+                println!("ok {number} - {} # SKIP {why}", scenario.name);
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed, {skipped} skipped");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn bench(json: bool) -> anyhow::Result<ExitCode> {

@@ -10,11 +10,9 @@
 //! [`Outcome::Fail`]; scenarios that need KVM report [`Outcome::Skip`] where
 //! it is unavailable.
 //!
-//! Not covered here: the `SIGBUS` of raw accesses to private pages and past
-//! the end of a file. Observing it needs a forked child (or a re-executed
-//! process), and this library has neither `libc` nor a safe `fork`; gmem's own
-//! integration tests (`crates/gmem/tests/spec.rs`) check it. The scenarios
-//! check the same state through the `EFAULT`/`EINVAL` of checked copies.
+//! The `SIGBUS` of raw accesses (to private pages, and past the end of the
+//! file) is observed with [`HostMapping::probe`], which makes the access in a
+//! forked child.
 
 use std::any::Any;
 use std::fmt::{Debug, Display};
@@ -112,6 +110,7 @@ pub fn all() -> Vec<Scenario> {
     host!("initial-state", initial_state);
     host!("mmap-without-flag-enodev", mmap_without_flag_enodev);
     host!("mmap-past-end", mmap_past_end);
+    host!("past-end-sigbus", past_end_sigbus);
     host!("fallocate-mode-eopnotsupp", fallocate_mode_eopnotsupp);
     host!("fallocate-unaligned-einval", fallocate_unaligned_einval);
     host!("allocate-past-end-einval", allocate_past_end_einval);
@@ -130,6 +129,7 @@ pub fn all() -> Vec<Scenario> {
     // 5. References, and gmem's EBUSY and EFAULT.
     host!("punch-pinned-ebusy", punch_pinned_ebusy);
     host!("private-page-efault", private_page_efault);
+    host!("private-page-sigbus", private_page_sigbus);
     // The guest side.
     guest!(
         "host-writes-guest-reads-after-private",
@@ -476,6 +476,75 @@ fn mmap_past_end(env: &Env) -> Check {
         "bytes inside after failed copies",
         read_vec(&map, P, 6)?,
         b"inside".to_vec(),
+    )
+}
+
+/// How a raw access in a child ended, as text.
+fn raw_access(map: &HostMapping, offset: u64) -> Result<&'static str, Stop> {
+    /// `SIGBUS` on x86_64 Linux.
+    const SIGBUS: i32 = 7;
+    Ok(match map.probe(offset, false)? {
+        gmem::ProbeOutcome::Completed => "completed",
+        gmem::ProbeOutcome::Signal(SIGBUS) => "SIGBUS",
+        gmem::ProbeOutcome::Signal(_) => "another signal",
+    })
+}
+
+fn past_end_sigbus(env: &Env) -> Check {
+    let mem = env.shared(2)?;
+    let map = mem.mmap_len(4 * P)?;
+    ensure_eq(
+        "raw access inside the file",
+        raw_access(&map, 2 * P - 1)?,
+        "completed",
+    )?;
+    ensure_eq(
+        "raw access at the end of the file",
+        raw_access(&map, 2 * P)?,
+        "SIGBUS",
+    )?;
+    ensure_eq(
+        "raw access past the end",
+        raw_access(&map, 4 * P - 1)?,
+        "SIGBUS",
+    )
+}
+
+fn private_page_sigbus(env: &Env) -> Check {
+    let mem = env.shared(4)?;
+    let early = mem.mmap()?;
+    mem.set_attributes(P, 2 * P, Attribute::Private)?;
+    let late = mem.mmap()?;
+    for (which, map) in [
+        ("a mapping made before", &early),
+        ("a mapping made after", &late),
+    ] {
+        ensure_eq(
+            format!("raw access to a shared page in {which}"),
+            raw_access(map, 0)?,
+            "completed",
+        )?;
+        ensure_eq(
+            format!("raw access to a private page in {which}"),
+            raw_access(map, P)?,
+            "SIGBUS",
+        )?;
+        ensure_eq(
+            format!("raw access to a private page in {which}"),
+            raw_access(map, 3 * P - 1)?,
+            "SIGBUS",
+        )?;
+        ensure_eq(
+            format!("raw access after the range in {which}"),
+            raw_access(map, 3 * P)?,
+            "completed",
+        )?;
+    }
+    mem.set_attributes(P, 2 * P, Attribute::Shared)?;
+    ensure_eq(
+        "raw access after the conversion back",
+        raw_access(&early, P)?,
+        "completed",
     )
 }
 

@@ -82,6 +82,7 @@ pub use listener::{ConversionListener, ListenerId, Refusal};
 pub use mapping::HostMapping;
 pub use pin::Pin;
 pub use stats::Stats;
+pub use sys::ProbeOutcome;
 
 /// The size of a page, and the granularity of state, allocation and mapping.
 pub const PAGE_SIZE: u64 = 4096;

@@ -14,7 +14,7 @@ use rustix::io::Errno;
 
 use crate::attributes::{Attribute, AttributeMap};
 use crate::file::{FileState, page_range};
-use crate::sys::MappedRegion;
+use crate::sys::{MappedRegion, ProbeOutcome};
 use crate::{Error, PAGE_SHIFT};
 
 /// A `MAP_SHARED` mapping of a [`GuestMemfd`](crate::GuestMemfd) from offset
@@ -67,6 +67,26 @@ impl HostMapping {
     /// Whether the mapping is empty (it never is).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Touches the byte at `offset` of the mapping with a raw access (a read,
+    /// or a write of the byte's own value) in a forked child, and reports how
+    /// the child ended: [`ProbeOutcome::Signal`] with `SIGBUS` for a private
+    /// page or a page past the end of the file. For tests and diagnostics.
+    ///
+    /// Errors: `EINVAL` if `offset` is not inside the mapping; the errno of
+    /// `fork` or `waitpid`.
+    pub fn probe(&self, offset: u64, write: bool) -> Result<ProbeOutcome, Error> {
+        if offset >= self.len() {
+            return Err(Error::OutOfRange {
+                offset,
+                len: 1,
+                limit: self.len(),
+            });
+        }
+        // Offset in bounds: the pointer stays inside the region.
+        let ptr = self.region.as_ptr().wrapping_add(offset as usize);
+        crate::sys::probe_in_child(ptr, write).map_err(Error::os("fork"))
     }
 
     /// Copies from file offset `offset` into `buf`.

@@ -115,6 +115,59 @@ impl MappedRegion {
     }
 }
 
+/// How a raw access made by [`probe_in_child`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// The access completed.
+    Completed,
+    /// The child died of this signal (`SIGBUS` = 7 for a private page).
+    Signal(i32),
+}
+
+/// Reads (or writes) the byte at `ptr` in a forked child and reports how the
+/// child ended. The child touches nothing else and exits at once, so forking
+/// a multi-threaded process is sound; a write reaches the parent only through
+/// a shared mapping.
+pub(crate) fn probe_in_child(ptr: *mut u8, write: bool) -> Result<ProbeOutcome, Errno> {
+    // SAFETY: after fork the child only performs the access and `_exit`: no
+    // allocation, no locks, nothing that another thread could have held.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Errno::from_raw_os_error(
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        ));
+    }
+    if pid == 0 {
+        // SAFETY: the access may fault, which is what is being observed; the
+        // child exits right after it either way.
+        unsafe {
+            if write {
+                std::ptr::write_volatile(ptr, std::ptr::read_volatile(ptr));
+            } else {
+                std::ptr::read_volatile(ptr);
+            }
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: waiting for our own child with a valid status pointer.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if waited == pid {
+            break;
+        }
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        if errno != libc::EINTR {
+            return Err(Errno::from_raw_os_error(errno));
+        }
+    }
+    if libc::WIFSIGNALED(status) {
+        Ok(ProbeOutcome::Signal(libc::WTERMSIG(status)))
+    } else {
+        Ok(ProbeOutcome::Completed)
+    }
+}
+
 impl Drop for MappedRegion {
     fn drop(&mut self) {
         // SAFETY: this value owns the mapping; after drop no copy can reach it.
