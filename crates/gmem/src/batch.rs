@@ -7,16 +7,19 @@
 //! [`References::drain_all`]. A parked release is a transient reference, so
 //! the conversion's safety check sees it until a drain.
 //!
-//! The owner thread fills slots; any thread may empty them. Each slot is one
-//! atomic word, written non-zero only by the owner and emptied only by
-//! `swap(0)`, so every parked release is released exactly once.
+//! The owner thread fills slots with plain stores; emptying them (the owner's
+//! flush of a full batch, or another thread's drain) takes the batch's
+//! `draining` flag, so one emptier runs at a time. The owner writes each slot
+//! at most once between two of its flushes, and an emptier zeroes only a slot
+//! it has read non-zero, so every parked release is released exactly once.
+//! Emptying coalesces equal neighbouring releases into one decrement.
 
 use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::{Arc, Weak};
 
 use crate::refs::References;
-use crate::sync::{AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 /// Slots per batch (the kernel's `PAGEVEC_SIZE` is 31).
 #[cfg(not(loom))]
@@ -38,22 +41,6 @@ fn decode(slot: u64) -> Range<u64> {
     first..first + (slot & MAX_LEN)
 }
 
-/// Stores a parked release into an empty slot. Release pairs with the
-/// Acquire of the `swap` in [`PinBatch::drain`].
-#[cfg(not(loom))]
-fn publish(slot: &AtomicU64, parked: u64) {
-    slot.store(parked, Ordering::Release);
-}
-
-/// Under loom the store is a `swap`: loom 0.7 lets a plain store fall between
-/// the read and the write of another thread's RMW (tokio-rs/loom#254), which
-/// C11 forbids. An RMW of the same ordering is what C11 gives the store here.
-#[cfg(loom)]
-fn publish(slot: &AtomicU64, parked: u64) {
-    let old = slot.swap(parked, Ordering::Release);
-    assert_eq!(old, 0, "a parked release overwrote another");
-}
-
 /// One thread's parked pin releases for one file. Aligned to a cache line so
 /// that two threads' batches never share one.
 #[derive(Debug)]
@@ -63,6 +50,8 @@ pub(crate) struct PinBatch {
     slots: [AtomicU64; BATCH_SLOTS],
     /// Slots the owner filled since its last flush. Owner-only.
     filled: AtomicUsize,
+    /// Held by the one thread emptying slots.
+    draining: AtomicBool,
     /// Pins taken and released by the owner thread (statistics). Written by
     /// the owner only, read by anyone.
     taken: std::sync::atomic::AtomicU64,
@@ -74,6 +63,7 @@ impl PinBatch {
         PinBatch {
             slots: std::array::from_fn(|_| AtomicU64::new(0)),
             filled: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
             taken: Default::default(),
             released: Default::default(),
         }
@@ -81,7 +71,7 @@ impl PinBatch {
 
     /// Parks the release of `pages` (owner thread only); flushes the batch
     /// through `put` first when it is full.
-    pub(crate) fn push(&self, pages: Range<u64>, mut put: impl FnMut(Range<u64>)) {
+    pub(crate) fn push(&self, pages: Range<u64>, mut put: impl FnMut(Range<u64>, u64)) {
         let mut first = pages.start;
         while first < pages.end {
             let len = (pages.end - first).min(MAX_LEN);
@@ -92,25 +82,52 @@ impl PinBatch {
                 slot = 0;
             }
             // The slot is empty: the owner filled only slots below `filled`
-            // since its last flush emptied them all. Release pairs with the
-            // Acquire of the `swap` in `drain`: the owner's accesses under the
-            // pin happen before the drainer drops the reference.
-            publish(&self.slots[slot], encode(first, len));
+            // since its last flush emptied them all, and emptiers only zero.
+            // Release pairs with the Acquire load in `drain`: the owner's
+            // accesses under the pin happen before the reference is dropped.
+            self.slots[slot].store(encode(first, len), Ordering::Release);
             self.filled.store(slot + 1, Ordering::Relaxed);
             first += len;
         }
     }
 
-    /// Empties every slot, handing each parked release to `put`. Any thread.
-    pub(crate) fn drain(&self, mut put: impl FnMut(Range<u64>)) {
+    /// Empties every slot, handing the parked releases to `put(pages,
+    /// times)`, equal neighbours coalesced. Any thread.
+    pub(crate) fn drain(&self, mut put: impl FnMut(Range<u64>, u64)) {
+        // Acquire pairs with the Release that ends the previous emptier's
+        // drain: its zeroing of slots happens before our reads.
+        while self
+            .draining
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            crate::sync::yield_now();
+        }
+        let mut run: Option<(u64, u64)> = None;
         for slot in &self.slots {
-            // Acquire pairs with the Release store in `push`. The swap makes
-            // the emptying exclusive: a concurrent drainer gets 0.
-            let parked = slot.swap(0, Ordering::Acquire);
-            if parked != 0 {
-                put(decode(parked));
+            // Acquire pairs with the Release store in `push`.
+            let parked = slot.load(Ordering::Acquire);
+            if parked == 0 {
+                continue;
+            }
+            // Relaxed: only an emptier (we, under the flag) writes zero, and
+            // the owner does not write this slot again before its next flush,
+            // which needs the flag.
+            slot.store(0, Ordering::Relaxed);
+            match run {
+                Some((value, times)) if value == parked => run = Some((value, times + 1)),
+                Some((value, times)) => {
+                    put(decode(value), times);
+                    run = Some((parked, 1));
+                }
+                None => run = Some((parked, 1)),
             }
         }
+        if let Some((value, times)) = run {
+            put(decode(value), times);
+        }
+        // Release pairs with the Acquire of the next emptier.
+        self.draining.store(false, Ordering::Release);
         // `filled` is left alone: only the owner moves it. Slots emptied by
         // another thread are reused after the owner's next flush.
     }
@@ -122,7 +139,7 @@ impl PinBatch {
 
     /// Parks a pin's release and counts it (owner thread only).
     pub(crate) fn release(&self, refs: &References, pages: Range<u64>) {
-        self.push(pages, |parked| refs.put_now(parked));
+        self.push(pages, |parked, times| refs.put_now(parked, times));
         bump_owned(&self.released);
     }
 
@@ -178,7 +195,7 @@ impl Drop for LocalBatches {
     fn drop(&mut self) {
         for local in self.0.drain(..) {
             if let Some(refs) = local.refs.upgrade() {
-                local.batch.drain(|pages| refs.put_now(pages));
+                local.batch.drain(|pages, times| refs.put_now(pages, times));
                 refs.retire(&local.batch);
             }
         }

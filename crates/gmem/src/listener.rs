@@ -2,6 +2,7 @@
 //! vhost backend) that must hear of conversions, as QEMU's
 //! `RamDiscardManager` listeners do.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::Attribute;
@@ -53,6 +54,8 @@ type Entry = (ListenerId, Arc<dyn ConversionListener>);
 #[derive(Default)]
 pub(crate) struct Listeners {
     list: Mutex<(u64, Vec<Entry>)>,
+    /// How many are registered, so that a conversion with none takes no lock.
+    count: AtomicUsize,
 }
 
 impl Listeners {
@@ -61,6 +64,9 @@ impl Listeners {
         list.0 += 1;
         let id = ListenerId(list.0);
         list.1.push((id, listener));
+        // Release pairs with the Acquire in `snapshot`: a conversion that
+        // starts after `add` returns sees the listener.
+        self.count.store(list.1.len(), Ordering::Release);
         id
     }
 
@@ -68,11 +74,17 @@ impl Listeners {
         let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         let before = list.1.len();
         list.1.retain(|(other, _)| *other != id);
+        // Release: as in `add`.
+        self.count.store(list.1.len(), Ordering::Release);
         list.1.len() != before
     }
 
     /// A snapshot, so that no lock is held while listeners run.
     fn snapshot(&self) -> Vec<Arc<dyn ConversionListener>> {
+        // Acquire pairs with the Release in `add` and `remove`.
+        if self.count.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
         let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         list.1.iter().map(|(_, l)| l.clone()).collect()
     }

@@ -24,7 +24,7 @@ fn convert(page: &PageRef, batch: &PinBatch) -> bool {
     if page.count() == 0 {
         return true;
     }
-    batch.drain(|pages| page.put(pages.end - pages.start));
+    batch.drain(|pages, times| page.put((pages.end - pages.start) * times));
     page.count() == 0
 }
 
@@ -44,7 +44,9 @@ fn loom_no_conversion_over_a_live_pin() {
                         !converted.load(Ordering::Acquire),
                         "pin live over a conversion"
                     );
-                    batch.push(0..1, |pages| page.put(pages.end - pages.start));
+                    batch.push(0..1, |pages, times| {
+                        page.put((pages.end - pages.start) * times)
+                    });
                 }
             })
         };
@@ -66,7 +68,9 @@ fn loom_a_parked_release_is_drained() {
             let (page, batch, parked) = (page.clone(), batch.clone(), parked.clone());
             thread::spawn(move || {
                 assert_eq!(page.try_get(), TryGet::Got);
-                batch.push(0..1, |pages| page.put(pages.end - pages.start));
+                batch.push(0..1, |pages, times| {
+                    page.put((pages.end - pages.start) * times)
+                });
                 parked.store(true, Ordering::Release);
             })
         };
@@ -93,13 +97,15 @@ fn loom_flush_and_drain_release_once() {
             let (page, batch) = (page.clone(), batch.clone());
             thread::spawn(move || {
                 for _ in 0..pins {
-                    batch.push(0..1, |pages| page.put(pages.end - pages.start));
+                    batch.push(0..1, |pages, times| {
+                        page.put((pages.end - pages.start) * times)
+                    });
                 }
             })
         };
-        batch.drain(|pages| page.put(pages.end - pages.start));
+        batch.drain(|pages, times| page.put((pages.end - pages.start) * times));
         owner.join().unwrap();
-        batch.drain(|pages| page.put(pages.end - pages.start));
+        batch.drain(|pages, times| page.put((pages.end - pages.start) * times));
         assert_eq!(page.count(), 0);
     });
 }

@@ -236,7 +236,7 @@ impl References {
                 None => TryGet::NotMapped,
             };
             if outcome != TryGet::Got {
-                self.put_now(pages.start..page);
+                self.put_now(pages.start..page, 1);
                 return Err(match outcome {
                     TryGet::Overflow => PinMiss::Overflow(page),
                     _ => PinMiss::NotMapped,
@@ -253,7 +253,7 @@ impl References {
     pub(crate) fn pin_mapped(self: &Arc<Self>, pages: Range<u64>) -> Result<(), u64> {
         for page in pages.clone() {
             if !self.table.get_or_make(page).get_mapped() {
-                self.put_now(pages.start..page);
+                self.put_now(pages.start..page, 1);
                 return Err(page);
             }
         }
@@ -275,7 +275,7 @@ impl References {
         let batched = batch::with_local(self, |local| local.release(self, pages.clone()));
         if !batched {
             // The thread is exiting and its batch is gone: release at once.
-            self.put_now(pages);
+            self.put_now(pages, 1);
             // Relaxed: a statistic.
             self.retired
                 .released
@@ -283,11 +283,12 @@ impl References {
         }
     }
 
-    /// Drops one reference on each page at once (a backed-off or flushed pin).
-    pub(crate) fn put_now(&self, pages: Range<u64>) {
+    /// Drops `times` references on each page at once (a backed-off pin, or
+    /// parked releases being flushed).
+    pub(crate) fn put_now(&self, pages: Range<u64>, times: u64) {
         for page in pages {
             if let Some(page_ref) = self.table.get(page) {
-                page_ref.put(1);
+                page_ref.put(times);
             }
         }
     }
@@ -329,7 +330,7 @@ impl References {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
         for batch in batches.iter() {
-            batch.drain(|pages| self.put_now(pages));
+            batch.drain(|pages, times| self.put_now(pages, times));
         }
     }
 
