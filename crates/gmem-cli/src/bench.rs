@@ -187,6 +187,8 @@ pub fn run_all(progress: &mut dyn FnMut(&str)) -> Vec<CaseResult> {
     results.push(convert_sparse_64g());
     progress("metadata-64g");
     results.extend(metadata_64g());
+    progress("huge-folio-check-64m");
+    results.push(huge_folio_check());
     progress("drain-path");
     results.push(drain_path());
     progress("kvm-guest-round-trip-4k");
@@ -210,11 +212,7 @@ fn round_trip(name: &str, len: u64) -> CaseResult {
     let map = mem.mmap().expect("mmap");
     mem.allocate(0, len).expect("allocate");
     let raw = RawMapping::new(len.max(2 * MIB) as usize).expect("raw mapping");
-    let populate = || {
-        for page in (0..len).step_by(PAGE_SIZE as usize) {
-            map.write(page, &[1]).expect("populate");
-        }
-    };
+    let populate = || crate::floor::populate(&map, len).expect("populate");
     let mut ours = || {
         mem.set_attributes(0, len, Attribute::Private)
             .expect("to private");
@@ -250,7 +248,7 @@ fn measure_prepared(
     one(floor, prepare_floor);
     let (mut a, mut b) = (Vec::new(), Vec::new());
     let deadline = Instant::now() + BATCH * (2 * SAMPLES as u32);
-    while a.len() < 2 * SAMPLES + 1 || (Instant::now() < deadline && a.len() < 1000) {
+    while a.len() < 4 * SAMPLES + 1 || (Instant::now() < deadline && a.len() < 1000) {
         a.push(one(ours, prepare_ours));
         b.push(one(floor, prepare_floor));
     }
@@ -442,6 +440,37 @@ fn metadata_64g() -> Vec<CaseResult> {
         CaseResult::value("metadata-64g-idle", idle, "bytes", MIB as f64),
         CaseResult::value("metadata-64g-touched", touched, "fraction of memory", 0.002),
     ]
+}
+
+/// A round trip of 64 MiB whose every 2 MiB chunk has been pinned before, on
+/// a file with huge folios (one count to check per chunk) against one
+/// without (512 counts per chunk).
+fn huge_folio_check() -> CaseResult {
+    let len = 64 * MIB;
+    let file = |huge_folios| {
+        let options = gmem::Options { huge_folios };
+        let mem = GuestMemfd::with_options(len, Flags::MMAP | Flags::INIT_SHARED, options)
+            .expect("memfd");
+        for chunk in (0..len).step_by(2 * MIB as usize) {
+            drop(mem.pin(chunk, PAGE_SIZE).expect("pin"));
+        }
+        mem.drain_pin_batches();
+        mem
+    };
+    let (huge, small) = (file(true), file(false));
+    let round_trip = |mem: &GuestMemfd| {
+        mem.set_attributes(0, len, Attribute::Private)
+            .expect("to private");
+        mem.set_attributes(0, len, Attribute::Shared)
+            .expect("to shared");
+    };
+    let (o, f) = measure(&mut || round_trip(&huge), Some(&mut || round_trip(&small)));
+    assert_eq!(
+        huge.stats().huge_folios,
+        32,
+        "the huge file kept its folios"
+    );
+    CaseResult::timed("huge-folio-check-64m", o, f, Goal::RatioAtMost(1.0))
 }
 
 /// A round trip whose check meets two other threads' parked releases in

@@ -29,7 +29,7 @@ impl RawMapping {
                 std::ptr::null_mut(),
                 len,
                 ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED,
+                MapFlags::SHARED | MapFlags::NORESERVE,
                 &file,
                 0,
             )?
@@ -52,7 +52,7 @@ impl RawMapping {
                 self.addr.as_ptr().add(offset).cast(),
                 len,
                 ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED | MapFlags::FIXED,
+                MapFlags::SHARED | MapFlags::FIXED | MapFlags::NORESERVE,
                 fd.as_fd(),
                 offset as u64,
             )
@@ -71,11 +71,17 @@ impl RawMapping {
         self.remap(offset, len, &self.file);
     }
 
-    /// Touches every page of the range (populates the page tables).
+    /// Faults in every page of the range for writing (`MADV_POPULATE_WRITE`).
     pub fn touch(&self, offset: usize, len: usize) {
-        for at in (offset..offset + len).step_by(4096) {
-            // SAFETY: inside the mapping, mapped to the file.
-            unsafe { self.addr.as_ptr().add(at).write_volatile(1) };
+        assert!(offset + len <= self.len);
+        // SAFETY: inside the mapping, mapped to the file; no byte changes.
+        unsafe {
+            rustix::mm::madvise(
+                self.addr.as_ptr().add(offset).cast(),
+                len,
+                rustix::mm::Advice::LinuxPopulateWrite,
+            )
+            .expect("populate our own mapping");
         }
     }
 
@@ -101,6 +107,22 @@ impl RawMapping {
             std::ptr::copy_nonoverlapping(src.as_ptr(), self.addr.as_ptr().add(offset), src.len())
         }
     }
+}
+
+/// Faults in every page of `map` for writing, in one call
+/// (`MADV_POPULATE_WRITE`), as touching each page would.
+pub fn populate(map: &gmem::HostMapping, len: u64) -> std::io::Result<()> {
+    assert!(len <= map.len());
+    // SAFETY: the range is inside the mapping `map` owns; populating faults
+    // pages in and changes no byte. A private page would fail with EFAULT.
+    unsafe {
+        rustix::mm::madvise(
+            map.as_ptr().cast(),
+            len as usize,
+            rustix::mm::Advice::LinuxPopulateWrite,
+        )?
+    };
+    Ok(())
 }
 
 impl Drop for RawMapping {

@@ -98,6 +98,12 @@ impl AttributeMap {
             .map(|run| run.pages.0)
     }
 
+    /// Whether every page of `pages` (non-empty, inside the file) has one state.
+    pub(crate) fn is_uniform(&self, pages: Range<u64>) -> bool {
+        self.first_not(pages.clone(), self.get(pages.start))
+            .is_none()
+    }
+
     /// How many pages are in state `attr`.
     pub(crate) fn count(&self, attr: Attribute) -> u64 {
         self.runs

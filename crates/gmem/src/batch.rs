@@ -103,8 +103,13 @@ impl PinBatch {
         {
             crate::sync::yield_now();
         }
+        // Slots at and past the owner's fill point are empty, but for
+        // releases racing with this drain (which need not be drained).
+        // Relaxed: a release that happens before this drain also made its
+        // `filled` store happen before this load.
+        let filled = self.filled.load(Ordering::Relaxed);
         let mut run: Option<(u64, u64)> = None;
-        for slot in &self.slots {
+        for slot in &self.slots[..filled] {
             // Acquire pairs with the Release store in `push`.
             let parked = slot.load(Ordering::Acquire);
             if parked == 0 {
@@ -137,9 +142,13 @@ impl PinBatch {
         bump_owned(&self.taken);
     }
 
-    /// Parks a pin's release and counts it (owner thread only).
+    /// Parks the release of `pages` (owner thread only).
     pub(crate) fn release(&self, refs: &References, pages: Range<u64>) {
         self.push(pages, |parked, times| refs.put_now(parked, times));
+    }
+
+    /// Counts a pin released by the owner.
+    pub(crate) fn count_released(&self) {
         bump_owned(&self.released);
     }
 

@@ -54,7 +54,8 @@ impl GuestMemfd {
         // 5. Point of no return: store the new state. (Guest mappings are
         //    KVM's and stay valid: on a software-protected VM both states are
         //    mapped for the guest.)
-        attrs.set(pages, to);
+        attrs.set(pages.clone(), to);
+        state.refs.reshape(pages, |range| attrs.is_uniform(range));
         Counters::bump(match to {
             Attribute::Private => &state.counters.to_private,
             Attribute::Shared => &state.counters.to_shared,

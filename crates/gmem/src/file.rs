@@ -25,6 +25,17 @@ bitflags::bitflags! {
     }
 }
 
+/// Options of a file beyond the kernel's flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Count references per 2 MiB huge folio wherever a naturally aligned
+    /// 2 MiB range has one state: a pin takes one reference for all its pages
+    /// in the folio and a conversion checks one count instead of 512. Folios
+    /// are split before part of them changes state and merged back when
+    /// uniform again (section 6 of the specification).
+    pub huge_folios: bool,
+}
+
 /// `fallocate` mode bits, as `linux/falloc.h`.
 pub mod falloc {
     /// `FALLOC_FL_KEEP_SIZE`: required by guest_memfd.
@@ -47,6 +58,7 @@ pub struct GuestMemfd {
 pub(crate) struct FileState {
     pub(crate) size: u64,
     pub(crate) flags: Flags,
+    pub(crate) options: Options,
     pub(crate) backing: Backing,
     /// An empty file, mapped over private pages so that they `SIGBUS`.
     pub(crate) hole: OwnedFd,
@@ -69,8 +81,13 @@ impl GuestMemfd {
     /// Errors: `EINVAL` for a size that is zero or not page-aligned, or for an
     /// unknown flag bit.
     pub fn new(size: u64, flags: Flags) -> Result<GuestMemfd, Error> {
+        Self::with_options(size, flags, Options::default())
+    }
+
+    /// A new memfd-backed file with `options`; errors as [`new`](Self::new).
+    pub fn with_options(size: u64, flags: Flags, options: Options) -> Result<GuestMemfd, Error> {
         Self::validate(size, flags)?;
-        Self::with_backing(Backing::memfd(size)?, size, flags)
+        Self::with_backing(Backing::memfd(size)?, size, flags, options)
     }
 
     pub(crate) fn validate(size: u64, flags: Flags) -> Result<(), Error> {
@@ -89,6 +106,7 @@ impl GuestMemfd {
         backing: Backing,
         size: u64,
         flags: Flags,
+        options: Options,
     ) -> Result<GuestMemfd, Error> {
         Self::validate(size, flags)?;
         let initial = if flags.contains(Flags::INIT_SHARED) {
@@ -103,11 +121,12 @@ impl GuestMemfd {
             state: Arc::new(FileState {
                 size,
                 flags,
+                options,
                 hole: Backing::empty()?,
                 direct,
                 backing,
                 attrs: RwLock::new(AttributeMap::new(pages, initial)),
-                refs: Arc::new(References::new(pages)),
+                refs: Arc::new(References::new(pages, options.huge_folios)),
                 mappings: Mappings::default(),
                 listeners: Listeners::default(),
                 counters: Counters::default(),
@@ -123,6 +142,11 @@ impl GuestMemfd {
     /// The creation flags.
     pub fn flags(&self) -> Flags {
         self.state.flags
+    }
+
+    /// The file's options.
+    pub fn options(&self) -> Options {
+        self.state.options
     }
 
     /// What backs the file.
@@ -277,6 +301,7 @@ impl GuestMemfd {
                 attrs.count(Attribute::Shared),
             )
         };
+        let (huge_folios, folio_splits, folio_merges) = state.refs.folio_counts();
         Stats {
             conversions_to_private: Counters::get(&state.counters.to_private),
             conversions_to_shared: Counters::get(&state.counters.to_shared),
@@ -288,6 +313,9 @@ impl GuestMemfd {
             pages_private,
             pages_shared,
             metadata_bytes: state.refs.footprint(),
+            huge_folios,
+            folio_splits,
+            folio_merges,
         }
     }
 }
@@ -311,7 +339,7 @@ impl FileState {
             return Ok(());
         }
         let pages = page_range(offset, end);
-        let _exclusive = self.write_attrs();
+        let attrs = self.write_attrs();
         self.refs.unmap(pages.clone());
         if let Err(page) = self.refs.check_unreferenced(pages.clone()) {
             return Err(Error::Pinned {
@@ -319,7 +347,8 @@ impl FileState {
             });
         }
         self.backing.punch_hole(offset, end - offset)?;
-        self.refs.mark_unallocated(pages);
+        self.refs.mark_unallocated(pages.clone());
+        self.refs.reshape(pages, |range| attrs.is_uniform(range));
         Ok(())
     }
 }

@@ -59,6 +59,7 @@ mod batch;
 mod conversion;
 mod error;
 mod file;
+mod folios;
 mod listener;
 #[cfg(all(test, loom))]
 mod loom_tests;
@@ -77,7 +78,7 @@ pub mod kvm;
 pub use attributes::Attribute;
 pub use backing::BackingKind;
 pub use error::{ConversionError, Error};
-pub use file::{Flags, GuestMemfd, falloc};
+pub use file::{Flags, GuestMemfd, Options, falloc};
 pub use listener::{ConversionListener, ListenerId, Refusal};
 pub use mapping::HostMapping;
 pub use pin::Pin;

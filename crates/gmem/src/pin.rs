@@ -65,13 +65,14 @@ impl GuestMemfd {
                 offset: page << PAGE_SHIFT,
             });
         }
-        if state.refs.may_need_allocation(pages.clone()) {
-            let (start, end) = (pages.start << PAGE_SHIFT, pages.end << PAGE_SHIFT);
+        let missing = state.refs.to_allocate(pages.clone());
+        if !missing.is_empty() {
+            let (start, end) = (missing.start << PAGE_SHIFT, missing.end << PAGE_SHIFT);
             state.backing.allocate(start, end - start)?;
         }
         state
             .refs
-            .pin_mapped(pages)
+            .pin_mapped(pages, |range| attrs.is_uniform(range))
             .map_err(|page| Error::TooManyPins {
                 offset: page << PAGE_SHIFT,
             })

@@ -9,20 +9,24 @@
 //! check. The pin slow path sets it again under the invalidate lock, after it
 //! has checked the page's state, as a fault would map the page back in.
 //!
-//! `PageRef`s live in a two-level table of 2 MiB chunks made on first pin, so
-//! an idle file costs one pointer per 2 MiB and every scan skips chunks that
-//! were never pinned: the cost of a check follows pinned memory, not size.
+//! `PageRef`s live in the folio table (`folios.rs`) of 2 MiB chunks made on
+//! first pin, so an idle file costs one pointer per 2 MiB and every scan
+//! skips chunks that were never pinned: the cost of a check follows pinned
+//! memory, not size. A huge folio is counted in one `PageRef` for its chunk.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use crate::batch::{self, PinBatch};
+use crate::folios::FolioTable;
 use crate::sync::{AtomicU64, Ordering};
 
 /// Set while the pin fast path may reference the page.
 const MAPPED: u64 = 1 << 63;
 /// Set once gmem knows the page is allocated (a hint for the pin slow path).
 const ALLOCATED: u64 = 1 << 62;
+/// In a chunk's folio word: the chunk is one huge folio, counted here.
+const HUGE: u64 = 1 << 61;
 const COUNT_MASK: u64 = (1 << 32) - 1;
 /// A count at which a new reference is refused rather than risk overflow.
 const MAX_COUNT: u64 = 1 << 31;
@@ -95,11 +99,52 @@ impl PageRef {
         debug_assert!(old & COUNT_MASK >= n, "page reference underflow");
     }
 
-    /// Clears MAPPED so that no new fast-path reference succeeds.
+    /// Clears MAPPED so that no new fast-path reference succeeds. Called
+    /// with the invalidate lock held exclusively.
     pub(crate) fn unmap(&self) {
-        // AcqRel: the clear is ordered against `try_get` by the word's
-        // modification order (see there); Acquire also pairs with `put`.
-        self.0.fetch_and(!MAPPED, Ordering::AcqRel);
+        // Only the slow path sets MAPPED, under the lock held shared, so it
+        // cannot be set concurrently, and a Relaxed load that sees it clear is
+        // up to date (the lock orders the slow path's set before us).
+        if self.0.load(Ordering::Relaxed) & MAPPED != 0 {
+            // AcqRel: the clear is ordered against `try_get` by the word's
+            // modification order (see there); Acquire also pairs with `put`.
+            self.0.fetch_and(!MAPPED, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether this folio word holds a huge folio.
+    pub(crate) fn is_huge(&self) -> bool {
+        // Acquire pairs with the Release in `set_huge`: a pinner that sees the
+        // mode sees the split or merge that set it.
+        self.0.load(Ordering::Acquire) & HUGE != 0
+    }
+
+    /// Makes this folio word hold a huge folio, or not. Called with the
+    /// invalidate lock held exclusively, on a folio with no references.
+    pub(crate) fn set_huge(&self, huge: bool) {
+        // Release pairs with the Acquire in `is_huge` and `try_get_huge`.
+        if huge {
+            self.0.fetch_or(HUGE, Ordering::AcqRel);
+        } else {
+            self.0.fetch_and(!HUGE, Ordering::AcqRel);
+        }
+    }
+
+    /// The fast path on a huge folio: as [`try_get`](Self::try_get), and the
+    /// recheck also requires the folio to be huge still (a split clears it).
+    pub(crate) fn try_get_huge(&self) -> TryGet {
+        // Same argument as `try_get`: one RMW on the word a split or
+        // conversion changes with another.
+        let old = self.0.fetch_add(1, Ordering::Acquire);
+        if old & MAPPED != 0 && old & HUGE != 0 && old & COUNT_MASK < MAX_COUNT {
+            return TryGet::Got;
+        }
+        self.0.fetch_sub(1, Ordering::Release);
+        if old & MAPPED == 0 || old & HUGE == 0 {
+            TryGet::NotMapped
+        } else {
+            TryGet::Overflow
+        }
     }
 
     /// The current number of references.
@@ -109,78 +154,14 @@ impl PageRef {
         self.0.load(Ordering::Acquire) & COUNT_MASK
     }
 
-    fn is_allocated(&self) -> bool {
+    pub(crate) fn is_allocated(&self) -> bool {
         // Relaxed: a hint only; a stale answer costs one fallocate.
         self.0.load(Ordering::Relaxed) & ALLOCATED != 0
     }
 
-    fn clear_allocated(&self) {
+    pub(crate) fn clear_allocated(&self) {
         // Relaxed: a hint only, changed under the exclusive lock.
         self.0.fetch_and(!ALLOCATED, Ordering::Relaxed);
-    }
-}
-
-/// Pages per chunk of the table: one 2 MiB huge folio.
-pub(crate) const CHUNK_PAGES: u64 = 512;
-
-type Chunk = Box<[PageRef; CHUNK_PAGES as usize]>;
-
-/// The `PageRef`s of one file, made 2 MiB at a time on first pin.
-#[derive(Debug)]
-pub(crate) struct PageRefTable {
-    chunks: Box<[OnceLock<Chunk>]>,
-}
-
-impl PageRefTable {
-    fn new(pages: u64) -> PageRefTable {
-        let chunks = pages.div_ceil(CHUNK_PAGES) as usize;
-        PageRefTable {
-            chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
-        }
-    }
-
-    fn split(page: u64) -> (usize, usize) {
-        ((page / CHUNK_PAGES) as usize, (page % CHUNK_PAGES) as usize)
-    }
-
-    /// The page's `PageRef`, if its chunk exists.
-    pub(crate) fn get(&self, page: u64) -> Option<&PageRef> {
-        let (chunk, index) = Self::split(page);
-        self.chunks[chunk].get().map(|chunk| &chunk[index])
-    }
-
-    fn get_or_make(&self, page: u64) -> &PageRef {
-        let (chunk, index) = Self::split(page);
-        let chunk = self.chunks[chunk].get_or_init(|| {
-            let refs: Box<[PageRef]> = (0..CHUNK_PAGES).map(|_| PageRef::new()).collect();
-            refs.try_into().expect("a chunk has CHUNK_PAGES entries")
-        });
-        &chunk[index]
-    }
-
-    /// Calls `f` on each existing `PageRef` in `pages` until it returns true;
-    /// returns that page.
-    fn find(&self, pages: Range<u64>, mut f: impl FnMut(&PageRef) -> bool) -> Option<u64> {
-        let mut page = pages.start;
-        while page < pages.end {
-            let (chunk, index) = Self::split(page);
-            let chunk_end = ((chunk as u64 + 1) * CHUNK_PAGES).min(pages.end);
-            if let Some(refs) = self.chunks[chunk].get() {
-                let count = (chunk_end - page) as usize;
-                if let Some(hit) = refs[index..index + count].iter().position(&mut f) {
-                    return Some(page + hit as u64);
-                }
-            }
-            page = chunk_end;
-        }
-        None
-    }
-
-    /// Bytes of metadata this table holds.
-    fn footprint(&self) -> u64 {
-        let made = self.chunks.iter().filter(|c| c.get().is_some()).count();
-        (std::mem::size_of_val(&*self.chunks)
-            + made * std::mem::size_of::<[PageRef; CHUNK_PAGES as usize]>()) as u64
     }
 }
 
@@ -191,14 +172,22 @@ struct Retired {
     released: std::sync::atomic::AtomicU64,
 }
 
-/// The references of one file: its page table of counts and the registry of
-/// every thread's batch of released pins.
+/// Counts of folio mode changes.
+#[derive(Debug, Default)]
+struct Reshapes {
+    splits: std::sync::atomic::AtomicU64,
+    merges: std::sync::atomic::AtomicU64,
+}
+
+/// The references of one file: its folio table of counts and the registry
+/// of every thread's batch of released pins.
 #[derive(Debug)]
 pub(crate) struct References {
     id: u64,
-    table: PageRefTable,
+    table: FolioTable,
     batches: Mutex<Vec<Arc<PinBatch>>>,
     retired: Retired,
+    reshapes: Reshapes,
     drains: std::sync::atomic::AtomicU64,
 }
 
@@ -211,15 +200,25 @@ pub(crate) enum PinMiss {
     Overflow(u64),
 }
 
+/// The first referenced folio found by a scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Referenced {
+    /// A small folio: this page.
+    Small(u64),
+    /// A huge folio starting at this page.
+    Huge(u64),
+}
+
 impl References {
-    pub(crate) fn new(pages: u64) -> References {
+    pub(crate) fn new(pages: u64, huge_folios: bool) -> References {
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         References {
             // Relaxed: a unique number is all that is needed.
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            table: PageRefTable::new(pages),
+            table: FolioTable::new(pages, huge_folios),
             batches: Mutex::new(Vec::new()),
             retired: Retired::default(),
+            reshapes: Reshapes::default(),
             drains: Default::default(),
         }
     }
@@ -228,19 +227,27 @@ impl References {
         self.id
     }
 
-    /// The lock-free pin: a speculative reference on every page, or none.
+    /// The lock-free pin: a speculative reference on every folio, or none.
     pub(crate) fn try_pin_fast(self: &Arc<Self>, pages: Range<u64>) -> Result<(), PinMiss> {
-        for page in pages.clone() {
-            let outcome = match self.table.get(page) {
-                Some(page_ref) => page_ref.try_get(),
-                None => TryGet::NotMapped,
+        for (_, segment) in FolioTable::segments(pages.clone()) {
+            let Some(chunk) = self.table.chunk(segment.start) else {
+                self.put_now(pages.start..segment.start, 1);
+                return Err(PinMiss::NotMapped);
             };
-            if outcome != TryGet::Got {
-                self.put_now(pages.start..page, 1);
-                return Err(match outcome {
-                    TryGet::Overflow => PinMiss::Overflow(page),
-                    _ => PinMiss::NotMapped,
-                });
+            if chunk.folio.is_huge() {
+                let outcome = chunk.folio.try_get_huge();
+                if outcome != TryGet::Got {
+                    self.put_now(pages.start..segment.start, 1);
+                    return Err(miss(outcome, segment.start));
+                }
+                continue;
+            }
+            for (page, page_ref) in segment.clone().zip(chunk.pages(segment)) {
+                let outcome = page_ref.try_get();
+                if outcome != TryGet::Got {
+                    self.put_now(pages.start..page, 1);
+                    return Err(miss(outcome, page));
+                }
             }
         }
         self.count_pin();
@@ -248,13 +255,28 @@ impl References {
     }
 
     /// The slow-path pin, with the invalidate lock held shared and every page
-    /// known shared and allocated. Returns the page whose count is full, if any
-    /// (then nothing is held).
-    pub(crate) fn pin_mapped(self: &Arc<Self>, pages: Range<u64>) -> Result<(), u64> {
-        for page in pages.clone() {
-            if !self.table.get_or_make(page).get_mapped() {
-                self.put_now(pages.start..page, 1);
-                return Err(page);
+    /// known shared and allocated. `uniform` tells whether a range of pages
+    /// has one state (a new chunk over such a range starts huge). Returns the
+    /// page whose count is full, if any (then nothing is held).
+    pub(crate) fn pin_mapped(
+        self: &Arc<Self>,
+        pages: Range<u64>,
+        uniform: impl Fn(Range<u64>) -> bool,
+    ) -> Result<(), u64> {
+        for (_, segment) in FolioTable::segments(pages.clone()) {
+            let chunk = self.table.chunk_or_make(segment.start, &uniform);
+            if chunk.folio.is_huge() {
+                if !chunk.folio.get_mapped() {
+                    self.put_now(pages.start..segment.start, 1);
+                    return Err(segment.start);
+                }
+                continue;
+            }
+            for (page, page_ref) in segment.clone().zip(chunk.pages(segment)) {
+                if !page_ref.get_mapped() {
+                    self.put_now(pages.start..page, 1);
+                    return Err(page);
+                }
             }
         }
         self.count_pin();
@@ -270,12 +292,16 @@ impl References {
         }
     }
 
-    /// Releases a pin of `pages` through this thread's batch.
+    /// Releases a pin of `pages`: huge folios at once (they never sit in a
+    /// batch), small ones through this thread's batch.
     pub(crate) fn unpin(self: &Arc<Self>, pages: Range<u64>) {
-        let batched = batch::with_local(self, |local| local.release(self, pages.clone()));
+        let batched = batch::with_local(self, |local| {
+            self.release(pages.clone(), |small| local.release(self, small));
+            local.count_released();
+        });
         if !batched {
             // The thread is exiting and its batch is gone: release at once.
-            self.put_now(pages, 1);
+            self.release(pages, |small| self.put_now(small, 1));
             // Relaxed: a statistic.
             self.retired
                 .released
@@ -283,43 +309,118 @@ impl References {
         }
     }
 
-    /// Drops `times` references on each page at once (a backed-off pin, or
-    /// parked releases being flushed).
+    /// Drops the references of huge folios in `pages` and hands each run of
+    /// small folios to `park`.
+    fn release(&self, pages: Range<u64>, mut park: impl FnMut(Range<u64>)) {
+        let mut small = pages.start..pages.start;
+        for (_, segment) in FolioTable::segments(pages) {
+            // A pinned folio keeps its mode (module doc of `folios`).
+            let chunk = self
+                .table
+                .chunk(segment.start)
+                .expect("a pinned chunk exists");
+            if chunk.folio.is_huge() {
+                chunk.folio.put(1);
+                continue;
+            }
+            if small.end != segment.start {
+                if !small.is_empty() {
+                    park(small);
+                }
+                small = segment.start..segment.start;
+            }
+            small.end = segment.end;
+        }
+        if !small.is_empty() {
+            park(small);
+        }
+    }
+
+    /// Drops `times` references on each folio of `pages` at once (a
+    /// backed-off pin, a huge folio's release, or flushed batches).
     pub(crate) fn put_now(&self, pages: Range<u64>, times: u64) {
-        for page in pages {
-            if let Some(page_ref) = self.table.get(page) {
-                page_ref.put(times);
+        for (_, chunk, segment) in self.table.made(pages) {
+            if chunk.folio.is_huge() {
+                chunk.folio.put(times);
+            } else {
+                chunk.pages(segment).iter().for_each(|page| page.put(times));
             }
         }
     }
 
-    /// Clears MAPPED on every page of `pages`: no fast-path pin succeeds there
-    /// until the slow path maps it again.
+    /// Clears MAPPED on every folio touching `pages` (a huge folio as a
+    /// whole): no fast-path pin succeeds there until the slow path maps it.
     pub(crate) fn unmap(&self, pages: Range<u64>) {
-        self.table.find(pages, |page_ref| {
-            page_ref.unmap();
-            false
-        });
+        for (_, chunk, segment) in self.table.made(pages) {
+            if chunk.folio.is_huge() {
+                chunk.folio.unmap();
+            } else {
+                chunk.pages(segment).iter().for_each(PageRef::unmap);
+            }
+        }
     }
 
-    /// The first page in `pages` that holds a reference.
-    pub(crate) fn first_referenced(&self, pages: Range<u64>) -> Option<u64> {
-        self.table.find(pages, |page_ref| page_ref.count() > 0)
+    /// The first folio touching `pages` that holds a reference.
+    fn first_referenced(&self, pages: Range<u64>) -> Option<Referenced> {
+        for (index, chunk, segment) in self.table.made(pages) {
+            if chunk.folio.is_huge() {
+                if chunk.folio.count() > 0 {
+                    return Some(Referenced::Huge(FolioTable::chunk_range(index).start));
+                }
+                continue;
+            }
+            let pages = chunk.pages(segment.clone());
+            if let Some(hit) = pages.iter().position(|page| page.count() > 0) {
+                return Some(Referenced::Small(segment.start + hit as u64));
+            }
+        }
+        None
     }
 
-    /// The safety check of a conversion or punch, after `unmap`: every page
-    /// must hold no reference. On the first page that does, drain every
-    /// thread's batch once and check that page again; returns the page that is
-    /// still referenced after that.
+    /// The safety check of a conversion or punch, after `unmap`: no folio
+    /// touching `pages` may hold a reference. On the first small folio that
+    /// does, drain every thread's batch once and check again from there; a
+    /// huge folio with a reference fails at once (it is never in a batch).
+    /// Returns the first page of the folio still referenced.
     pub(crate) fn check_unreferenced(&self, pages: Range<u64>) -> Result<(), u64> {
-        let Some(page) = self.first_referenced(pages.clone()) else {
-            return Ok(());
-        };
-        // Only small folios sit in batches; every folio is small here.
-        self.drain_all();
-        match self.first_referenced(page..pages.end) {
-            None => Ok(()),
-            Some(page) => Err(page),
+        let mut from = pages.start;
+        let mut drained = false;
+        loop {
+            match self.first_referenced(from..pages.end) {
+                None => return Ok(()),
+                Some(Referenced::Huge(start)) => return Err(start),
+                Some(Referenced::Small(page)) if drained => return Err(page),
+                Some(Referenced::Small(page)) => {
+                    self.drain_all();
+                    drained = true;
+                    from = page;
+                }
+            }
+        }
+    }
+
+    /// After `pages` changed state (or were punched), under the exclusive
+    /// lock and after a successful check: split the huge folios that now have
+    /// two states, and merge the chunks whose range is one state again and
+    /// that hold no reference. `uniform` tells whether a range has one state.
+    pub(crate) fn reshape(&self, pages: Range<u64>, uniform: impl Fn(Range<u64>) -> bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (index, chunk, _) in self.table.made(pages) {
+            let range = FolioTable::chunk_range(index);
+            let whole = self.table.may_be_huge(index) && uniform(range.clone());
+            if chunk.folio.is_huge() && !whole {
+                // No reference: the check passed over the whole folio.
+                chunk.folio.set_huge(false);
+                // Relaxed: statistics, here and below.
+                self.reshapes.splits.fetch_add(1, Relaxed);
+            } else if !chunk.folio.is_huge() && whole {
+                chunk.pages.iter().for_each(PageRef::unmap);
+                if chunk.pages.iter().all(|page| page.count() == 0) {
+                    chunk.folio.unmap();
+                    chunk.folio.set_huge(true);
+                    self.reshapes.merges.fetch_add(1, Relaxed);
+                }
+            }
         }
     }
 
@@ -334,19 +435,38 @@ impl References {
         }
     }
 
-    /// True if some page of `pages` is not known to be allocated.
-    pub(crate) fn may_need_allocation(&self, pages: Range<u64>) -> bool {
-        pages
-            .into_iter()
-            .any(|page| !self.table.get(page).is_some_and(PageRef::is_allocated))
+    /// The range to allocate before pinning `pages`: empty if every folio is
+    /// known allocated; a huge folio is allocated whole.
+    pub(crate) fn to_allocate(&self, pages: Range<u64>) -> Range<u64> {
+        let mut need = pages.end..pages.start;
+        for (index, segment) in FolioTable::segments(pages) {
+            let missing = match self.table.chunk(segment.start) {
+                Some(chunk) if chunk.folio.is_huge() => {
+                    (!chunk.folio.is_allocated()).then(|| FolioTable::chunk_range(index))
+                }
+                Some(chunk) => {
+                    let pages = chunk.pages(segment.clone());
+                    (!pages.iter().all(PageRef::is_allocated)).then_some(segment)
+                }
+                None if self.table.may_be_huge(index) => Some(FolioTable::chunk_range(index)),
+                None => Some(segment),
+            };
+            if let Some(missing) = missing {
+                need = need.start.min(missing.start)..need.end.max(missing.end);
+            }
+        }
+        need
     }
 
-    /// Forgets that `pages` are allocated (after a punch).
+    /// Forgets that the folios of `pages` are allocated (after a punch).
     pub(crate) fn mark_unallocated(&self, pages: Range<u64>) {
-        self.table.find(pages, |page_ref| {
-            page_ref.clear_allocated();
-            false
-        });
+        for (_, chunk, segment) in self.table.made(pages) {
+            chunk.folio.clear_allocated();
+            chunk
+                .pages(segment)
+                .iter()
+                .for_each(PageRef::clear_allocated);
+        }
     }
 
     pub(crate) fn register(&self, batch: Arc<PinBatch>) {
@@ -393,8 +513,25 @@ impl References {
         self.drains.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// (huge folios now, splits so far, merges so far).
+    pub(crate) fn folio_counts(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.table.huge_count(),
+            self.reshapes.splits.load(Relaxed),
+            self.reshapes.merges.load(Relaxed),
+        )
+    }
+
     /// Bytes of reference metadata.
     pub(crate) fn footprint(&self) -> u64 {
         self.table.footprint()
+    }
+}
+
+fn miss(outcome: TryGet, page: u64) -> PinMiss {
+    match outcome {
+        TryGet::Overflow => PinMiss::Overflow(page),
+        _ => PinMiss::NotMapped,
     }
 }

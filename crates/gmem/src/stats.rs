@@ -25,6 +25,12 @@ pub struct Stats {
     pub pages_shared: u64,
     /// Bytes of gmem's own metadata for the file (reference table).
     pub metadata_bytes: u64,
+    /// 2 MiB chunks counted as one huge folio now.
+    pub huge_folios: u64,
+    /// Huge folios split before a partial conversion or punch.
+    pub folio_splits: u64,
+    /// Chunks merged back into a huge folio.
+    pub folio_merges: u64,
 }
 
 /// Event counters, bumped under the invalidate lock.

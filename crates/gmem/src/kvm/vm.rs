@@ -15,7 +15,7 @@ use super::uapi::{
 };
 use super::{KvmError, Vcpu, ioctl};
 use crate::backing::{Backing, BackingKind};
-use crate::{Attribute, ConversionError, Error, Flags, GuestMemfd, PAGE_SIZE};
+use crate::{Attribute, ConversionError, Error, Flags, GuestMemfd, Options, PAGE_SIZE};
 
 /// How the VMM retries a guest conversion that failed with `EAGAIN`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +132,16 @@ impl Vm {
     /// has no per-page state); `flags` are gmem's: `INIT_SHARED` sets the
     /// initial state and `MMAP` whether the host may map it.
     pub fn create_guest_memfd(&self, size: u64, flags: Flags) -> Result<GuestMemfd, Error> {
+        self.create_guest_memfd_with(size, flags, Options::default())
+    }
+
+    /// [`create_guest_memfd`](Self::create_guest_memfd) with gmem's options.
+    pub fn create_guest_memfd_with(
+        &self,
+        size: u64,
+        flags: Flags,
+        options: Options,
+    ) -> Result<GuestMemfd, Error> {
         GuestMemfd::validate(size, flags)?;
         let needed = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
         let supported = self
@@ -150,7 +160,7 @@ impl Vm {
                 errno: rustix::io::Errno::from_raw_os_error(e.errno()),
             })?;
         let backing = Backing::from_fd(fd, BackingKind::KernelGuestMemfd, Some(self.shared.id));
-        GuestMemfd::with_backing(backing, size, flags)
+        GuestMemfd::with_backing(backing, size, flags, options)
     }
 
     /// Creates vCPU `id`.

@@ -1,0 +1,197 @@
+//! Huge folios (section 6 of the specification): references counted per
+//! 2 MiB folio where a range is uniform, split before a partial conversion,
+//! merged back when uniform again or punched.
+
+use Attribute::{Private, Shared};
+use gmem::{Attribute, Flags, GuestMemfd, Options, PAGE_SIZE};
+
+const P: u64 = PAGE_SIZE;
+const HUGE: u64 = 2 << 20;
+
+fn huge_file(size: u64) -> GuestMemfd {
+    let options = Options { huge_folios: true };
+    GuestMemfd::with_options(size, Flags::MMAP | Flags::INIT_SHARED, options).unwrap()
+}
+
+#[test]
+fn a_pin_in_a_uniform_range_takes_a_huge_folio() {
+    let mem = huge_file(2 * HUGE);
+    let pin = mem.pin(100 * P, 3 * P).unwrap();
+    assert_eq!(mem.stats().huge_folios, 1);
+    // Pinning allocates the whole folio.
+    assert_eq!(mem.stats().pages_allocated, Some(512));
+    drop(pin);
+    let plain = GuestMemfd::new(2 * HUGE, Flags::MMAP | Flags::INIT_SHARED).unwrap();
+    drop(plain.pin(100 * P, 3 * P).unwrap());
+    assert_eq!(plain.stats().huge_folios, 0);
+}
+
+#[test]
+fn a_reference_on_any_page_counts_for_the_whole_folio() {
+    let mem = huge_file(2 * HUGE);
+    let pin = mem.pin(300 * P, P).unwrap();
+    // A partial conversion elsewhere in the folio: EAGAIN at once, no drain,
+    // the offset being the folio's start clamped to the request.
+    let err = mem.set_attributes(4 * P, 2 * P, Private).unwrap_err();
+    assert_eq!((err.errno(), err.error_offset()), (libc::EAGAIN, 4 * P));
+    let err = mem.set_attributes(0, HUGE, Private).unwrap_err();
+    assert_eq!(err.error_offset(), 0);
+    assert_eq!(mem.stats().drains, 0, "a huge folio is never in a batch");
+    assert_eq!(
+        mem.stats().huge_folios,
+        1,
+        "a failed conversion splits nothing"
+    );
+    // The next folio is unaffected.
+    mem.set_attributes(HUGE, HUGE, Private).unwrap();
+    drop(pin);
+    // Released at once, not parked: no drain needed.
+    mem.set_attributes(0, HUGE, Private).unwrap();
+    assert_eq!(mem.stats().drains, 0);
+}
+
+#[test]
+fn a_partial_conversion_splits_and_uniformity_merges() {
+    let mem = huge_file(HUGE);
+    let map = mem.mmap().unwrap();
+    map.write(0, &[9u8; 64]).unwrap();
+    drop(mem.pin(0, P).unwrap());
+    assert_eq!(mem.stats().huge_folios, 1);
+    mem.set_attributes(8 * P, 8 * P, Private).unwrap();
+    let stats = mem.stats();
+    assert_eq!((stats.huge_folios, stats.folio_splits), (0, 1));
+    // Split to small folios: a pin on page 2 no longer blocks page 3.
+    let pin = mem.pin(2 * P, P).unwrap();
+    mem.set_attributes(3 * P, P, Private).unwrap();
+    let err = mem.set_attributes(2 * P, P, Private).unwrap_err();
+    assert_eq!(err.error_offset(), 2 * P);
+    drop(pin);
+    // Uniform again once the parked release of page 2 is flushed: merged.
+    mem.drain_pin_batches();
+    mem.set_attributes(0, HUGE, Shared).unwrap();
+    let stats = mem.stats();
+    assert_eq!((stats.huge_folios, stats.folio_merges), (1, 1));
+    let mut buf = [0u8; 64];
+    map.read(0, &mut buf).unwrap();
+    assert_eq!(buf, [9u8; 64], "contents survive split and merge");
+}
+
+#[test]
+fn a_punch_merges_once_the_parked_releases_are_drained() {
+    let mem = huge_file(HUGE);
+    drop(mem.pin(0, P).unwrap());
+    mem.set_attributes(HUGE - P, P, Private).unwrap();
+    assert_eq!(mem.stats().huge_folios, 0);
+    // Uniform again, but page 5's release is parked: the merge waits.
+    drop(mem.pin(5 * P, P).unwrap());
+    mem.set_attributes(HUGE - P, P, Shared).unwrap();
+    assert_eq!(mem.stats().huge_folios, 0);
+    // A punch of the whole folio drains in its check and merges.
+    mem.punch_hole(0, HUGE).unwrap();
+    let stats = mem.stats();
+    assert_eq!((stats.huge_folios, stats.folio_merges), (1, 1));
+    assert_eq!(stats.pages_allocated, Some(0));
+}
+
+#[test]
+fn a_pin_blocks_a_punch_anywhere_in_its_huge_folio() {
+    let mem = huge_file(HUGE);
+    let pin = mem.pin(10 * P, P).unwrap();
+    let err = mem.punch_hole(0, P).unwrap_err();
+    assert_eq!((err.errno(), mem.stats().huge_folios), (libc::EBUSY, 1));
+    drop(pin);
+    // A punch changes no state: the folio stays whole and huge.
+    mem.punch_hole(0, P).unwrap();
+    let stats = mem.stats();
+    assert_eq!((stats.huge_folios, stats.folio_splits), (1, 0));
+}
+
+#[test]
+fn the_last_partial_chunk_is_never_huge() {
+    let mem = huge_file(HUGE + 16 * P);
+    drop(mem.pin(HUGE + P, P).unwrap());
+    drop(mem.pin(0, P).unwrap());
+    assert_eq!(mem.stats().huge_folios, 1);
+}
+
+#[test]
+fn pins_across_huge_and_small_folios_release_each_their_way() {
+    let mem = huge_file(2 * HUGE);
+    // Make the second folio small by a partial conversion.
+    mem.set_attributes(HUGE + HUGE / 2, HUGE / 2, Private)
+        .unwrap();
+    let pin = mem.pin(HUGE - 2 * P, 4 * P).unwrap();
+    let stats = mem.stats();
+    assert_eq!((stats.huge_folios, stats.pins_live), (1, 1));
+    assert_eq!(
+        mem.set_attributes(0, P, Private).unwrap_err().errno(),
+        libc::EAGAIN
+    );
+    assert_eq!(
+        mem.set_attributes(HUGE + P, P, Private)
+            .unwrap_err()
+            .errno(),
+        libc::EAGAIN
+    );
+    pin.write(0, &[1u8; 4 * P as usize]).unwrap();
+    drop(pin);
+    assert_eq!(mem.stats().pins_live, 0);
+    mem.set_attributes(0, HUGE + HUGE / 2, Private).unwrap();
+}
+
+#[test]
+fn concurrent_pins_never_see_a_huge_folio_turn_private() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let mem = huge_file(2 * HUGE);
+    let stop = AtomicBool::new(false);
+    let (pinned, refused) = (AtomicU64::new(0), AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (mem, stop, pinned) = (&mem, &stop, &pinned);
+            s.spawn(move || {
+                let mut page = t * 7;
+                while !stop.load(Ordering::Relaxed) {
+                    page = (page * 13 + 5) % 1024;
+                    if let Ok(pin) = mem.pin(page * P, 2 * P) {
+                        for offset in [page * P, page * P + P] {
+                            assert_eq!(
+                                mem.attribute(offset).unwrap(),
+                                Shared,
+                                "pinned page went private"
+                            );
+                        }
+                        drop(pin);
+                        pinned.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        for round in 0..3000u64 {
+            let (offset, len) = match round % 3 {
+                0 => (0, HUGE),
+                1 => ((round % 512) * P, 3 * P),
+                _ => (HUGE, HUGE),
+            };
+            match mem.set_attributes(offset, len, Private) {
+                Ok(()) => mem.set_attributes(offset, len, Shared).unwrap(),
+                Err(e) => {
+                    assert_eq!(e.errno(), libc::EAGAIN);
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(
+        pinned.into_inner() > 100,
+        "the pinners made too little progress"
+    );
+    assert!(refused.into_inner() > 0, "no conversion ever met a pin");
+    let stats = mem.stats();
+    assert!(
+        stats.folio_splits > 0 && stats.folio_merges > 0,
+        "{stats:?}"
+    );
+    assert_eq!(stats.pins_live, 0);
+    mem.set_attributes(0, 2 * HUGE, Private).unwrap();
+}
