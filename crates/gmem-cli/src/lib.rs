@@ -2,7 +2,6 @@
 //! the bundled workload, the self-test scenarios and the benchmarks.
 
 pub mod bench;
-pub mod bench_kvm;
 pub mod floor;
 pub mod guest;
 pub mod machine;

@@ -32,8 +32,11 @@ enum Command {
     /// Measure the headline costs against floors measured in the same run.
     Bench {
         /// Print one JSON object `{"cases": [...]}`.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "markdown")]
         json: bool,
+        /// Print the table as Markdown (for BENCHMARKS.md).
+        #[arg(long)]
+        markdown: bool,
     },
     /// Show what this host's KVM supports.
     Info {
@@ -70,7 +73,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Info { json } => info(json),
-        Command::Bench { json } => bench(json),
+        Command::Bench { json, markdown } => bench(json, markdown),
         Command::Selftest { filter } => selftest(filter.as_deref()),
     };
     match result {
@@ -200,7 +203,7 @@ fn selftest(filter: Option<&str>) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn bench(json: bool) -> anyhow::Result<ExitCode> {
+fn bench(json: bool, markdown: bool) -> anyhow::Result<ExitCode> {
     let mut progress = |name: &str| {
         if !json {
             eprintln!("measuring {name} ...");
@@ -208,10 +211,10 @@ fn bench(json: bool) -> anyhow::Result<ExitCode> {
     };
     let results = gmem_cli::bench::run_all(&mut progress);
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "cases": results }))?
-        );
+        let cases = serde_json::json!({ "cases": results });
+        println!("{}", serde_json::to_string_pretty(&cases)?);
+    } else if markdown {
+        gmem_cli::bench::print_markdown(&results);
     } else {
         gmem_cli::bench::print_table(&results);
     }

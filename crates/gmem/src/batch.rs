@@ -41,17 +41,19 @@ fn decode(slot: u64) -> Range<u64> {
     first..first + (slot & MAX_LEN)
 }
 
-/// One thread's parked pin releases for one file. Aligned to a cache line so
-/// that two threads' batches never share one.
+/// One thread's parked pin releases for one file. Cache-line aligned, with
+/// the fill point, the flag and the first slots in the first line, so that a
+/// drain from another CPU of a batch holding a few releases misses on one
+/// line; two threads' batches never share a line.
 #[derive(Debug)]
-#[repr(align(64))]
+#[repr(C, align(64))]
 pub(crate) struct PinBatch {
-    /// Parked releases; 0 is an empty slot (a release always has pages).
-    slots: [AtomicU64; BATCH_SLOTS],
     /// Slots the owner filled since its last flush. Owner-only.
     filled: AtomicUsize,
     /// Held by the one thread emptying slots.
     draining: AtomicBool,
+    /// Parked releases; 0 is an empty slot (a release always has pages).
+    slots: [AtomicU64; BATCH_SLOTS],
     /// Pins taken and released by the owner thread (statistics). Written by
     /// the owner only, read by anyone.
     taken: std::sync::atomic::AtomicU64,

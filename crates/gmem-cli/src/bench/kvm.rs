@@ -9,7 +9,7 @@ use gmem::kvm::uapi::KVM_MAP_GPA_RANGE_ENCRYPTED;
 use gmem::kvm::{CONVERSION_PORT, ExitRegs, GuestIo, Vcpu, VcpuStop};
 use iced_x86::code_asm::*;
 
-use crate::bench::{CaseResult, Goal, skipped, timed};
+use super::{CaseResult, Goal, skipped, timed};
 use crate::floor::RawMapping;
 use crate::machine::{FIRMWARE_SIZE, Machine};
 

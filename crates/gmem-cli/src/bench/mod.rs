@@ -6,15 +6,17 @@
 //! each, alternating ours and floor so that drift hits both, and reports the
 //! median time per iteration. Memory cases report bytes.
 
-use std::collections::{BTreeMap, HashMap};
 use std::hint::black_box;
-use std::sync::{Arc, Barrier, Mutex, mpsc};
+use std::sync::{Arc, Barrier, mpsc};
 use std::time::{Duration, Instant};
 
 use gmem::{Attribute, Flags, GuestMemfd, PAGE_SIZE};
 use serde::Serialize;
 
-use crate::floor::RawMapping;
+pub mod fixtures;
+pub mod kvm;
+
+pub use fixtures::{Copies, PinUnpin, RoundTrip};
 
 const SAMPLES: usize = 11;
 const BATCH: Duration = Duration::from_millis(5);
@@ -38,7 +40,7 @@ pub enum Goal {
 impl Goal {
     fn describe(&self) -> String {
         match self {
-            Goal::RatioAtMost(r) => format!("ratio <= {r}"),
+            Goal::RatioAtMost(r) => format!("ratio <= {}", (r * 1000.0).round() / 1000.0),
             Goal::SpeedupAtLeast(r) => format!("speedup >= {r}"),
             Goal::NanosAtMost(ns) => format!("<= {} ms", ns / 1e6),
             Goal::ValueAtMost(v) => format!("<= {v}"),
@@ -180,7 +182,7 @@ pub fn run_all(progress: &mut dyn FnMut(&str)) -> Vec<CaseResult> {
     progress("pin-unpin");
     results.extend(pin_unpin());
     progress("pin-unpin-2-threads");
-    results.push(pin_unpin_two_threads());
+    results.extend(pin_unpin_two_threads());
     progress("copies-64k");
     results.extend(copies());
     progress("convert-64g-sparse");
@@ -192,7 +194,7 @@ pub fn run_all(progress: &mut dyn FnMut(&str)) -> Vec<CaseResult> {
     progress("drain-path");
     results.push(drain_path());
     progress("kvm-guest-round-trip-4k");
-    results.push(crate::bench_kvm::guest_round_trip());
+    results.push(kvm::guest_round_trip());
     results
 }
 
@@ -206,26 +208,15 @@ fn size_name(len: u64) -> String {
 
 /// Shared to private to shared of a populated range, with one host mapping,
 /// against the same two remaps of a raw mapping. Both ranges are populated
-/// (every page touched) before each timed round trip, untimed.
+/// (every page faulted in) before each timed round trip, untimed.
 fn round_trip(name: &str, len: u64) -> CaseResult {
-    let mem = GuestMemfd::new(len.max(2 * MIB), Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
-    let map = mem.mmap().expect("mmap");
-    mem.allocate(0, len).expect("allocate");
-    let raw = RawMapping::new(len.max(2 * MIB) as usize).expect("raw mapping");
-    let populate = || crate::floor::populate(&map, len).expect("populate");
-    let mut ours = || {
-        mem.set_attributes(0, len, Attribute::Private)
-            .expect("to private");
-        mem.set_attributes(0, len, Attribute::Shared)
-            .expect("to shared");
-    };
-    let mut floor = || {
-        raw.hide(0, len as usize);
-        raw.show(0, len as usize);
-    };
-    let (o, f) = measure_prepared(&mut ours, &mut || populate(), &mut floor, &mut || {
-        raw.touch(0, len as usize)
-    });
+    let fixture = RoundTrip::new(len);
+    let (o, f) = measure_prepared(
+        &mut || fixture.ours(),
+        &mut || fixture.populate_ours(),
+        &mut || fixture.floor(),
+        &mut || fixture.populate_floor(),
+    );
     let goal = if len <= 4 * KIB { 1.5 } else { 1.15 };
     CaseResult::timed(name, o, Some(f), Goal::RatioAtMost(goal))
 }
@@ -255,151 +246,105 @@ fn measure_prepared(
     (median(a), median(b))
 }
 
-/// A reference count guarded by a mutex, with the state in a map: the
-/// design gmem's lock-free pin is measured against.
-struct MutexRefs {
-    inner: Mutex<MutexRefsState>,
-}
-
-/// State runs (start to end and state) and per-page counts.
-type MutexRefsState = (BTreeMap<u64, (u64, Attribute)>, HashMap<u64, u32>);
-
-impl MutexRefs {
-    fn new(pages: u64) -> MutexRefs {
-        let runs = BTreeMap::from([(0, (pages, Attribute::Shared))]);
-        MutexRefs {
-            inner: Mutex::new((runs, HashMap::new())),
-        }
-    }
-
-    fn pin(&self, page: u64) -> bool {
-        let mut inner = self.inner.lock().expect("not poisoned");
-        let shared = inner
-            .0
-            .range(..=page)
-            .next_back()
-            .is_some_and(|(_, (end, attr))| page < *end && *attr == Attribute::Shared);
-        if shared {
-            *inner.1.entry(page).or_insert(0) += 1;
-        }
-        shared
-    }
-
-    fn unpin(&self, page: u64) {
-        let mut inner = self.inner.lock().expect("not poisoned");
-        if let Some(count) = inner.1.get_mut(&page) {
-            *count -= 1;
-            if *count == 0 {
-                inner.1.remove(&page);
-            }
-        }
-    }
-}
-
 /// Pin + unpin of one page on one thread, against an atomic increment and
 /// decrement, and against the mutex design.
 fn pin_unpin() -> Vec<CaseResult> {
-    let mem = GuestMemfd::new(4 * MIB, Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
-    drop(mem.pin(0, 1).expect("pin"));
-    let counter = std::sync::atomic::AtomicU64::new(0);
-    let mutex = MutexRefs::new(1024);
-    let mut ours = || drop(black_box(mem.pin(black_box(0), 1).expect("pin")));
-    let mut atomic = || {
-        // Relaxed: the floor is the bare locked instructions.
-        black_box(counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        black_box(counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed));
-    };
-    let mut locked = || {
-        assert!(mutex.pin(black_box(0)));
-        mutex.unpin(black_box(0));
-    };
-    let (o, f) = measure(&mut ours, Some(&mut atomic));
-    let (o2, m) = measure(&mut ours, Some(&mut locked));
+    let fixture = PinUnpin::new();
+    let (o, f) = measure(&mut || fixture.ours(), Some(&mut || fixture.atomic()));
+    let (o2, m) = measure(&mut || fixture.ours(), Some(&mut || fixture.mutex()));
     vec![
         CaseResult::timed("pin-unpin", o, f, Goal::RatioAtMost(3.0)),
         CaseResult::timed("pin-unpin-vs-mutex", o2, m, Goal::SpeedupAtLeast(10.0)),
     ]
 }
 
-/// Two threads pinning distinct pages: throughput against one thread.
-fn pin_unpin_two_threads() -> CaseResult {
-    const OPS: u64 = 1 << 20;
-    let mem = Arc::new(GuestMemfd::new(4 * MIB, Flags::MMAP | Flags::INIT_SHARED).expect("memfd"));
+/// Nanoseconds per operation (aggregate) of `threads` threads each running
+/// `op` on its own page `OPS` times.
+fn per_op(threads: usize, op: &(dyn Fn(u64) + Sync)) -> f64 {
+    const OPS: u64 = 1 << 19;
     // Pages in different 2 MiB chunks: their counts share no cache line.
     let pages = [0, 512];
-    let run = |threads: usize| -> f64 {
-        let barrier = Arc::new(Barrier::new(threads + 1));
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let (mem, barrier) = (mem.clone(), barrier.clone());
-                std::thread::spawn(move || {
-                    let offset = pages[t] * PAGE_SIZE;
-                    drop(mem.pin(offset, 1).expect("pin"));
-                    barrier.wait();
-                    for _ in 0..OPS {
-                        drop(black_box(mem.pin(black_box(offset), 1).expect("pin")));
-                    }
-                })
-            })
-            .collect();
+    let barrier = Barrier::new(threads + 1);
+    std::thread::scope(|s| {
+        for page in &pages[..threads] {
+            let barrier = &barrier;
+            s.spawn(move || {
+                op(*page);
+                barrier.wait();
+                for _ in 0..OPS {
+                    op(black_box(*page));
+                }
+            });
+        }
         barrier.wait();
         let started = Instant::now();
-        for handle in handles {
-            handle.join().expect("pinner");
-        }
-        started.elapsed().as_nanos() as f64 / (OPS * threads as u64) as f64
+        started
+    })
+    .elapsed()
+    .as_nanos() as f64
+        / (OPS * threads as u64) as f64
+}
+
+/// Two threads pinning distinct pages: throughput against one thread; and
+/// against the mutex design with two threads.
+fn pin_unpin_two_threads() -> Vec<CaseResult> {
+    let mem = GuestMemfd::new(4 * MIB, Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
+    let mutex = fixtures::MutexRefs::new(1024);
+    let ours = |page: u64| drop(black_box(mem.pin(page * PAGE_SIZE, 1).expect("pin")));
+    let locked = |page: u64| {
+        assert!(mutex.pin(page));
+        mutex.unpin(page);
     };
-    let (mut one, mut two) = (Vec::new(), Vec::new());
+    let (mut one, mut two, mut two_locked) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..SAMPLES {
-        one.push(run(1));
-        two.push(run(2));
+        one.push(per_op(1, &ours));
+        two.push(per_op(2, &ours));
+        two_locked.push(per_op(2, &locked));
     }
-    CaseResult::timed(
-        "pin-unpin-2-threads",
-        median(two),
-        Some(median(one)),
-        Goal::SpeedupAtLeast(1.8),
-    )
+    let two = median(two);
+    vec![
+        CaseResult::timed(
+            "pin-unpin-2-threads",
+            two,
+            Some(median(one)),
+            Goal::SpeedupAtLeast(1.8),
+        ),
+        CaseResult::timed(
+            "pin-unpin-2-threads-vs-mutex",
+            two,
+            Some(median(two_locked)),
+            Goal::SpeedupAtLeast(10.0),
+        ),
+    ]
 }
 
 /// 64 KiB copies through a host mapping and through a pin, against
 /// `copy_nonoverlapping` from and to a raw mapping of a memfd.
 fn copies() -> Vec<CaseResult> {
-    let len = 64 * KIB as usize;
-    let mem = GuestMemfd::new(2 * MIB, Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
-    let map = mem.mmap().expect("mmap");
-    map.write(0, &vec![3u8; len]).expect("populate");
-    let pin = mem.pin(0, len as u64).expect("pin");
-    let raw = RawMapping::new(2 * MIB as usize).expect("raw");
-    raw.touch(0, len);
-    let mut buf = vec![0u8; len];
-    let mut out = vec![0u8; len];
+    let mut fixture = Copies::new();
     let mut results = Vec::new();
-    let mut case = |name: &str, ours: &mut dyn FnMut(), floor: &mut dyn FnMut()| {
-        let (o, f) = measure(ours, Some(floor));
+    for (name, ours, floor) in [
+        (
+            "host-mapping-read-64k",
+            Copies::host_read as fn(&mut Copies),
+            Copies::floor_read as fn(&mut Copies),
+        ),
+        (
+            "host-mapping-write-64k",
+            Copies::host_write,
+            Copies::floor_write,
+        ),
+        ("pin-read-64k", Copies::pin_read, Copies::floor_read),
+        ("pin-write-64k", Copies::pin_write, Copies::floor_write),
+    ] {
+        let fixture = std::cell::RefCell::new(&mut fixture);
+        let (o, f) = measure(
+            &mut || ours(&mut fixture.borrow_mut()),
+            Some(&mut || floor(&mut fixture.borrow_mut())),
+        );
         // Bandwidth at least 0.9 of the floor's: time at most 1/0.9 of it.
         results.push(CaseResult::timed(name, o, f, Goal::RatioAtMost(1.0 / 0.9)));
-    };
-    case(
-        "host-mapping-read-64k",
-        &mut || map.read(0, black_box(&mut buf)).expect("read"),
-        &mut || raw.copy_out(0, black_box(&mut out)),
-    );
-    case(
-        "host-mapping-write-64k",
-        &mut || map.write(0, black_box(&buf)).expect("write"),
-        &mut || raw.copy_in(0, black_box(&out)),
-    );
-    case(
-        "pin-read-64k",
-        &mut || pin.read(0, black_box(&mut buf)).expect("read"),
-        &mut || raw.copy_out(0, black_box(&mut out)),
-    );
-    case(
-        "pin-write-64k",
-        &mut || pin.write(0, black_box(&buf)).expect("write"),
-        &mut || raw.copy_in(0, black_box(&out)),
-    );
+    }
     results
 }
 
@@ -474,58 +419,49 @@ fn huge_folio_check() -> CaseResult {
 }
 
 /// A round trip whose check meets two other threads' parked releases in
-/// range (one drain), against the same round trip with none.
+/// range (one drain), against the same round trip after the same threads did
+/// the same pins but flushed their releases first (no drain).
 fn drain_path() -> CaseResult {
     let len = 2 * MIB;
     let mem = Arc::new(GuestMemfd::new(4 * MIB, Flags::MMAP | Flags::INIT_SHARED).expect("memfd"));
     let _map = mem.mmap().expect("mmap");
     mem.allocate(0, len).expect("allocate");
-    let (mut requests, mut dones) = (Vec::new(), Vec::new());
-    let mut handles = Vec::new();
+    let mut threads = Vec::new();
     for t in 0..2u64 {
-        let (request_tx, request_rx) = mpsc::channel::<bool>();
+        // A request says whether to flush the parked release; None stops.
+        let (request_tx, request_rx) = mpsc::channel::<Option<bool>>();
         let (done_tx, done_rx) = mpsc::channel::<()>();
         let mem = mem.clone();
-        handles.push(std::thread::spawn(move || {
-            // Each request: pin and drop (the release stays parked), then idle.
-            while request_rx.recv().unwrap_or(false) {
+        let handle = std::thread::spawn(move || {
+            while let Ok(Some(flush)) = request_rx.recv() {
                 drop(mem.pin(t * 8 * PAGE_SIZE, PAGE_SIZE).expect("pin"));
+                if flush {
+                    mem.drain_pin_batches();
+                }
                 done_tx.send(()).expect("bench alive");
             }
-        }));
-        requests.push(request_tx);
-        dones.push(done_rx);
+        });
+        threads.push((request_tx, done_rx, handle));
     }
-    let park = || {
-        for (request, done) in requests.iter().zip(&dones) {
-            request.send(true).expect("thread alive");
+    let sample = |flush: bool| -> f64 {
+        for (request, done, _) in &threads {
+            request.send(Some(flush)).expect("thread alive");
             done.recv().expect("thread alive");
         }
-    };
-    let with = |parked: bool| -> f64 {
-        let mut samples = Vec::new();
-        for _ in 0..SAMPLES * 10 {
-            if parked {
-                park();
-            }
-            let started = Instant::now();
-            mem.set_attributes(0, len, Attribute::Private)
-                .expect("to private");
-            mem.set_attributes(0, len, Attribute::Shared)
-                .expect("to shared");
-            samples.push(started.elapsed().as_nanos() as f64);
-        }
-        median(samples)
+        let started = Instant::now();
+        mem.set_attributes(0, len, Attribute::Private)
+            .expect("to private");
+        mem.set_attributes(0, len, Attribute::Shared)
+            .expect("to shared");
+        started.elapsed().as_nanos() as f64
     };
     let (mut ours, mut floor) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        ours.push(with(true));
-        floor.push(with(false));
+    for _ in 0..SAMPLES * 30 {
+        ours.push(sample(false));
+        floor.push(sample(true));
     }
-    for request in &requests {
-        request.send(false).expect("thread alive");
-    }
-    for handle in handles {
+    for (request, _, handle) in threads {
+        request.send(None).expect("thread alive");
         handle.join().expect("thread");
     }
     CaseResult::timed(
@@ -567,6 +503,37 @@ pub fn print_table(results: &[CaseResult]) {
             r.goal.as_deref().unwrap_or("-"),
             met
         );
+    }
+}
+
+/// Prints the table as Markdown, for `BENCHMARKS.md`.
+pub fn print_markdown(results: &[CaseResult]) {
+    println!("| case | gmem | floor | ratio | goal | met |");
+    println!("|---|---|---|---|---|---|");
+    for r in results {
+        let (ours, floor) = cells(r);
+        let ratio = r.ratio.map_or("-".into(), |r| format!("{r:.2}"));
+        let met = match &r.skipped {
+            Some(why) => format!("skipped: {why}"),
+            None if r.met => "yes".into(),
+            None => "**no**".into(),
+        };
+        let goal = r.goal.as_deref().unwrap_or("-");
+        println!(
+            "| {} | {ours} | {floor} | {ratio} | {goal} | {met} |",
+            r.name
+        );
+    }
+}
+
+/// The "gmem" and "floor" cells of a row.
+fn cells(r: &CaseResult) -> (String, String) {
+    let time = |ns: Option<f64>| ns.map_or("-".into(), format_ns);
+    match (r.value, &r.skipped) {
+        (_, Some(_)) => ("skipped".into(), "-".into()),
+        (Some(v), _) if r.unit == Some("bytes") => (format!("{:.0} KiB", v / 1024.0), "-".into()),
+        (Some(v), _) => (format!("{:.4}%", v * 100.0), "-".into()),
+        _ => (time(r.ours_ns), time(r.floor_ns)),
     }
 }
 
