@@ -115,7 +115,7 @@ impl MappedRegion {
     }
 }
 
-/// How a raw access made by [`probe_in_child`] ended.
+/// How a raw access made by [`HostMapping::probe`](crate::HostMapping::probe) ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeOutcome {
     /// The access completed.
