@@ -85,6 +85,11 @@ pub use pin::Pin;
 pub use stats::Stats;
 pub use sys::ProbeOutcome;
 
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeExample;
+
 /// The size of a page, and the granularity of state, allocation and mapping.
 pub const PAGE_SIZE: u64 = 4096;
 
