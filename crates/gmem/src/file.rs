@@ -117,6 +117,10 @@ impl GuestMemfd {
         let pages = size >> PAGE_SHIFT;
         let direct =
             MappedRegion::map_shared(backing.as_fd(), size as usize).map_err(Error::os("mmap"))?;
+        let refs = References::new(pages, options.huge_folios).ok_or(Error::Os {
+            call: "allocating the reference table",
+            errno: rustix::io::Errno::NOMEM,
+        })?;
         Ok(GuestMemfd {
             state: Arc::new(FileState {
                 size,
@@ -126,7 +130,7 @@ impl GuestMemfd {
                 direct,
                 backing,
                 attrs: RwLock::new(AttributeMap::new(pages, initial)),
-                refs: Arc::new(References::new(pages, options.huge_folios)),
+                refs: Arc::new(refs),
                 mappings: Mappings::default(),
                 listeners: Listeners::default(),
                 counters: Counters::default(),

@@ -56,13 +56,18 @@ pub(crate) struct FolioTable {
 }
 
 impl FolioTable {
-    pub(crate) fn new(pages: u64, huge_folios: bool) -> FolioTable {
-        let chunks = pages.div_ceil(CHUNK_PAGES) as usize;
-        FolioTable {
-            chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
+    /// The table of a file of `pages` pages, or `None` if its first level
+    /// (one slot per 2 MiB) cannot be allocated.
+    pub(crate) fn new(pages: u64, huge_folios: bool) -> Option<FolioTable> {
+        let count = usize::try_from(pages.div_ceil(CHUNK_PAGES)).ok()?;
+        let mut chunks = Vec::new();
+        chunks.try_reserve_exact(count).ok()?;
+        chunks.resize_with(count, OnceLock::new);
+        Some(FolioTable {
+            chunks: chunks.into_boxed_slice(),
             pages,
             huge_folios,
-        }
+        })
     }
 
     /// The chunk holding `page`, if made.

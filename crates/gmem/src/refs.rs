@@ -210,17 +210,19 @@ enum Referenced {
 }
 
 impl References {
-    pub(crate) fn new(pages: u64, huge_folios: bool) -> References {
+    /// The references of a file of `pages` pages; `None` if the table cannot
+    /// be allocated.
+    pub(crate) fn new(pages: u64, huge_folios: bool) -> Option<References> {
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        References {
+        Some(References {
             // Relaxed: a unique number is all that is needed.
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            table: FolioTable::new(pages, huge_folios),
+            table: FolioTable::new(pages, huge_folios)?,
             batches: Mutex::new(Vec::new()),
             retired: Retired::default(),
             reshapes: Reshapes::default(),
             drains: Default::default(),
-        }
+        })
     }
 
     pub(crate) fn id(&self) -> u64 {

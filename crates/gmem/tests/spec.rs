@@ -428,3 +428,14 @@ fn a_listener_may_drop_pins_before_the_check() {
     mem.add_listener(listener);
     mem.set_attributes(0, 2 * P, Private).unwrap();
 }
+
+#[test]
+fn a_size_past_the_address_space_is_an_error_not_an_abort() {
+    for size in [1 << 50, 1 << 62, u64::MAX - P + 1] {
+        let err = GuestMemfd::new(size, Flags::MMAP).unwrap_err();
+        assert!(
+            [libc::EINVAL, libc::ENOMEM, libc::EFBIG].contains(&err.errno()),
+            "{size:#x}: {err}"
+        );
+    }
+}
