@@ -126,6 +126,9 @@ fn device_bytes(thread: usize) -> std::ops::Range<usize> {
 }
 
 /// State shared by the vCPU threads, the device threads and the let-go hook.
+/// Its counters are statistics (Relaxed throughout: they order nothing);
+/// `cursor` and `let_go` are hints for the device threads (where to pin, when
+/// to let go): correctness rests on the pins, not on them.
 struct RunState {
     mem: Arc<GuestMemfd>,
     regions: Vec<(u64, u64)>,
@@ -160,54 +163,69 @@ impl RunState {
 
 /// Runs the workload. `progress` counts chunks notified.
 pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary> {
-    let machine = Machine::new(config.memory, Attribute::Shared).context("setting up the VM")?;
     let regions = plan(config)?;
-    let commands = regions
-        .iter()
-        .map(|&(start, end)| commands(start, end, config))
-        .collect::<Vec<_>>();
-    let state = Arc::new(RunState {
-        mem: machine.mem.clone(),
-        regions: regions.clone(),
-        chunk: config.chunk,
-        cursor: regions.iter().map(|_| AtomicU64::new(0)).collect(),
-        let_go: Mutex::new((0, 0)),
-        let_go_requests: AtomicU64::new(0),
-        device_pins: AtomicU64::new(0),
-        device_pins_refused: AtomicU64::new(0),
-        guest_bytes: AtomicU64::new(0),
-        host_bytes: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-        broken: Mutex::new(Vec::new()),
-        progress,
-    });
-    state.progress.set_length(
-        regions
-            .iter()
-            .map(|(s, e)| (e - s) / config.chunk)
-            .sum::<u64>()
-            * u64::from(config.rounds),
-    );
-    seed_host_pattern(&machine, &regions)?;
-    {
-        let state = state.clone();
-        machine.vm.set_let_go(Arc::new(move |gpa, len| {
-            *state.let_go.lock().unwrap_or_else(|e| e.into_inner()) = (gpa, gpa + len);
-            // Relaxed: a statistic.
-            state.let_go_requests.fetch_add(1, Ordering::Relaxed);
-        }));
-    }
+    let machine = Machine::new(config.memory, Attribute::Shared).context("setting up the VM")?;
+    let state = Arc::new(RunState::new(&machine, regions, config, progress));
+    seed_host_pattern(&machine, &state.regions)?;
+    let let_go = state.clone();
+    machine
+        .vm
+        .set_let_go(Arc::new(move |gpa, len| let_go.let_go(gpa, len)));
     let mut vcpus = Vec::new();
-    for (id, list) in commands.iter().enumerate() {
-        vcpus.push(machine.vcpu(id as u64, list)?);
+    for (id, &(start, end)) in state.regions.iter().enumerate() {
+        vcpus.push(machine.vcpu(id as u64, &commands(start, end, config))?);
     }
+    let elapsed = run_threads(&state, vcpus, config.device_threads);
+    state.progress.finish_and_clear();
+    check_final_state(&state);
+    Ok(summarize(config, &machine, &state, elapsed))
+}
+
+impl RunState {
+    fn new(
+        machine: &Machine,
+        regions: Vec<(u64, u64)>,
+        config: &RunConfig,
+        progress: ProgressBar,
+    ) -> RunState {
+        let chunks: u64 = regions.iter().map(|(s, e)| (e - s) / config.chunk).sum();
+        progress.set_length(chunks * u64::from(config.rounds));
+        RunState {
+            mem: machine.mem.clone(),
+            cursor: regions.iter().map(|_| AtomicU64::new(0)).collect(),
+            regions,
+            chunk: config.chunk,
+            let_go: Mutex::new((0, 0)),
+            let_go_requests: AtomicU64::new(0),
+            device_pins: AtomicU64::new(0),
+            device_pins_refused: AtomicU64::new(0),
+            guest_bytes: AtomicU64::new(0),
+            host_bytes: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            broken: Mutex::new(Vec::new()),
+            progress,
+        }
+    }
+
+    /// The VMM's let-go request on `EAGAIN`: device threads holding pins in
+    /// the range drop them.
+    fn let_go(&self, gpa: u64, len: u64) {
+        *self.let_go.lock().unwrap_or_else(|e| e.into_inner()) = (gpa, gpa + len);
+        self.let_go_requests.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs the vCPUs to their halt with the device threads beside them;
+/// returns the time from start to the last halt.
+fn run_threads(
+    state: &Arc<RunState>,
+    vcpus: Vec<gmem::kvm::Vcpu>,
+    device_threads: usize,
+) -> Duration {
     let started = Instant::now();
-    let elapsed = std::thread::scope(|s| -> anyhow::Result<Duration> {
-        let devices: Vec<_> = (0..config.device_threads)
-            .map(|t| {
-                let state = &state;
-                s.spawn(move || device_thread(state, t))
-            })
+    std::thread::scope(|s| {
+        let devices: Vec<_> = (0..device_threads)
+            .map(|t| s.spawn(move || device_thread(state, t)))
             .collect();
         let runners: Vec<_> = vcpus
             .into_iter()
@@ -218,27 +236,24 @@ pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary>
                 s.spawn(move || vcpu.run(&mut io))
             })
             .collect();
-        let mut results = Vec::new();
-        for runner in runners {
-            results.push(runner.join().expect("vCPU thread panicked"));
-        }
+        let results: Vec<_> = runners.into_iter().map(|r| r.join()).collect();
         let elapsed = started.elapsed();
         // Release: the device threads' Acquire loads see the run is over.
         state.stop.store(true, Ordering::Release);
         for device in devices {
-            device.join().expect("device thread panicked");
+            if device.join().is_err() {
+                state.broke("a device thread panicked".into());
+            }
         }
         for result in results {
             match result {
-                Ok(VcpuStop::Halted) => {}
-                other => state.broke(format!("a vCPU ended with {other:?}")),
+                Ok(Ok(VcpuStop::Halted)) => {}
+                Ok(other) => state.broke(format!("a vCPU ended with {other:?}")),
+                Err(_) => state.broke("a vCPU thread panicked".into()),
             }
         }
-        Ok(elapsed)
-    })?;
-    state.progress.finish_and_clear();
-    check_final_state(&state);
-    Ok(summarize(config, &machine, &state, elapsed))
+        elapsed
+    })
 }
 
 /// Each vCPU's region: an equal share of the memory past the firmware area,
@@ -351,7 +366,6 @@ impl GuestIo for WorkloadIo {
             }
             RESULT_PORT => {}
             CHECK_PORT => {
-                // Relaxed: statistics, here and below.
                 state.guest_bytes.fetch_add(b * 8, Ordering::Relaxed);
                 if regs.rax as u32 != 0 {
                     state.broke(format!(
