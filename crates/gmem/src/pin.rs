@@ -65,7 +65,9 @@ impl GuestMemfd {
                 offset: page << PAGE_SHIFT,
             });
         }
-        let missing = state.refs.to_allocate(pages.clone());
+        let missing = state
+            .refs
+            .to_allocate(pages.clone(), |range| attrs.is_uniform(range));
         if !missing.is_empty() {
             let (start, end) = (missing.start << PAGE_SHIFT, missing.end << PAGE_SHIFT);
             state.backing.allocate(start, end - start)?;

@@ -438,8 +438,13 @@ impl References {
     }
 
     /// The range to allocate before pinning `pages`: empty if every folio is
-    /// known allocated; a huge folio is allocated whole.
-    pub(crate) fn to_allocate(&self, pages: Range<u64>) -> Range<u64> {
+    /// known allocated; a huge folio (existing, or about to be made because
+    /// `uniform` says its range has one state) is allocated whole.
+    pub(crate) fn to_allocate(
+        &self,
+        pages: Range<u64>,
+        uniform: impl Fn(Range<u64>) -> bool,
+    ) -> Range<u64> {
         let mut need = pages.end..pages.start;
         for (index, segment) in FolioTable::segments(pages) {
             let missing = match self.table.chunk(segment.start) {
@@ -450,7 +455,11 @@ impl References {
                     let pages = chunk.pages(segment.clone());
                     (!pages.iter().all(PageRef::is_allocated)).then_some(segment)
                 }
-                None if self.table.may_be_huge(index) => Some(FolioTable::chunk_range(index)),
+                None if self.table.may_be_huge(index)
+                    && uniform(FolioTable::chunk_range(index)) =>
+                {
+                    Some(FolioTable::chunk_range(index))
+                }
                 None => Some(segment),
             };
             if let Some(missing) = missing {
