@@ -109,3 +109,32 @@ fn loom_flush_and_drain_release_once() {
         assert_eq!(page.count(), 0);
     });
 }
+
+/// A huge folio is split only with no reference: a fast-path pin on the folio
+/// word either is seen by the split's check or sees the split and backs off.
+#[test]
+fn loom_no_split_under_a_huge_pin() {
+    loom::model(|| {
+        let folio = Arc::new(PageRef::new());
+        folio.set_huge(true);
+        assert!(folio.get_mapped());
+        folio.put(1);
+        let split = Arc::new(AtomicBool::new(false));
+        let pinner = {
+            let (folio, split) = (folio.clone(), split.clone());
+            thread::spawn(move || {
+                if folio.try_get_huge() == TryGet::Got {
+                    assert!(!split.load(Ordering::Acquire), "huge pin live over a split");
+                    folio.put(1);
+                }
+            })
+        };
+        folio.unmap();
+        if folio.count() == 0 {
+            folio.set_huge(false);
+            split.store(true, Ordering::Release);
+        }
+        pinner.join().unwrap();
+        assert_eq!(folio.count(), 0);
+    });
+}
