@@ -556,3 +556,32 @@ pub(crate) fn timed(name: &str, ours: f64, floor: Option<f64>, goal: Goal) -> Ca
 pub(crate) fn skipped(name: &str, goal: Goal, why: String) -> CaseResult {
     CaseResult::skipped(name, goal, why)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON rows carry the fields scripts rely on.
+    #[test]
+    fn rows_have_the_documented_fields() {
+        let timed = CaseResult::timed("t", 2.0, Some(1.0), Goal::RatioAtMost(1.5));
+        let absolute = CaseResult::timed("a", 5.0, None, Goal::NanosAtMost(10.0));
+        let value = CaseResult::value("v", 3.0, "bytes", 2.0);
+        let json = serde_json::to_value([&timed, &absolute, &value]).unwrap();
+        for row in json.as_array().unwrap() {
+            for field in ["name", "ours_ns", "floor_ns", "ratio", "goal", "met"] {
+                assert!(row.get(field).is_some(), "{field} missing in {row}");
+            }
+        }
+        assert_eq!(json[0]["ratio"], 2.0);
+        assert_eq!(json[0]["met"], false);
+        assert!(json[1]["floor_ns"].is_null() && json[1]["ratio"].is_null());
+        assert_eq!(json[1]["met"], true);
+        assert_eq!(
+            (json[2]["value"].as_f64(), json[2]["met"].as_bool()),
+            (Some(3.0), Some(false))
+        );
+        let speedup = CaseResult::timed("s", 10.0, Some(20.0), Goal::SpeedupAtLeast(1.8));
+        assert_eq!((speedup.ratio, speedup.met), (Some(2.0), true));
+    }
+}
