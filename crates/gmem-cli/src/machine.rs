@@ -13,7 +13,7 @@ use gmem::kvm::{
     ConversionOutcome, ConversionRequest, ExitRegs, GuestIo, HostSupport, Memslot, Vcpu, VcpuStop,
     Vm,
 };
-use gmem::{Attribute, Flags, GuestMemfd, HostMapping};
+use gmem::{Attribute, Flags, GuestMemfd, HostMapping, Options};
 
 use crate::guest::{
     CHECK_PORT, CODE_GPA, Command, NOTIFY_PORT, REPORT_PORT, RESULT_PORT, RequestPath, STACK_TOP,
@@ -50,6 +50,15 @@ impl Machine {
     /// area plus a page), every page initially `initial` but the firmware
     /// area, which is shared.
     pub fn new(size: u64, initial: Attribute) -> anyhow::Result<Machine> {
+        Self::with_options(size, initial, Options::default())
+    }
+
+    /// [`new`](Self::new) with gmem's file options (huge folios).
+    pub fn with_options(
+        size: u64,
+        initial: Attribute,
+        options: Options,
+    ) -> anyhow::Result<Machine> {
         if size <= FIRMWARE_SIZE {
             bail!("guest memory must exceed the {FIRMWARE_SIZE:#x} bytes of firmware area");
         }
@@ -65,7 +74,7 @@ impl Machine {
             Attribute::Private => Flags::MMAP,
         };
         let mem = Arc::new(
-            vm.create_guest_memfd(size, flags)
+            vm.create_guest_memfd_with(size, flags, options)
                 .context("creating the guest_memfd")?,
         );
         mem.set_attributes(0, FIRMWARE_SIZE, Attribute::Shared)

@@ -63,6 +63,9 @@ struct RunArgs {
     /// Host device threads pinning shared buffers.
     #[arg(long, default_value_t = 2)]
     device_threads: usize,
+    /// Count references per 2 MiB huge folio where a range is uniform.
+    #[arg(long)]
+    huge_folios: bool,
     /// Print one JSON object instead of the progress and summary.
     #[arg(long)]
     json: bool,
@@ -93,6 +96,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         rounds: args.rounds,
         chunk: args.chunk_kib << 10,
         device_threads: args.device_threads,
+        huge_folios: args.huge_folios,
     };
     let progress = if args.json {
         ProgressBar::hidden()
@@ -138,6 +142,12 @@ fn print_summary(s: &Summary) {
         s.eagain.met, s.eagain.retried, s.eagain.resolved, s.eagain.failed
     );
     println!("  drains           {}", s.drains);
+    if s.huge_folios {
+        println!(
+            "  huge folios      {} splits, {} merges",
+            s.folio_splits, s.folio_merges
+        );
+    }
     println!(
         "  device pins      {} taken, {} refused (buffer already private), {} let-go requests",
         s.device_pins, s.device_pins_refused, s.let_go_requests

@@ -40,6 +40,8 @@ pub struct RunConfig {
     pub chunk: u64,
     /// Host device threads.
     pub device_threads: usize,
+    /// Count references per 2 MiB huge folio where uniform.
+    pub huge_folios: bool,
 }
 
 impl Default for RunConfig {
@@ -50,6 +52,7 @@ impl Default for RunConfig {
             rounds: 16,
             chunk: 256 << 10,
             device_threads: 2,
+            huge_folios: false,
         }
     }
 }
@@ -92,6 +95,12 @@ pub struct Summary {
     pub eagain: EagainSummary,
     /// Drains of the threads' batches of released pins.
     pub drains: u64,
+    /// Whether the file counted references per 2 MiB huge folio.
+    pub huge_folios: bool,
+    /// Huge folios split before a partial conversion.
+    pub folio_splits: u64,
+    /// Chunks merged back into huge folios.
+    pub folio_merges: u64,
     /// Times the VMM asked device threads to let go.
     pub let_go_requests: u64,
     /// Pins taken by device threads and the device model.
@@ -164,7 +173,11 @@ impl RunState {
 /// Runs the workload. `progress` counts chunks notified.
 pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary> {
     let regions = plan(config)?;
-    let machine = Machine::new(config.memory, Attribute::Shared).context("setting up the VM")?;
+    let options = gmem::Options {
+        huge_folios: config.huge_folios,
+    };
+    let machine = Machine::with_options(config.memory, Attribute::Shared, options)
+        .context("setting up the VM")?;
     let state = Arc::new(RunState::new(&machine, regions, config, progress));
     seed_host_pattern(&machine, &state.regions)?;
     let let_go = state.clone();
@@ -532,6 +545,9 @@ fn summarize(
             failed: totals.failed,
         },
         drains: stats.drains,
+        huge_folios: config.huge_folios,
+        folio_splits: stats.folio_splits,
+        folio_merges: stats.folio_merges,
         let_go_requests: state.let_go_requests.load(Ordering::Relaxed),
         device_pins: state.device_pins.load(Ordering::Relaxed),
         device_pins_refused: state.device_pins_refused.load(Ordering::Relaxed),

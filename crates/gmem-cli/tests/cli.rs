@@ -88,3 +88,25 @@ fn a_machine_runs_command_lists_again() {
         assert_eq!(record.reads, [(gpa, value)]);
     }
 }
+
+#[test]
+fn run_with_huge_folios_splits_and_merges_and_stays_clean() {
+    if !kvm() {
+        return;
+    }
+    let args = [
+        "run",
+        "--json",
+        "--huge-folios",
+        "--memory-mib",
+        "16",
+        "--rounds",
+        "2",
+    ];
+    let (ok, out) = gmem(&args);
+    assert!(ok, "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(summary["ok"], true, "{out}");
+    assert!(summary["folio_splits"].as_u64() > Some(0), "{out}");
+    assert!(summary["folio_merges"].as_u64() > Some(0), "{out}");
+}
