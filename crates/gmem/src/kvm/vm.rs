@@ -176,8 +176,10 @@ impl Vm {
         };
     }
 
-    /// Sets what is called on `EAGAIN`, before a retry, with the
-    /// guest-physical range: it should make device threads drop their pins.
+    /// Sets what is called on `EAGAIN`, before a retry, with a guest-physical
+    /// range: it should make device threads drop their pins there. The range
+    /// is the request's, widened to the failing huge folio on files with huge
+    /// folios.
     pub fn set_let_go(&self, let_go: Arc<LetGo>) {
         *lock(&self.shared.let_go) = Some(let_go);
     }
@@ -250,11 +252,13 @@ impl VmShared {
                     }
                     return (Ok(()), attempt);
                 }
-                Err(ConversionError::Again { .. }) if attempt < policy.max_attempts => {
+                Err(ConversionError::Again { error_offset }) if attempt < policy.max_attempts => {
                     t.eagain_retries.fetch_add(1, Ordering::Relaxed);
                     let let_go = lock(&self.let_go).clone();
                     if let Some(let_go) = let_go {
-                        let_go(gpa, len);
+                        let (start, end) = let_go_range(&mem, offset, len, error_offset);
+                        // `start <= offset`: the range begins at or before the request.
+                        let_go(gpa.saturating_sub(offset - start), end - start);
                     }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(policy.max_backoff);
@@ -277,6 +281,21 @@ impl VmShared {
             .find(|s| s.gpa <= gpa && end <= s.gpa + s.len)?;
         Some((slot.mem.clone(), slot.offset + (gpa - slot.gpa)))
     }
+}
+
+/// The file range whose pins must go for a conversion of `[offset, offset +
+/// len)` that failed at `error_offset`: the request, widened to the whole
+/// 2 MiB huge folio of the failing page where the file has huge folios (a
+/// pin anywhere in that folio blocks it).
+fn let_go_range(mem: &GuestMemfd, offset: u64, len: u64, error_offset: u64) -> (u64, u64) {
+    const HUGE_FOLIO: u64 = 2 << 20;
+    let (mut start, mut end) = (offset, offset + len);
+    if mem.options().huge_folios {
+        let folio = error_offset / HUGE_FOLIO * HUGE_FOLIO;
+        start = start.min(folio);
+        end = end.max((folio + HUGE_FOLIO).min(mem.size()));
+    }
+    (start, end)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
