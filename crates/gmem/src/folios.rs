@@ -70,6 +70,12 @@ impl FolioTable {
         })
     }
 
+    /// Whether `chunk` is a huge folio now (never on a file without them:
+    /// one load saved on every pin of such a file).
+    pub(crate) fn is_huge(&self, chunk: &Chunk) -> bool {
+        self.huge_folios && chunk.folio.is_huge()
+    }
+
     /// The chunk holding `page`, if made.
     pub(crate) fn chunk(&self, page: u64) -> Option<&Chunk> {
         self.chunks[(page / CHUNK_PAGES) as usize]

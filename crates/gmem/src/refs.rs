@@ -236,7 +236,7 @@ impl References {
                 self.put_now(pages.start..segment.start, 1);
                 return Err(PinMiss::NotMapped);
             };
-            if chunk.folio.is_huge() {
+            if self.table.is_huge(chunk) {
                 let outcome = chunk.folio.try_get_huge();
                 if outcome != TryGet::Got {
                     self.put_now(pages.start..segment.start, 1);
@@ -267,7 +267,7 @@ impl References {
     ) -> Result<(), u64> {
         for (_, segment) in FolioTable::segments(pages.clone()) {
             let chunk = self.table.chunk_or_make(segment.start, &uniform);
-            if chunk.folio.is_huge() {
+            if self.table.is_huge(chunk) {
                 if !chunk.folio.get_mapped() {
                     self.put_now(pages.start..segment.start, 1);
                     return Err(segment.start);
@@ -321,7 +321,7 @@ impl References {
                 .table
                 .chunk(segment.start)
                 .expect("a pinned chunk exists");
-            if chunk.folio.is_huge() {
+            if self.table.is_huge(chunk) {
                 chunk.folio.put(1);
                 continue;
             }
@@ -342,7 +342,7 @@ impl References {
     /// backed-off pin, a huge folio's release, or flushed batches).
     pub(crate) fn put_now(&self, pages: Range<u64>, times: u64) {
         for (_, chunk, segment) in self.table.made(pages) {
-            if chunk.folio.is_huge() {
+            if self.table.is_huge(chunk) {
                 chunk.folio.put(times);
             } else {
                 chunk.pages(segment).iter().for_each(|page| page.put(times));
@@ -354,7 +354,7 @@ impl References {
     /// whole): no fast-path pin succeeds there until the slow path maps it.
     pub(crate) fn unmap(&self, pages: Range<u64>) {
         for (_, chunk, segment) in self.table.made(pages) {
-            if chunk.folio.is_huge() {
+            if self.table.is_huge(chunk) {
                 chunk.folio.unmap();
             } else {
                 chunk.pages(segment).iter().for_each(PageRef::unmap);
@@ -365,7 +365,7 @@ impl References {
     /// The first folio touching `pages` that holds a reference.
     fn first_referenced(&self, pages: Range<u64>) -> Option<Referenced> {
         for (index, chunk, segment) in self.table.made(pages) {
-            if chunk.folio.is_huge() {
+            if self.table.is_huge(chunk) {
                 if chunk.folio.count() > 0 {
                     return Some(Referenced::Huge(FolioTable::chunk_range(index).start));
                 }
@@ -448,7 +448,7 @@ impl References {
         let mut need = pages.end..pages.start;
         for (index, segment) in FolioTable::segments(pages) {
             let missing = match self.table.chunk(segment.start) {
-                Some(chunk) if chunk.folio.is_huge() => {
+                Some(chunk) if self.table.is_huge(chunk) => {
                     (!chunk.folio.is_allocated()).then(|| FolioTable::chunk_range(index))
                 }
                 Some(chunk) => {
