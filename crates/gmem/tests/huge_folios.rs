@@ -195,3 +195,150 @@ fn concurrent_pins_never_see_a_huge_folio_turn_private() {
     assert_eq!(stats.pins_live, 0);
     mem.set_attributes(0, 2 * HUGE, Private).unwrap();
 }
+
+mod model {
+    //! Random operations on a file with huge folios, against a model of page
+    //! states and live pins.
+    use super::*;
+    use proptest::prelude::*;
+
+    const PAGES: u64 = 2 * 512 + 64; // two huge folios and a small tail
+    const FOLIO: u64 = 512;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Convert {
+            first: u64,
+            pages: u64,
+            private: bool,
+        },
+        Pin {
+            first: u64,
+            pages: u64,
+        },
+        Unpin {
+            index: usize,
+        },
+        Punch {
+            first: u64,
+            pages: u64,
+        },
+    }
+
+    fn range() -> impl Strategy<Value = (u64, u64)> {
+        (0..PAGES, 1..600u64).prop_map(|(first, pages)| (first, pages.min(PAGES - first)))
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (range(), any::<bool>()).prop_map(|((first, pages), private)| Op::Convert {
+                first,
+                pages,
+                private
+            }),
+            range().prop_map(|(first, pages)| Op::Pin {
+                first,
+                pages: pages.min(8)
+            }),
+            (0..8usize).prop_map(|index| Op::Unpin { index }),
+            range().prop_map(|(first, pages)| Op::Punch { first, pages }),
+        ]
+    }
+
+    /// The pages whose folio overlaps `[first, end)`: whole huge-folio ranges
+    /// (outside the small tail), else the pages themselves.
+    fn folio_span(first: u64, end: u64) -> (u64, u64) {
+        let widen = |page: u64| page < 2 * FOLIO;
+        let start = if widen(first) {
+            first / FOLIO * FOLIO
+        } else {
+            first
+        };
+        let stop = if widen(end - 1) {
+            (end - 1) / FOLIO * FOLIO + FOLIO
+        } else {
+            end
+        };
+        (start, stop)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn conversions_respect_live_pins(ops in prop::collection::vec(op(), 1..40)) {
+            let mem = huge_file(PAGES * P);
+            let mut state = vec![Shared; PAGES as usize];
+            let mut pins: Vec<(u64, u64, gmem::Pin<'_>)> = Vec::new();
+            for op in ops {
+                let pinned = |pins: &[(u64, u64, gmem::Pin<'_>)], start: u64, stop: u64| {
+                    pins.iter().any(|(f, e, _)| *f < stop && start < *e)
+                };
+                match op {
+                    Op::Convert { first, pages, private } => {
+                        let end = first + pages;
+                        let to = if private { Private } else { Shared };
+                        let changes = state[first as usize..end as usize].iter().any(|s| *s != to);
+                        match mem.set_attributes(first * P, pages * P, to) {
+                            Ok(()) => {
+                                prop_assert!(!(private && changes && pinned(&pins, first, end)), "converted over a pin");
+                                state[first as usize..end as usize].fill(to);
+                            }
+                            Err(e) => {
+                                prop_assert_eq!(e.errno(), libc::EAGAIN);
+                                prop_assert!(private && changes);
+                                let (start, stop) = folio_span(first, end);
+                                prop_assert!(pinned(&pins, start, stop), "EAGAIN with no live pin in the folios");
+                                let at = e.error_offset() / P;
+                                prop_assert!((first..end).contains(&at), "error offset outside the request");
+                            }
+                        }
+                    }
+                    Op::Pin { first, pages } => {
+                        let end = first + pages;
+                        let shared = state[first as usize..end as usize].iter().all(|s| *s == Shared);
+                        match mem.pin(first * P, pages * P) {
+                            Ok(pin) => {
+                                prop_assert!(shared, "pinned a private page");
+                                if pins.len() < 8 { pins.push((first, end, pin)); }
+                            }
+                            Err(e) => {
+                                prop_assert_eq!(e.errno(), libc::EFAULT);
+                                prop_assert!(!shared);
+                            }
+                        }
+                    }
+                    Op::Unpin { index } => {
+                        if index < pins.len() { pins.swap_remove(index); }
+                    }
+                    Op::Punch { first, pages } => {
+                        let end = first + pages;
+                        let (start, stop) = folio_span(first, end);
+                        match mem.punch_hole(first * P, pages * P) {
+                            Ok(()) => prop_assert!(!pinned(&pins, first, end), "punched a pinned page"),
+                            Err(e) => {
+                                prop_assert_eq!(e.errno(), libc::EBUSY);
+                                prop_assert!(pinned(&pins, start, stop), "EBUSY with no live pin in the folios");
+                            }
+                        }
+                    }
+                }
+                for (page, want) in state.iter().enumerate().step_by(37) {
+                    prop_assert_eq!(mem.attribute(page as u64 * P).unwrap(), *want);
+                }
+                for (first, end, _) in &pins {
+                    for page in *first..*end {
+                        prop_assert_eq!(mem.attribute(page * P).unwrap(), Shared, "a pinned page is not shared");
+                    }
+                }
+            }
+            drop(pins);
+            prop_assert_eq!(mem.stats().pins_live, 0);
+            mem.set_attributes(0, PAGES * P, Private).unwrap();
+            mem.set_attributes(0, PAGES * P, Shared).unwrap();
+            // Uniform again: both folios are (or become) huge.
+            let pins = (mem.pin(0, P).unwrap(), mem.pin(FOLIO * P, P).unwrap());
+            prop_assert_eq!(mem.stats().huge_folios, 2, "uniform again, yet not huge");
+            drop(pins);
+        }
+    }
+}
