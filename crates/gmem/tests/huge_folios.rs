@@ -263,7 +263,12 @@ mod model {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
+        // Failures print their minimal input; no regression files are kept.
+        #![proptest_config(ProptestConfig {
+            cases: 64,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
         #[test]
         fn conversions_respect_live_pins(ops in prop::collection::vec(op(), 1..40)) {
             let mem = huge_file(PAGES * P);
