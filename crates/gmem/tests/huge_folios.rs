@@ -166,7 +166,19 @@ fn concurrent_pins_never_see_a_huge_folio_turn_private() {
                 }
             });
         }
-        for round in 0..3000u64 {
+        // Run until every path was taken (bounded, so a broken build fails
+        // rather than hangs): pins made, conversions refused, folios split.
+        let progressed = || {
+            let stats = mem.stats();
+            pinned.load(Ordering::Relaxed) > 100
+                && refused.load(Ordering::Relaxed) > 0
+                && stats.folio_splits > 0
+                && stats.folio_merges > 0
+        };
+        for round in 0..1_000_000u64 {
+            if round >= 3000 && progressed() {
+                break;
+            }
             let (offset, len) = match round % 3 {
                 0 => (0, HUGE),
                 1 => ((round % 512) * P, 3 * P),
