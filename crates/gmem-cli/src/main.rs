@@ -73,6 +73,15 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // gmem's own events (conversions refused, EAGAINs, failed restores) go to
+    // stderr at the level `RUST_LOG` asks for; warnings and errors by default.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Info { json } => info(json),
