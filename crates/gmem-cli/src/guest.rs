@@ -151,6 +151,7 @@ pub fn interpreter(path: RequestPath) -> Result<Vec<u8>, IcedError> {
     let mut top = a.create_label();
     let mut ops = [(); 7].map(|()| a.create_label());
     let mut next = a.create_label();
+    // Dispatch on the op of the command at `edi`.
     a.set_label(&mut top)?;
     a.mov(eax, dword_ptr(edi))?;
     for (op, label) in ops.iter().enumerate() {
@@ -158,11 +159,33 @@ pub fn interpreter(path: RequestPath) -> Result<Vec<u8>, IcedError> {
         a.je(*label)?;
     }
     a.hlt()?; // An unknown op.
-    // 0: halt.
     a.set_label(&mut ops[0])?;
-    a.hlt()?;
-    // 1: convert.
-    a.set_label(&mut ops[1])?;
+    a.hlt()?; // Halt.
+    let bodies: [Emitter; 6] = [
+        emit_convert,
+        emit_fill,
+        emit_check,
+        emit_notify,
+        emit_read,
+        emit_write,
+    ];
+    for (label, body) in ops[1..].iter_mut().zip(bodies) {
+        a.set_label(label)?;
+        body(&mut a, path)?;
+        a.jmp(next)?;
+    }
+    // Next command.
+    a.set_label(&mut next)?;
+    a.add(edi, 16)?;
+    a.jmp(top)?;
+    a.assemble(CODE_GPA)
+}
+
+/// Assembles the body of one op.
+type Emitter = fn(&mut CodeAssembler, RequestPath) -> Result<(), IcedError>;
+
+/// Op 1: ask for a conversion; report the result on [`RESULT_PORT`].
+fn emit_convert(a: &mut CodeAssembler, path: RequestPath) -> Result<(), IcedError> {
     a.mov(ebx, dword_ptr(edi + 4))?;
     a.mov(ecx, dword_ptr(edi + 8))?;
     match path {
@@ -178,13 +201,14 @@ pub fn interpreter(path: RequestPath) -> Result<Vec<u8>, IcedError> {
         }
     }
     a.mov(dx, RESULT_PORT as u32)?;
-    a.out(dx, eax)?;
-    a.jmp(next)?;
-    // 2: fill.
-    a.set_label(&mut ops[2])?;
-    load_range(&mut a)?;
-    let mut fill = a.create_label();
-    a.set_label(&mut fill)?;
+    a.out(dx, eax)
+}
+
+/// Op 2: write the pattern to the first and last dword of each page.
+fn emit_fill(a: &mut CodeAssembler, _: RequestPath) -> Result<(), IcedError> {
+    load_range(a)?;
+    let mut page = a.create_label();
+    a.set_label(&mut page)?;
     a.mov(eax, esi)?;
     a.xor(eax, ebx)?;
     a.mov(dword_ptr(ebx), eax)?;
@@ -192,16 +216,18 @@ pub fn interpreter(path: RequestPath) -> Result<Vec<u8>, IcedError> {
     a.mov(dword_ptr(ebx + (PAGE_SIZE as i32 - 4)), eax)?;
     a.add(ebx, PAGE_SIZE as u32)?;
     a.dec(ecx)?;
-    a.jnz(fill)?;
-    a.jmp(next)?;
-    // 3: check.
-    a.set_label(&mut ops[3])?;
-    load_range(&mut a)?;
+    a.jnz(page)
+}
+
+/// Op 3: count the dwords that differ from the pattern; report on
+/// [`CHECK_PORT`].
+fn emit_check(a: &mut CodeAssembler, _: RequestPath) -> Result<(), IcedError> {
+    load_range(a)?;
     a.xor(ebp, ebp)?;
-    let mut check = a.create_label();
+    let mut page = a.create_label();
     let mut first_ok = a.create_label();
     let mut last_ok = a.create_label();
-    a.set_label(&mut check)?;
+    a.set_label(&mut page)?;
     a.mov(eax, esi)?;
     a.xor(eax, ebx)?;
     a.cmp(dword_ptr(ebx), eax)?;
@@ -215,36 +241,34 @@ pub fn interpreter(path: RequestPath) -> Result<Vec<u8>, IcedError> {
     a.set_label(&mut last_ok)?;
     a.add(ebx, PAGE_SIZE as u32)?;
     a.dec(ecx)?;
-    a.jnz(check)?;
+    a.jnz(page)?;
     a.mov(eax, ebp)?;
     a.mov(ebx, dword_ptr(edi + 4))?;
     a.mov(ecx, dword_ptr(edi + 8))?;
     a.mov(dx, CHECK_PORT as u32)?;
-    a.out(dx, eax)?;
-    a.jmp(next)?;
-    // 4: notify.
-    a.set_label(&mut ops[4])?;
-    load_range(&mut a)?;
+    a.out(dx, eax)
+}
+
+/// Op 4: pass three values to the VMM on [`NOTIFY_PORT`].
+fn emit_notify(a: &mut CodeAssembler, _: RequestPath) -> Result<(), IcedError> {
+    load_range(a)?;
     a.mov(dx, NOTIFY_PORT as u32)?;
-    a.out(dx, al)?;
-    a.jmp(next)?;
-    // 5: read.
-    a.set_label(&mut ops[5])?;
+    a.out(dx, al)
+}
+
+/// Op 5: report a dword on [`REPORT_PORT`].
+fn emit_read(a: &mut CodeAssembler, _: RequestPath) -> Result<(), IcedError> {
     a.mov(ebx, dword_ptr(edi + 4))?;
     a.mov(eax, dword_ptr(ebx))?;
     a.mov(dx, REPORT_PORT as u32)?;
-    a.out(dx, eax)?;
-    a.jmp(next)?;
-    // 6: write.
-    a.set_label(&mut ops[6])?;
+    a.out(dx, eax)
+}
+
+/// Op 6: store a dword.
+fn emit_write(a: &mut CodeAssembler, _: RequestPath) -> Result<(), IcedError> {
     a.mov(ebx, dword_ptr(edi + 4))?;
     a.mov(eax, dword_ptr(edi + 8))?;
-    a.mov(dword_ptr(ebx), eax)?;
-    // Next command.
-    a.set_label(&mut next)?;
-    a.add(edi, 16)?;
-    a.jmp(top)?;
-    a.assemble(CODE_GPA)
+    a.mov(dword_ptr(ebx), eax)
 }
 
 /// `ebx` = gpa, `ecx` = pages, `esi` = seed, from the command at `edi`.

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use gmem::kvm::{ExitRegs, GuestIo, VcpuStop};
+use gmem::kvm::{
+    ConversionOutcome, ConversionPolicy, ConversionRequest, ExitRegs, GuestIo, VcpuStop,
+};
 use gmem::{Attribute, GuestMemfd, PAGE_SIZE};
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -137,7 +139,7 @@ fn device_bytes(thread: usize) -> std::ops::Range<usize> {
 /// State shared by the vCPU threads, the device threads and the let-go hook.
 /// Its counters are statistics (Relaxed throughout: they order nothing);
 /// `cursor` and `let_go` are hints for the device threads (where to pin, when
-/// to let go): correctness rests on the pins, not on them.
+/// to let go and stay away): correctness rests on the pins, not on them.
 struct RunState {
     mem: Arc<GuestMemfd>,
     regions: Vec<(u64, u64)>,
@@ -145,7 +147,9 @@ struct RunState {
     /// The chunk each vCPU notified last (device threads pin the next one).
     cursor: Vec<AtomicU64>,
     /// The range the VMM last asked device threads to let go of.
-    let_go: Mutex<(u64, u64)>,
+    /// The range the VMM asked device threads to let go of, until the
+    /// conversion that asked is over: no new pins there meanwhile.
+    let_go: Mutex<Option<(u64, u64)>>,
     let_go_requests: AtomicU64,
     device_pins: AtomicU64,
     device_pins_refused: AtomicU64,
@@ -165,8 +169,16 @@ impl RunState {
     }
 
     fn asked_to_let_go(&self, gpa: u64, len: u64) -> bool {
-        let (start, end) = *self.let_go.lock().unwrap_or_else(|e| e.into_inner());
-        gpa < end && start < gpa + len
+        let fence = *self.let_go.lock().unwrap_or_else(|e| e.into_inner());
+        fence.is_some_and(|(start, end)| gpa < end && start < gpa + len)
+    }
+
+    /// A conversion is over: lift its let-go request.
+    fn conversion_over(&self, gpa: u64, len: u64) {
+        let mut fence = self.let_go.lock().unwrap_or_else(|e| e.into_inner());
+        if fence.is_some_and(|(start, end)| gpa < end && start < gpa + len) {
+            *fence = None;
+        }
     }
 }
 
@@ -180,6 +192,13 @@ pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary>
         .context("setting up the VM")?;
     let state = Arc::new(RunState::new(&machine, regions, config, progress));
     seed_host_pattern(&machine, &state.regions)?;
+    // Device threads hold a pin for at most a few hundred microseconds, but on
+    // a loaded host a descheduled thread holds it longer: allow up to about
+    // half a second of retries before the guest sees EAGAIN.
+    machine.vm.set_conversion_policy(ConversionPolicy {
+        max_attempts: 128,
+        ..ConversionPolicy::default()
+    });
     let let_go = state.clone();
     machine
         .vm
@@ -208,7 +227,7 @@ impl RunState {
             cursor: regions.iter().map(|_| AtomicU64::new(0)).collect(),
             regions,
             chunk: config.chunk,
-            let_go: Mutex::new((0, 0)),
+            let_go: Mutex::new(None),
             let_go_requests: AtomicU64::new(0),
             device_pins: AtomicU64::new(0),
             device_pins_refused: AtomicU64::new(0),
@@ -223,7 +242,7 @@ impl RunState {
     /// The VMM's let-go request on `EAGAIN`: device threads holding pins in
     /// the range drop them.
     fn let_go(&self, gpa: u64, len: u64) {
-        *self.let_go.lock().unwrap_or_else(|e| e.into_inner()) = (gpa, gpa + len);
+        *self.let_go.lock().unwrap_or_else(|e| e.into_inner()) = Some((gpa, gpa + len));
         self.let_go_requests.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -392,6 +411,12 @@ impl GuestIo for WorkloadIo {
         }
         ControlFlow::Continue(())
     }
+
+    fn converted(&mut self, request: &ConversionRequest, _: &ConversionOutcome) {
+        // Guest-physical addresses are file offsets here (one slot at 0).
+        self.state
+            .conversion_over(request.gpa, request.pages * PAGE_SIZE);
+    }
 }
 
 /// The device model's answer to a notification: pin the chunk the guest just
@@ -454,6 +479,11 @@ fn device_thread(state: &RunState, thread: usize) {
         let window = (rng >> 13) % (state.chunk / PAGE_SIZE - BUFFER_PAGES + 1);
         let gpa = start + next * state.chunk + window * PAGE_SIZE;
         let len = BUFFER_PAGES * PAGE_SIZE;
+        if state.asked_to_let_go(gpa, len) {
+            // A conversion there is waiting for pins to go: stay away.
+            std::thread::sleep(Duration::from_micros(20));
+            continue;
+        }
         let pin = match state.mem.pin(gpa, len) {
             Ok(pin) => pin,
             Err(e) if e.errno() == 14 => {
