@@ -243,73 +243,82 @@ fn bench(json: bool, markdown: bool) -> anyhow::Result<ExitCode> {
 fn info(json: bool) -> anyhow::Result<ExitCode> {
     require_kvm()?;
     let support = gmem::kvm::HostSupport::probe()?;
-    let flags = |mask: u64| {
-        let mut names = Vec::new();
-        if mask & 1 != 0 {
-            names.push("MMAP");
-        }
-        if mask & 2 != 0 {
-            names.push("INIT_SHARED");
-        }
-        if mask & !3 != 0 {
-            names.push("unknown bits");
-        }
-        names
-    };
-    let vm_types: Vec<u32> = (0..64)
-        .filter(|t| support.vm_types & (1 << t) != 0)
-        .collect();
     if json {
-        let value = serde_json::json!({
-            "kvm_api_version": support.api_version,
-            "guest_memfd": support.guest_memfd,
-            "guest_memfd_flags": flags(support.guest_memfd_flags),
-            "memory_attributes": support.memory_attributes,
-            "vm_types": vm_types,
-            "user_memory2": support.user_memory2,
-            "exit_hypercall_mask": support.exit_hypercall,
-            "hypercall_exit_delivered": support.hypercall_exit_delivered,
-            "per_page_attributes": support.per_page_attributes,
-            "recommended_vcpus": support.recommended_vcpus,
-        });
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(ExitCode::SUCCESS);
+        println!("{}", serde_json::to_string_pretty(&info_json(&support))?);
+    } else {
+        print_info(&support);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The names of the guest_memfd flags in `mask`.
+fn flag_names(mask: u64) -> Vec<&'static str> {
+    let known = [(1, "MMAP"), (2, "INIT_SHARED")];
+    let mut names: Vec<_> = known
+        .iter()
+        .filter(|(bit, _)| mask & bit != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if mask & !3 != 0 {
+        names.push("unknown bits");
+    }
+    names
+}
+
+/// The VM types in a `KVM_CAP_VM_TYPES` mask.
+fn vm_types(mask: u64) -> Vec<u32> {
+    (0..64).filter(|t| mask & (1 << t) != 0).collect()
+}
+
+fn info_json(support: &gmem::kvm::HostSupport) -> serde_json::Value {
+    serde_json::json!({
+        "kvm_api_version": support.api_version,
+        "guest_memfd": support.guest_memfd,
+        "guest_memfd_flags": flag_names(support.guest_memfd_flags),
+        "memory_attributes": support.memory_attributes,
+        "vm_types": vm_types(support.vm_types),
+        "user_memory2": support.user_memory2,
+        "exit_hypercall_mask": support.exit_hypercall,
+        "hypercall_exit_delivered": support.hypercall_exit_delivered,
+        "per_page_attributes": support.per_page_attributes,
+        "recommended_vcpus": support.recommended_vcpus,
+    })
+}
+
+fn print_info(support: &gmem::kvm::HostSupport) {
     let yes = |b: bool| if b { "yes" } else { "no" };
     println!("KVM API version              {}", support.api_version);
     println!("guest_memfd                  {}", yes(support.guest_memfd));
     println!(
         "guest_memfd flags            {:#x} ({})",
         support.guest_memfd_flags,
-        flags(support.guest_memfd_flags).join(" | ")
+        flag_names(support.guest_memfd_flags).join(" | ")
     );
     println!(
         "VM memory attributes         {:#x}",
         support.memory_attributes
     );
-    println!("VM types                     {vm_types:?}");
+    println!(
+        "VM types                     {:?}",
+        vm_types(support.vm_types)
+    );
     println!("KVM_SET_USER_MEMORY_REGION2  {}", yes(support.user_memory2));
     println!(
         "hypercall exits              mask {:#x}; KVM_HC_MAP_GPA_RANGE delivered: {}",
         support.exit_hypercall,
         yes(support.hypercall_exit_delivered)
     );
-    println!(
-        "per-page attributes          {}",
-        if support.per_page_attributes {
-            "yes (KVM_SET_MEMORY_ATTRIBUTES2 on guest_memfd; gmem keeps its own map for now)"
-        } else {
-            "no (gmem's attribute map decides what the host may touch)"
-        }
-    );
-    println!(
-        "guest conversion requests    {}",
-        if support.hypercall_exit_delivered {
-            "hypercall"
-        } else {
-            "port I/O"
-        }
-    );
+    let per_page = if support.per_page_attributes {
+        "yes (KVM_SET_MEMORY_ATTRIBUTES2 on guest_memfd; gmem keeps its own map for now)"
+    } else {
+        "no (gmem's attribute map decides what the host may touch)"
+    };
+    println!("per-page attributes          {per_page}");
+    let path = if support.hypercall_exit_delivered {
+        "hypercall"
+    } else {
+        "port I/O"
+    };
+    println!("guest conversion requests    {path}");
     println!("recommended vCPUs            {}", support.recommended_vcpus);
-    Ok(ExitCode::SUCCESS)
 }

@@ -110,3 +110,22 @@ fn run_with_huge_folios_splits_and_merges_and_stays_clean() {
     assert!(summary["folio_splits"].as_u64() > Some(0), "{out}");
     assert!(summary["folio_merges"].as_u64() > Some(0), "{out}");
 }
+
+#[test]
+fn info_reports_guest_memfd_support() {
+    if !kvm() {
+        return;
+    }
+    let (ok, out) = gmem(&["info", "--json"]);
+    assert!(ok, "{out}");
+    let info: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(info["guest_memfd"], true);
+    let flags = info["guest_memfd_flags"]
+        .as_array()
+        .expect("a list of flags");
+    assert!(
+        flags.contains(&"MMAP".into()) && flags.contains(&"INIT_SHARED".into()),
+        "{out}"
+    );
+    assert!(info["per_page_attributes"].is_boolean());
+}
