@@ -1410,57 +1410,62 @@ fn conversion_waits_for_device_pins() -> Check {
 }
 
 /// (f) Two vCPUs convert their own regions at once.
-fn vcpus_convert_own_regions() -> Check {
-    const VCPUS: u64 = 2;
-    const PAGES: u64 = 4;
-    const ROUNDS: u32 = 3;
-    let machine = machine(Attribute::Shared)?;
-    let region = |id: u64| id * (PAGES + 1); // a shared page between regions
-    let seed = |id: u64, round: u32| 0xc0de_0000 ^ ((id as u32) << 8) ^ round;
-    let mut lists = Vec::new();
-    for id in 0..VCPUS {
-        let (first, pages) = (gpa(region(id)), PAGES as u32);
-        let mut commands = Vec::new();
-        for round in 0..ROUNDS {
-            commands.extend([
-                Command::Convert {
-                    gpa: first,
-                    pages,
-                    to: Attribute::Private,
-                },
-                Command::Fill {
-                    gpa: first,
-                    pages,
-                    seed: seed(id, round),
-                },
-                Command::Convert {
-                    gpa: first,
-                    pages,
-                    to: Attribute::Shared,
-                },
-                Command::Check {
-                    gpa: first,
-                    pages,
-                    seed: seed(id, round),
-                },
-            ]);
-        }
-        // vCPU 0 leaves its region private, the others shared.
-        if id == 0 {
-            commands.push(Command::Convert {
-                gpa: first,
+const OWN_VCPUS: u64 = 2;
+const OWN_PAGES: u64 = 4;
+const OWN_ROUNDS: u32 = 3;
+
+/// The first page of vCPU `id`'s region (a shared page between regions).
+fn own_region(id: u64) -> u64 {
+    id * (OWN_PAGES + 1)
+}
+
+fn own_seed(id: u64, round: u32) -> u32 {
+    0xc0de_0000 ^ ((id as u32) << 8) ^ round
+}
+
+/// vCPU `id`'s rounds over its region; vCPU 0 leaves it private.
+fn own_commands(id: u64) -> Vec<Command> {
+    let (gpa, pages) = (gpa(own_region(id)), OWN_PAGES as u32);
+    let mut commands = Vec::new();
+    for round in 0..OWN_ROUNDS {
+        let seed = own_seed(id, round);
+        commands.extend([
+            Command::Convert {
+                gpa,
                 pages,
                 to: Attribute::Private,
-            });
-        }
-        lists.push(commands);
+            },
+            Command::Fill { gpa, pages, seed },
+            Command::Convert {
+                gpa,
+                pages,
+                to: Attribute::Shared,
+            },
+            Command::Check { gpa, pages, seed },
+        ]);
     }
+    if id == 0 {
+        commands.push(Command::Convert {
+            gpa,
+            pages,
+            to: Attribute::Private,
+        });
+    }
+    commands
+}
+
+/// How a vCPU stopped, and what it reported.
+type VcpuRun = (Result<VcpuStop, gmem::kvm::VcpuError>, Record);
+
+/// Runs one vCPU per command list at once; returns how each stopped and
+/// what it reported.
+fn run_at_once(machine: &Machine, lists: &[Vec<Command>]) -> Result<Vec<VcpuRun>, Stop> {
     let mut vcpus = Vec::new();
     for (id, commands) in lists.iter().enumerate() {
         vcpus.push(machine.vcpu(id as u64, commands)?);
     }
-    let start = Barrier::new(VCPUS as usize);
-    let records = std::thread::scope(|s| {
+    let start = Barrier::new(vcpus.len());
+    std::thread::scope(|s| {
         let threads: Vec<_> = vcpus
             .into_iter()
             .map(|mut vcpu| {
@@ -1468,17 +1473,21 @@ fn vcpus_convert_own_regions() -> Check {
                 s.spawn(move || {
                     let mut record = Record::default();
                     start.wait();
-                    let stop = vcpu.run(&mut record);
-                    (stop, record)
+                    (vcpu.run(&mut record), record)
                 })
             })
             .collect();
         threads
             .into_iter()
             .map(|t| t.join().map_err(|_| fail("a vCPU thread panicked")))
-            .collect::<Result<Vec<_>, Stop>>()
-    })?;
-    for (id, (stop, record)) in records.into_iter().enumerate() {
+            .collect()
+    })
+}
+
+fn vcpus_convert_own_regions() -> Check {
+    let machine = machine(Attribute::Shared)?;
+    let lists: Vec<_> = (0..OWN_VCPUS).map(own_commands).collect();
+    for (id, (stop, record)) in run_at_once(&machine, &lists)?.into_iter().enumerate() {
         let id = id as u64;
         ensure_eq(
             format_args!("how vCPU {id} stopped"),
@@ -1486,8 +1495,8 @@ fn vcpus_convert_own_regions() -> Check {
             VcpuStop::Halted,
         )?;
         expect_quiet(&record)?;
-        let first = gpa(region(id));
-        let conversions = ROUNDS as usize * 2 + usize::from(id == 0);
+        let first = gpa(own_region(id));
+        let conversions = OWN_ROUNDS as usize * 2 + usize::from(id == 0);
         ensure_eq(
             format_args!("vCPU {id}'s conversion results"),
             record.results,
@@ -1496,39 +1505,40 @@ fn vcpus_convert_own_regions() -> Check {
         ensure_eq(
             format_args!("vCPU {id}'s check results"),
             record.checks,
-            vec![(first, PAGES as u32, 0); ROUNDS as usize],
+            vec![(first, OWN_PAGES as u32, 0); OWN_ROUNDS as usize],
         )?;
         ensure!(
             record.conversions.iter().all(|(r, _)| r.vcpu == id),
             "vCPU {id} recorded another vCPU's conversion"
         );
     }
+    let mem = &machine.mem;
     expect_range(
-        &machine.mem,
-        region(0),
-        PAGES,
+        mem,
+        own_region(0),
+        OWN_PAGES,
         Attribute::Private,
         "at the end (vCPU 0)",
     )?;
+    expect_range(mem, OWN_PAGES, 1, Attribute::Shared, "between the regions")?;
     expect_range(
-        &machine.mem,
-        PAGES,
-        1,
-        Attribute::Shared,
-        "between the regions",
-    )?;
-    expect_range(
-        &machine.mem,
-        region(1),
-        PAGES,
+        mem,
+        own_region(1),
+        OWN_PAGES,
         Attribute::Shared,
         "at the end (vCPU 1)",
     )?;
-    host_expect(&machine, region(1), PAGES, seed(1, ROUNDS - 1))?;
+    host_expect(
+        &machine,
+        own_region(1),
+        OWN_PAGES,
+        own_seed(1, OWN_ROUNDS - 1),
+    )?;
     let totals = machine.vm.conversion_totals();
+    let served = u64::from(OWN_ROUNDS) * 4 + 1;
     ensure_eq(
         "(requests, succeeded) served",
         (totals.requests, totals.succeeded),
-        (u64::from(ROUNDS) * 4 + 1, u64::from(ROUNDS) * 4 + 1),
+        (served, served),
     )
 }
