@@ -45,8 +45,9 @@ impl RawMapping {
 
     fn remap(&self, offset: usize, len: usize, fd: impl AsFd) {
         assert!(offset + len <= self.len);
-        // SAFETY: the range is inside this mapping, which this value owns;
-        // nothing holds a reference into it.
+        // The range is inside this mapping, which this value owns, and nothing
+        // holds a reference into it.
+        // SAFETY: MAP_FIXED replaces only pages this value owns.
         unsafe {
             rustix::mm::mmap(
                 self.addr.as_ptr().add(offset).cast(),
@@ -88,8 +89,7 @@ impl RawMapping {
     /// `copy_nonoverlapping` from the mapping into `dst`: the floor of a copy.
     pub fn copy_out(&self, offset: usize, dst: &mut [u8]) {
         assert!(offset + dst.len() <= self.len);
-        // SAFETY: the source is inside the mapping, mapped to the file; the
-        // destination is a distinct Rust buffer.
+        // SAFETY: the source is inside the mapping (asserted), mapped to the file; `dst` is distinct.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 self.addr.as_ptr().add(offset),
@@ -102,7 +102,7 @@ impl RawMapping {
     /// `copy_nonoverlapping` from `src` into the mapping.
     pub fn copy_in(&self, offset: usize, src: &[u8]) {
         assert!(offset + src.len() <= self.len);
-        // SAFETY: as `copy_out`, the other way.
+        // SAFETY: the destination is inside the mapping (asserted); `src` is distinct.
         unsafe {
             std::ptr::copy_nonoverlapping(src.as_ptr(), self.addr.as_ptr().add(offset), src.len())
         }
@@ -113,8 +113,9 @@ impl RawMapping {
 /// (`MADV_POPULATE_WRITE`), as touching each page would.
 pub fn populate(map: &gmem::HostMapping, len: u64) -> std::io::Result<()> {
     assert!(len <= map.len());
-    // SAFETY: the range is inside the mapping `map` owns; populating faults
-    // pages in and changes no byte. A private page would fail with EFAULT.
+    // Populating faults pages in and changes no byte; a private page would
+    // fail with EFAULT.
+    // SAFETY: the range is inside the mapping `map` owns (asserted).
     unsafe {
         rustix::mm::madvise(
             map.as_ptr().cast(),

@@ -19,9 +19,10 @@ pub(crate) struct MappedRegion {
     len: usize,
 }
 
-// SAFETY: the region is plain memory owned by this value; every access goes
-// through raw copies whose bounds are checked, and remaps are serialised by
-// the owner (the conversion holds the mapping registry's lock).
+// The region is plain memory owned by this value; every access goes through
+// raw copies whose bounds are checked, and remaps are serialised by the owner
+// (the conversion holds the mapping registry's lock).
+// SAFETY: nothing in the region is tied to the creating thread.
 unsafe impl Send for MappedRegion {}
 // SAFETY: as for Send; `&MappedRegion` only allows bounded raw copies.
 unsafe impl Sync for MappedRegion {}
@@ -29,8 +30,7 @@ unsafe impl Sync for MappedRegion {}
 impl MappedRegion {
     /// Maps `len` bytes (page-aligned, non-zero) of `fd` from offset 0, shared.
     pub(crate) fn map_shared(fd: BorrowedFd<'_>, len: usize) -> Result<MappedRegion, Errno> {
-        // SAFETY: a new mapping at an address the kernel picks; it overlaps
-        // nothing we own.
+        // SAFETY: a new mapping at an address the kernel picks overlaps nothing we own.
         let addr = unsafe {
             rustix::mm::mmap(
                 std::ptr::null_mut(),
@@ -63,9 +63,8 @@ impl MappedRegion {
         if end > self.len as u64 || len == 0 {
             return Err(Errno::INVAL);
         }
-        // SAFETY: the range lies inside this region, which this value owns:
-        // MAP_FIXED replaces only our own pages. Nobody holds a Rust
-        // reference into the region (access is by raw copies only).
+        // Nobody holds a Rust reference into the region (raw copies only).
+        // SAFETY: the range lies inside this region, so MAP_FIXED replaces only our own pages.
         unsafe {
             rustix::mm::mmap(
                 self.as_ptr().add(start as usize).cast(),
@@ -86,9 +85,9 @@ impl MappedRegion {
     /// would. Panics if the range is outside the region.
     pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) {
         let offset = self.check(offset, buf.len());
-        // SAFETY: the source range is inside the region (checked), mapped
-        // readable; the destination is a distinct Rust buffer. Guest memory
-        // may change under the copy: we copy bytes, never form references.
+        // Guest memory may change under the copy: we copy bytes, never form
+        // references.
+        // SAFETY: the source is inside the region (checked) and readable; `buf` is distinct.
         unsafe {
             std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), buf.as_mut_ptr(), buf.len())
         }
@@ -97,8 +96,7 @@ impl MappedRegion {
     /// Copies `data` to `offset` of the region; as [`read`](Self::read).
     pub(crate) fn write(&self, offset: u64, data: &[u8]) {
         let offset = self.check(offset, data.len());
-        // SAFETY: the destination range is inside the region (checked),
-        // mapped writable; the source is a distinct Rust buffer.
+        // SAFETY: the destination is inside the region (checked) and writable; `data` is distinct.
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
         }
@@ -129,8 +127,7 @@ pub enum ProbeOutcome {
 /// a multi-threaded process is sound; a write reaches the parent only through
 /// a shared mapping.
 pub(crate) fn probe_in_child(ptr: *mut u8, write: bool) -> Result<ProbeOutcome, Errno> {
-    // SAFETY: after fork the child only performs the access and `_exit`: no
-    // allocation, no locks, nothing that another thread could have held.
+    // SAFETY: the child only performs one access and `_exit`s: no allocation, no locks.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(Errno::from_raw_os_error(
@@ -138,8 +135,7 @@ pub(crate) fn probe_in_child(ptr: *mut u8, write: bool) -> Result<ProbeOutcome, 
         ));
     }
     if pid == 0 {
-        // SAFETY: the access may fault, which is what is being observed; the
-        // child exits right after it either way.
+        // SAFETY: a fault is what is being observed; the child exits right after either way.
         unsafe {
             if write {
                 std::ptr::write_volatile(ptr, std::ptr::read_volatile(ptr));

@@ -44,17 +44,16 @@ pub(super) unsafe fn set_memslot(
 /// when `KVM_SYNC_X86_REGS` is in `kvm_valid_regs`.
 pub(super) fn sync_regs(vcpu: &mut VcpuFd) -> &mut kvm_regs {
     let run = vcpu.get_kvm_run();
-    // SAFETY: `s` is a union of the synced register sets; on x86 `regs` is
-    // its active member whenever KVM_SYNC_X86_REGS is valid, which
-    // `Vcpu::new` requests for every exit. Plain integers: any bits are valid.
+    // `s` is a union of the synced register sets; `Vcpu::new` asks for
+    // KVM_SYNC_X86_REGS at every exit. Plain integers: any bits are valid.
+    // SAFETY: on x86, `regs` is the active member of `s` when the regs are synced.
     unsafe { &mut run.s.regs.regs }
 }
 
 /// `kvm_run.internal.suberror`, after a `KVM_EXIT_INTERNAL_ERROR`.
 pub(super) fn internal_suberror(vcpu: &mut VcpuFd) -> u32 {
     let run = vcpu.get_kvm_run();
-    // SAFETY: the exit reason said the `internal` member is active; it is
-    // plain integers.
+    // SAFETY: the exit reason said `internal` is the active member; plain integers.
     unsafe { run.__bindgen_anon_1.internal.suberror }
 }
 
@@ -62,8 +61,8 @@ pub(super) fn internal_suberror(vcpu: &mut VcpuFd) -> u32 {
 /// empty request is `EINVAL` where the ioctl exists and `ENOTTY` where not.
 pub(super) fn has_memory_attributes2(guest_memfd: BorrowedFd<'_>) -> bool {
     let mut request = KvmMemoryAttributes2::default();
-    // SAFETY: the request is a valid, writable `kvm_memory_attributes2` of
-    // the size encoded in the ioctl number; a size of zero changes nothing.
+    // A size of zero changes nothing.
+    // SAFETY: `request` is a writable `kvm_memory_attributes2` of the size the ioctl number encodes.
     let ret = unsafe {
         vmm_sys_util::ioctl::ioctl_with_mut_ref(
             &guest_memfd,

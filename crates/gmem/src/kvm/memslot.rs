@@ -101,11 +101,11 @@ impl Vm {
             guest_memfd: mem.as_fd().as_raw_fd() as u32,
             ..Default::default()
         };
-        // SAFETY: the mapping at `userspace_addr` is gmem's own mapping of the
-        // whole file, never changed by conversions, and `mem`'s fd is a
-        // guest_memfd of this VM (checked above); the table entry pushed
-        // below holds `mem`, so both outlive the slot, which `Memslot::drop`
-        // deletes before dropping the entry.
+        // `userspace_addr` is gmem's own mapping of the whole file, never
+        // changed by conversions; `mem`'s fd is a guest_memfd of this VM
+        // (checked above). The table entry pushed below holds `mem`, and
+        // `Memslot::drop` deletes the slot before dropping the entry.
+        // SAFETY: the mapping and the fd outlive the slot (see above).
         unsafe { ioctl::set_memslot(&self.shared.fd, region) }
             .map_err(|errno| MemslotError::Kernel { errno })?;
         slots.push(SlotEntry {
