@@ -1,4 +1,6 @@
 //! Floors for the benchmarks: the raw work gmem cannot avoid, done directly.
+//! Written apart from gmem's own `sys.rs` on purpose: a floor must not run
+//! gmem's code.
 //! The one module of the command with `unsafe`.
 
 use std::os::fd::{AsFd, OwnedFd};

@@ -19,16 +19,6 @@ pub enum Attribute {
     Private,
 }
 
-impl Attribute {
-    /// The other state.
-    pub fn flipped(self) -> Attribute {
-        match self {
-            Attribute::Shared => Attribute::Private,
-            Attribute::Private => Attribute::Shared,
-        }
-    }
-}
-
 /// A maximal run of pages with one state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Run {
@@ -37,7 +27,8 @@ pub(crate) struct Run {
 }
 
 impl Run {
-    fn range(&self) -> Range<u64> {
+    /// The pages of the run.
+    pub(crate) fn range(&self) -> Range<u64> {
         self.pages.0..self.pages.1
     }
 }

@@ -117,7 +117,8 @@ impl FileState {
         // pins wait for our lock: only references already taken remain.
         self.refs.unmap(pages.clone());
         if let Err(page) = self.refs.check_unreferenced(pages.clone()) {
-            self.mappings.restore_all(self, attrs, pages);
+            self.mappings
+                .restore_all(self, attrs, pages, Attribute::Private);
             Counters::bump(&self.counters.eagain);
             // Clamped to the start of the request (a huge folio may begin
             // before it).

@@ -58,7 +58,6 @@ pub struct GuestMemfd {
 pub(crate) struct FileState {
     pub(crate) size: u64,
     pub(crate) flags: Flags,
-    pub(crate) options: Options,
     pub(crate) backing: Backing,
     /// An empty file, mapped over private pages so that they `SIGBUS`.
     pub(crate) hole: OwnedFd,
@@ -101,14 +100,15 @@ impl GuestMemfd {
         Ok(())
     }
 
-    /// A file over a backing of `size` bytes that the host may map in full.
+    /// A file over a backing of `size` bytes that the host may map in full;
+    /// `size` and `flags` were checked with [`validate`](Self::validate).
     pub(crate) fn with_backing(
         backing: Backing,
         size: u64,
         flags: Flags,
         options: Options,
     ) -> Result<GuestMemfd, Error> {
-        Self::validate(size, flags)?;
+        debug_assert!(Self::validate(size, flags).is_ok());
         let initial = if flags.contains(Flags::INIT_SHARED) {
             Attribute::Shared
         } else {
@@ -125,7 +125,6 @@ impl GuestMemfd {
             state: Arc::new(FileState {
                 size,
                 flags,
-                options,
                 hole: Backing::empty()?,
                 direct,
                 backing,
@@ -150,7 +149,9 @@ impl GuestMemfd {
 
     /// The file's options.
     pub fn options(&self) -> Options {
-        self.state.options
+        Options {
+            huge_folios: self.state.refs.has_huge_folios(),
+        }
     }
 
     /// What backs the file.
@@ -174,6 +175,14 @@ impl GuestMemfd {
     #[cfg_attr(not(feature = "kvm"), allow(dead_code))]
     pub(crate) fn direct_map_ptr(&self) -> *mut u8 {
         self.state.direct.as_ptr()
+    }
+
+    /// The byte range of the folio holding `offset` (inside the file): its
+    /// 2 MiB huge folio while there is one, else its page. A reference
+    /// anywhere in it blocks a conversion of any part of it.
+    pub fn folio_range(&self, offset: u64) -> std::ops::Range<u64> {
+        let pages = self.state.refs.folio_of(offset >> PAGE_SHIFT);
+        (pages.start << PAGE_SHIFT)..(pages.end << PAGE_SHIFT)
     }
 
     /// A number naming the file uniquely in this process.

@@ -70,6 +70,11 @@ impl FolioTable {
         })
     }
 
+    /// Whether the file counts references per huge folio at all.
+    pub(crate) fn has_huge_folios(&self) -> bool {
+        self.huge_folios
+    }
+
     /// Whether `chunk` is a huge folio now (never on a file without them:
     /// one load saved on every pin of such a file).
     pub(crate) fn is_huge(&self, chunk: &Chunk) -> bool {

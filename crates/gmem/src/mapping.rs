@@ -35,15 +35,13 @@ impl HostMapping {
         let attrs = file.read_attrs();
         let region = MappedRegion::map_shared(file.backing.as_fd(), len as usize)
             .map_err(Error::os("mmap"))?;
+        // Freshly mapped shared throughout: hide the private runs.
         let pages = 0..(file.size >> PAGE_SHIFT);
         for run in attrs
             .runs_in(pages)
             .filter(|run| run.attr == Attribute::Private)
         {
-            let (start, end) = (run.pages.0 << PAGE_SHIFT, run.pages.1 << PAGE_SHIFT);
-            region
-                .remap(start, end - start, &file.hole)
-                .map_err(Error::os("mmap"))?;
+            remap(file, &region, run.range(), run.attr).map_err(Error::os("mmap"))?;
         }
         let region = Arc::new(region);
         file.mappings.register(region.clone());
@@ -155,8 +153,9 @@ impl Mappings {
         self.lock().retain(|other| !Arc::ptr_eq(other, region));
     }
 
-    /// Maps `pages` of every live mapping to `fd` (the backing, or the empty
-    /// file). On failure, restores the mappings already changed to `attrs`.
+    /// Maps the runs of `pages` that are not in state `to` as `to`, in every
+    /// live mapping (runs already in state `to` are left mapped as they are).
+    /// On failure, puts back what it changed.
     pub(crate) fn remap_all(
         &self,
         file: &FileState,
@@ -166,9 +165,10 @@ impl Mappings {
     ) -> Result<(), Errno> {
         let live = self.lock();
         for (done, region) in live.iter().enumerate() {
-            if let Err(errno) = remap(file, region, pages.clone(), to) {
-                for region in &live[..done] {
-                    restore(file, region, attrs, pages.clone());
+            let mut changing = attrs.runs_in(pages.clone()).filter(|run| run.attr != to);
+            if let Err(errno) = changing.try_for_each(|run| remap(file, region, run.range(), to)) {
+                for region in &live[..=done] {
+                    apply(file, region, attrs, pages.clone(), to);
                 }
                 return Err(errno);
             }
@@ -176,10 +176,17 @@ impl Mappings {
         Ok(())
     }
 
-    /// Makes `pages` of every live mapping match `attrs` again.
-    pub(crate) fn restore_all(&self, file: &FileState, attrs: &AttributeMap, pages: Range<u64>) {
+    /// Undoes [`remap_all`](Self::remap_all)`(.., to)`: maps the runs of
+    /// `pages` that are not in state `to` as their state says again.
+    pub(crate) fn restore_all(
+        &self,
+        file: &FileState,
+        attrs: &AttributeMap,
+        pages: Range<u64>,
+        to: Attribute,
+    ) {
         for region in self.lock().iter() {
-            restore(file, region, attrs, pages.clone());
+            apply(file, region, attrs, pages.clone(), to);
         }
     }
 }
@@ -200,12 +207,20 @@ fn remap(
     }
 }
 
-fn restore(file: &FileState, region: &MappedRegion, attrs: &AttributeMap, pages: Range<u64>) {
-    for run in attrs.runs_in(pages) {
-        if let Err(errno) = remap(file, region, run.pages.0..run.pages.1, run.attr) {
+/// Maps each run of `pages` whose state is not `mapped_as` as its state says,
+/// in a region where the whole range is currently mapped as `mapped_as`.
+fn apply(
+    file: &FileState,
+    region: &MappedRegion,
+    attrs: &AttributeMap,
+    pages: Range<u64>,
+    mapped_as: Attribute,
+) {
+    for run in attrs.runs_in(pages).filter(|run| run.attr != mapped_as) {
+        if let Err(errno) = remap(file, region, run.range(), run.attr) {
             // Nothing is left to fall back on (the usual cause is the VMA
             // limit, vm.max_map_count): report it loudly.
-            tracing::error!(%errno, ?run, "restoring a host mapping after a failed conversion failed");
+            tracing::error!(%errno, ?run, "restoring a host mapping failed");
         }
     }
 }

@@ -407,6 +407,9 @@ impl References {
     /// that hold no reference. `uniform` tells whether a range has one state.
     pub(crate) fn reshape(&self, pages: Range<u64>, uniform: impl Fn(Range<u64>) -> bool) {
         use std::sync::atomic::Ordering::Relaxed;
+        if !self.table.has_huge_folios() {
+            return;
+        }
         for (index, chunk, _) in self.table.made(pages) {
             let range = FolioTable::chunk_range(index);
             let whole = self.table.may_be_huge(index) && uniform(range.clone());
@@ -532,6 +535,22 @@ impl References {
             self.reshapes.splits.load(Relaxed),
             self.reshapes.merges.load(Relaxed),
         )
+    }
+
+    /// Whether the file counts references per huge folio.
+    pub(crate) fn has_huge_folios(&self) -> bool {
+        self.table.has_huge_folios()
+    }
+
+    /// The pages of the folio holding `page`: its 2 MiB chunk while that is
+    /// a huge folio, else the page alone.
+    pub(crate) fn folio_of(&self, page: u64) -> Range<u64> {
+        match self.table.chunk(page) {
+            Some(chunk) if self.table.is_huge(chunk) => {
+                FolioTable::chunk_range(page / crate::folios::CHUNK_PAGES)
+            }
+            _ => page..page + 1,
+        }
     }
 
     /// Bytes of reference metadata.

@@ -284,18 +284,11 @@ impl VmShared {
 }
 
 /// The file range whose pins must go for a conversion of `[offset, offset +
-/// len)` that failed at `error_offset`: the request, widened to the whole
-/// 2 MiB huge folio of the failing page where the file has huge folios (a
-/// pin anywhere in that folio blocks it).
+/// len)` that failed at `error_offset`: the request, widened to the folio of
+/// the failing page (a pin anywhere in a huge folio blocks it).
 fn let_go_range(mem: &GuestMemfd, offset: u64, len: u64, error_offset: u64) -> (u64, u64) {
-    const HUGE_FOLIO: u64 = 2 << 20;
-    let (mut start, mut end) = (offset, offset + len);
-    if mem.options().huge_folios {
-        let folio = error_offset / HUGE_FOLIO * HUGE_FOLIO;
-        start = start.min(folio);
-        end = end.max((folio + HUGE_FOLIO).min(mem.size()));
-    }
-    (start, end)
+    let folio = mem.folio_range(error_offset);
+    (offset.min(folio.start), (offset + len).max(folio.end))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
