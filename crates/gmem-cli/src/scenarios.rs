@@ -10,9 +10,10 @@
 //! [`Outcome::Fail`]; scenarios that need KVM report [`Outcome::Skip`] where
 //! it is unavailable.
 //!
-//! The `SIGBUS` of raw accesses (to private pages, and past the end of the
-//! file) is observed with [`HostMapping::probe`], which makes the access in a
-//! forked child.
+//! The faults of raw accesses (to private pages: `SIGSEGV` under guard
+//! markers, `SIGBUS` under the remap fallback; past the end of the file:
+//! `SIGBUS`) are observed with [`HostMapping::probe`], which makes the access
+//! in a forked child.
 
 use std::any::Any;
 use std::fmt::{Debug, Display};
@@ -129,7 +130,7 @@ pub fn all() -> Vec<Scenario> {
     // 5. References, and gmem's EBUSY and EFAULT.
     host!("punch-pinned-ebusy", punch_pinned_ebusy);
     host!("private-page-efault", private_page_efault);
-    host!("private-page-sigbus", private_page_sigbus);
+    host!("private-page-faults", private_page_faults);
     // The guest side.
     guest!(
         "host-writes-guest-reads-after-private",
@@ -479,15 +480,27 @@ fn mmap_past_end(env: &Env) -> Check {
     )
 }
 
+/// `SIGBUS` on x86_64 Linux.
+const SIGBUS: i32 = 7;
+/// `SIGSEGV` on x86_64 Linux.
+const SIGSEGV: i32 = 11;
+
 /// How a raw access in a child ended, as text.
 fn raw_access(map: &HostMapping, offset: u64) -> Result<&'static str, Stop> {
-    /// `SIGBUS` on x86_64 Linux.
-    const SIGBUS: i32 = 7;
     Ok(match map.probe(offset, false)? {
         gmem::ProbeOutcome::Completed => "completed",
         gmem::ProbeOutcome::Signal(SIGBUS) => "SIGBUS",
+        gmem::ProbeOutcome::Signal(SIGSEGV) => "SIGSEGV",
         gmem::ProbeOutcome::Signal(_) => "another signal",
     })
+}
+
+/// The fault a raw access to a private page of `map` raises, as text.
+fn private_fault(map: &HostMapping) -> &'static str {
+    match map.hiding() {
+        gmem::Hiding::GuardMarkers => "SIGSEGV",
+        gmem::Hiding::EmptyFileRemap => "SIGBUS",
+    }
 }
 
 fn past_end_sigbus(env: &Env) -> Check {
@@ -510,7 +523,7 @@ fn past_end_sigbus(env: &Env) -> Check {
     )
 }
 
-fn private_page_sigbus(env: &Env) -> Check {
+fn private_page_faults(env: &Env) -> Check {
     let mem = env.shared(4)?;
     let early = mem.mmap()?;
     mem.set_attributes(P, 2 * P, Attribute::Private)?;
@@ -527,12 +540,12 @@ fn private_page_sigbus(env: &Env) -> Check {
         ensure_eq(
             format!("raw access to a private page in {which}"),
             raw_access(map, P)?,
-            "SIGBUS",
+            private_fault(map),
         )?;
         ensure_eq(
             format!("raw access to a private page in {which}"),
             raw_access(map, 3 * P - 1)?,
-            "SIGBUS",
+            private_fault(map),
         )?;
         ensure_eq(
             format!("raw access after the range in {which}"),

@@ -187,6 +187,7 @@ pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary>
     let regions = plan(config)?;
     let options = gmem::Options {
         huge_folios: config.huge_folios,
+        ..Default::default()
     };
     let machine = Machine::with_options(config.memory, Attribute::Shared, options)
         .context("setting up the VM")?;

@@ -104,6 +104,23 @@ impl AttributeMap {
             .sum()
     }
 
+    /// How many runs are private.
+    pub(crate) fn private_runs(&self) -> u64 {
+        self.runs
+            .iter()
+            .filter(|run| run.attr == Attribute::Private)
+            .count() as u64
+    }
+
+    /// What [`private_runs`](Self::private_runs) would be after `set(pages, attr)`.
+    pub(crate) fn private_runs_after(&self, pages: Range<u64>, attr: Attribute) -> u64 {
+        let mut copy = AttributeMap {
+            runs: self.runs.clone(),
+        };
+        copy.set(pages, attr);
+        copy.private_runs()
+    }
+
     /// Reserves what one [`set`](Self::set) may need, so that it cannot fail.
     pub(crate) fn prepare(&mut self) -> Result<(), TryReserveError> {
         // One set replaces at least one run by at most three.

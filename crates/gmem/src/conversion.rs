@@ -3,22 +3,28 @@
 
 use std::ops::Range;
 
-use crate::attributes::{Attribute, AttributeMap};
+use crate::attributes::Attribute;
 use crate::file::{FileState, GuestMemfd};
+use crate::mapping::MappingFailure;
 use crate::stats::Counters;
 use crate::{ConversionError, PAGE_SHIFT, PAGE_SIZE};
 
 impl GuestMemfd {
     /// Converts `[offset, offset + len)` to `to`, in place.
     ///
-    /// Shared to private removes the range from every host mapping and then
-    /// checks that no page holds a reference (a pin, or a released pin parked
-    /// in some thread's batch); on the first referenced page it drains every
-    /// thread's batch once and checks again. Private to shared has no check.
-    /// Contents are kept both ways. All or nothing: on error no page changed.
+    /// Shared to private first checks that no page holds a reference (a pin,
+    /// or a released pin parked in some thread's batch), draining every
+    /// thread's batch once on the first referenced page, and only then hides
+    /// the range in every host mapping. Private to shared has no check.
+    /// Contents are kept both ways. All or nothing: on error no page changed
+    /// state and no host mapping shows a change, so a failed conversion is
+    /// invisible to raw host accesses.
     ///
     /// Errors: `EINVAL` for a malformed range; `EAGAIN` with the offset of a
-    /// page still referenced; `EBUSY` if a listener refused; `ENOMEM`.
+    /// page still referenced; `EBUSY` if a listener refused; `ENOMEM` (no
+    /// memory, or over the VMA budget of the remap fallback); the errno of a
+    /// failed `madvise`/`mmap`, which may also have poisoned a mapping
+    /// ([`ConversionError::MappingPoisoned`]).
     pub fn set_attributes(
         &self,
         offset: u64,
@@ -30,7 +36,7 @@ impl GuestMemfd {
         // 1. The invalidate lock, exclusively: no fault, new mapping or
         //    slow-path pin runs until we are done.
         let mut attrs = state.write_attrs();
-        // 2. Nothing to change: success without unmap or check.
+        // 2. Nothing to change: success without check or mapping change.
         if attrs.first_not(pages.clone(), to).is_none() {
             return Ok(());
         }
@@ -38,22 +44,41 @@ impl GuestMemfd {
         attrs.prepare().map_err(|_| ConversionError::NoMemory {
             error_offset: offset,
         })?;
-        match to {
-            // 4. Unmap, then the exact reference check.
-            Attribute::Private => state.unmap_and_check(&attrs, pages.clone(), offset)?,
-            // 6. No check; map the pages back into the host.
-            Attribute::Shared => state
-                .mappings
-                .remap_all(state, &attrs, pages.clone(), Attribute::Shared)
-                .map_err(|errno| ConversionError::Os {
-                    error_offset: offset,
-                    call: "mmap",
-                    errno,
-                })?,
+        if to == Attribute::Private {
+            state.ask_listeners(offset, len)?;
         }
+        // The registry stays locked to the commit: the mappings changed are
+        // the mappings charged for.
+        let mut mappings = state.mappings.lock();
+        let charge = mappings
+            .reserve(state, attrs.private_runs_after(pages.clone(), to), None)
+            .map_err(|over| ConversionError::VmaBudget {
+                error_offset: offset,
+                needed: over.needed,
+                budget: over.budget,
+            })?;
+        // 4. Shared to private: the exact reference check. Host mappings
+        //    hold no counted references (a fast-path pin's "PTE" is the
+        //    MAPPED bit, cleared here), so they are changed after it passes.
+        if to == Attribute::Private {
+            state.check_unreferenced(pages.clone(), offset)?;
+        }
+        // 4b. Hide (or show) the runs that change, in every host mapping.
+        //     Still undoable: a failure puts every mapping back.
+        let changing = || {
+            attrs
+                .runs_in(pages.clone())
+                .filter(|run| run.attr != to)
+                .map(|run| run.range())
+        };
+        mappings
+            .apply(state, changing, to)
+            .map_err(|failure| mapping_error(failure, offset))?;
         // 5. Point of no return: store the new state. (Guest mappings are
         //    KVM's and stay valid: on a software-protected VM both states are
         //    mapped for the guest.)
+        charge.commit();
+        drop(mappings);
         attrs.set(pages.clone(), to);
         state.refs.reshape(pages, |range| attrs.is_uniform(range));
         Counters::bump(match to {
@@ -88,49 +113,57 @@ impl GuestMemfd {
 }
 
 impl FileState {
-    /// Step 4 of a shared to private conversion: ask the listeners, remove the
-    /// range from every host mapping and from the pin fast path, then check
-    /// references exactly. On failure the host mappings are restored.
-    fn unmap_and_check(
-        &self,
-        attrs: &AttributeMap,
-        pages: Range<u64>,
-        offset: u64,
-    ) -> Result<(), ConversionError> {
-        let len = (pages.end - pages.start) << PAGE_SHIFT;
-        if let Err(refusal) = self.listeners.before_private(offset, len) {
-            Counters::bump(&self.counters.refused);
-            tracing::debug!(offset, len, %refusal, "conversion refused by a listener");
-            return Err(ConversionError::Refused {
-                error_offset: offset,
-                reason: refusal.reason,
-            });
-        }
-        self.mappings
-            .remap_all(self, attrs, pages.clone(), Attribute::Private)
-            .map_err(|errno| ConversionError::Os {
-                error_offset: offset,
-                call: "mmap",
-                errno,
-            })?;
+    /// Asks the listeners whether `[offset, offset + len)` may become
+    /// private; the first refusal fails the conversion with `EBUSY`.
+    fn ask_listeners(&self, offset: u64, len: u64) -> Result<(), ConversionError> {
+        self.listeners
+            .before_private(offset, len)
+            .map_err(|refusal| {
+                Counters::bump(&self.counters.refused);
+                tracing::debug!(offset, len, %refusal, "conversion refused by a listener");
+                ConversionError::Refused {
+                    error_offset: offset,
+                    reason: refusal.reason,
+                }
+            })
+    }
+
+    /// Step 4 of a shared to private conversion: remove the pages from the
+    /// pin fast path, then check references exactly (one drain allowed).
+    fn check_unreferenced(&self, pages: Range<u64>, offset: u64) -> Result<(), ConversionError> {
         // After this no fast-path pin succeeds in the range, and slow-path
         // pins wait for our lock: only references already taken remain.
         self.refs.unmap(pages.clone());
-        if let Err(page) = self.refs.check_unreferenced(pages.clone()) {
-            self.mappings
-                .restore_all(self, attrs, pages, Attribute::Private);
-            Counters::bump(&self.counters.eagain);
-            // Clamped to the start of the request (a huge folio may begin
-            // before it).
-            let error_offset = (page << PAGE_SHIFT).max(offset);
-            tracing::trace!(
-                offset,
-                len,
-                error_offset,
-                "conversion failed: page referenced"
-            );
-            return Err(ConversionError::Again { error_offset });
+        let Err(page) = self.refs.check_unreferenced(pages) else {
+            return Ok(());
+        };
+        Counters::bump(&self.counters.eagain);
+        // Clamped to the start of the request (a huge folio may begin
+        // before it).
+        let error_offset = (page << PAGE_SHIFT).max(offset);
+        tracing::debug!(offset, error_offset, "conversion failed: page referenced");
+        Err(ConversionError::Again { error_offset })
+    }
+}
+
+/// The conversion error for a failed change of the host mappings.
+fn mapping_error(failure: MappingFailure, error_offset: u64) -> ConversionError {
+    let MappingFailure {
+        call,
+        errno,
+        poisoned,
+    } = failure;
+    if poisoned {
+        ConversionError::MappingPoisoned {
+            error_offset,
+            call,
+            errno,
         }
-        Ok(())
+    } else {
+        ConversionError::Os {
+            error_offset,
+            call,
+            errno,
+        }
     }
 }

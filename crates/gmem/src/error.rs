@@ -70,6 +70,24 @@ pub enum Error {
         /// The offset of the page.
         offset: u64,
     },
+    /// Guard markers were required (`Options::hiding`) but the kernel
+    /// refuses them on this mapping (`EINVAL`): an mlocked or hugetlb
+    /// mapping, or a kernel before 6.15.
+    #[error("the kernel refuses guard markers on this mapping")]
+    GuardsRefused,
+    /// The remap fallback would exceed the file's or the process's VMA
+    /// budget (`ENOMEM`, as `mmap` gives at `vm.max_map_count`).
+    #[error("the mapping would need {needed} VMAs, over the budget of {budget}")]
+    VmaBudget {
+        /// The VMAs the file's fallback mappings would need.
+        needed: u64,
+        /// The budget that would be exceeded.
+        budget: u64,
+    },
+    /// The mapping is poisoned (`EIO`): a conversion could not undo its
+    /// change here, so it no longer follows the file's state.
+    #[error("the host mapping is poisoned: a failed conversion could not restore it")]
+    MappingPoisoned,
     /// A system call failed.
     #[error("{call} failed: {errno}")]
     Os {
@@ -88,7 +106,10 @@ impl Error {
             | Error::UnknownFlags { .. }
             | Error::Unaligned { .. }
             | Error::ZeroLength
-            | Error::OutOfRange { .. } => Errno::INVAL,
+            | Error::OutOfRange { .. }
+            | Error::GuardsRefused => Errno::INVAL,
+            Error::VmaBudget { .. } => Errno::NOMEM,
+            Error::MappingPoisoned => Errno::IO,
             Error::MmapNotSupported => Errno::NODEV,
             Error::UnsupportedMode { .. } => Errno::OPNOTSUPP,
             Error::Private { .. } => Errno::FAULT,
@@ -106,8 +127,9 @@ impl Error {
 
 /// An error of [`GuestMemfd::set_attributes`](crate::GuestMemfd::set_attributes).
 ///
-/// Whatever the error, nothing changed: every page keeps its state and every
-/// host mapping its contents.
+/// Whatever the error, no page changed state and no host mapping shows a
+/// change; only [`MappingPoisoned`](Self::MappingPoisoned) also says that a
+/// mapping could not be put back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConversionError {
@@ -143,12 +165,39 @@ pub enum ConversionError {
         /// The start of the request.
         error_offset: u64,
     },
-    /// Changing a host mapping failed; the mappings were restored.
+    /// The remap fallback would spend more VMAs than the file's or the
+    /// process's budget allows (`ENOMEM`).
+    #[error(
+        "converting at {error_offset:#x} would need {needed} VMAs for fallback mappings, over the budget of {budget}"
+    )]
+    VmaBudget {
+        /// The start of the request.
+        error_offset: u64,
+        /// The VMAs the file's fallback mappings would need.
+        needed: u64,
+        /// The budget that would be exceeded.
+        budget: u64,
+    },
+    /// Changing a host mapping failed; every mapping was put back.
     #[error("{call} failed at {error_offset:#x}: {errno}")]
     Os {
         /// The start of the request.
         error_offset: u64,
         /// The system call.
+        call: &'static str,
+        /// What it returned.
+        errno: Errno,
+    },
+    /// Changing a host mapping failed, and putting one back failed too: no
+    /// page changed state, but that mapping is poisoned (unregistered; its
+    /// checked accessors fail with `EIO`). The errno is the first failure's.
+    #[error(
+        "{call} failed at {error_offset:#x}: {errno}; a host mapping could not be restored and is poisoned"
+    )]
+    MappingPoisoned {
+        /// The start of the request.
+        error_offset: u64,
+        /// The system call that failed first.
         call: &'static str,
         /// What it returned.
         errno: Errno,
@@ -162,8 +211,10 @@ impl ConversionError {
             ConversionError::Invalid { .. } => Errno::INVAL,
             ConversionError::Again { .. } => Errno::AGAIN,
             ConversionError::Refused { .. } => Errno::BUSY,
-            ConversionError::NoMemory { .. } => Errno::NOMEM,
-            ConversionError::Os { errno, .. } => *errno,
+            ConversionError::NoMemory { .. } | ConversionError::VmaBudget { .. } => Errno::NOMEM,
+            ConversionError::Os { errno, .. } | ConversionError::MappingPoisoned { errno, .. } => {
+                *errno
+            }
         }
         .raw_os_error()
     }
@@ -177,7 +228,9 @@ impl ConversionError {
             ConversionError::Again { error_offset }
             | ConversionError::Refused { error_offset, .. }
             | ConversionError::NoMemory { error_offset }
-            | ConversionError::Os { error_offset, .. } => *error_offset,
+            | ConversionError::VmaBudget { error_offset, .. }
+            | ConversionError::Os { error_offset, .. }
+            | ConversionError::MappingPoisoned { error_offset, .. } => *error_offset,
         }
     }
 }

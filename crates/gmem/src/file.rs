@@ -7,8 +7,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::attributes::{Attribute, AttributeMap};
 use crate::backing::{Backing, BackingKind};
+use crate::budget::VmaBudget;
 use crate::listener::{ConversionListener, ListenerId, Listeners};
-use crate::mapping::{HostMapping, Mappings};
+use crate::mapping::{Hiding, HostMapping, Mappings};
 use crate::refs::References;
 use crate::stats::{Counters, Stats};
 use crate::sys::MappedRegion;
@@ -26,6 +27,10 @@ bitflags::bitflags! {
 }
 
 /// Options of a file beyond the kernel's flags.
+///
+/// ```
+/// let options = gmem::Options { huge_folios: true, ..Default::default() };
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Options {
     /// Count references per 2 MiB huge folio wherever a naturally aligned
@@ -34,6 +39,16 @@ pub struct Options {
     /// are split before part of them changes state and merged back when
     /// uniform again (section 6 of the specification).
     pub huge_folios: bool,
+    /// How host mappings hide private pages. `None` (the default): guard
+    /// markers wherever the kernel allows them on the mapping, else the
+    /// remap fallback. `Some(GuardMarkers)`: a mapping where the kernel
+    /// refuses guards fails. `Some(EmptyFileRemap)`: always the fallback.
+    pub hiding: Option<Hiding>,
+    /// The VMAs this file's fallback mappings may spend (`None`: an eighth
+    /// of `vm.max_map_count`). All files together never spend more than a
+    /// quarter of it. A conversion or mapping that would exceed either
+    /// fails with `ENOMEM`.
+    pub vma_budget: Option<u64>,
 }
 
 /// `fallocate` mode bits, as `linux/falloc.h`.
@@ -59,8 +74,13 @@ pub(crate) struct FileState {
     pub(crate) size: u64,
     pub(crate) flags: Flags,
     pub(crate) backing: Backing,
-    /// An empty file, mapped over private pages so that they `SIGBUS`.
+    /// An empty file, mapped over private pages by the remap fallback so
+    /// that they `SIGBUS`.
     pub(crate) hole: OwnedFd,
+    /// The hiding mechanism the options ask for (`None`: the best allowed).
+    pub(crate) hiding: Option<Hiding>,
+    /// The VMAs the remap fallback may spend on this file's mappings.
+    pub(crate) vma_budget: VmaBudget,
     /// gmem's own mapping of the whole file (the kernel's direct map), for
     /// copies through pins. Never changed by conversions.
     pub(crate) direct: MappedRegion,
@@ -126,6 +146,12 @@ impl GuestMemfd {
                 size,
                 flags,
                 hole: Backing::empty()?,
+                hiding: options.hiding,
+                vma_budget: VmaBudget::new(
+                    options
+                        .vma_budget
+                        .unwrap_or_else(crate::budget::default_file_budget),
+                ),
                 direct,
                 backing,
                 attrs: RwLock::new(AttributeMap::new(pages, initial)),
@@ -147,10 +173,12 @@ impl GuestMemfd {
         self.state.flags
     }
 
-    /// The file's options.
+    /// The file's options (with the VMA budget in force).
     pub fn options(&self) -> Options {
         Options {
             huge_folios: self.state.refs.has_huge_folios(),
+            hiding: self.state.hiding,
+            vma_budget: Some(self.state.vma_budget.limit()),
         }
     }
 
@@ -315,6 +343,7 @@ impl GuestMemfd {
             )
         };
         let (huge_folios, folio_splits, folio_merges) = state.refs.folio_counts();
+        let (mappings_guarded, mappings_remapped) = state.mappings.counts();
         Stats {
             conversions_to_private: Counters::get(&state.counters.to_private),
             conversions_to_shared: Counters::get(&state.counters.to_shared),
@@ -329,6 +358,10 @@ impl GuestMemfd {
             huge_folios,
             folio_splits,
             folio_merges,
+            mappings_guarded,
+            mappings_remapped,
+            vma_budget: state.vma_budget.limit(),
+            vmas_spent: state.vma_budget.spent(),
         }
     }
 }

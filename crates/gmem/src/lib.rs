@@ -56,10 +56,13 @@
 mod attributes;
 mod backing;
 mod batch;
+mod budget;
 mod conversion;
 mod error;
 mod file;
 mod folios;
+#[cfg(test)]
+mod hiding_tests;
 mod listener;
 #[cfg(all(test, loom))]
 mod loom_tests;
@@ -80,7 +83,7 @@ pub use backing::BackingKind;
 pub use error::{ConversionError, Error};
 pub use file::{Flags, GuestMemfd, Options, falloc};
 pub use listener::{ConversionListener, ListenerId, Refusal};
-pub use mapping::HostMapping;
+pub use mapping::{Hiding, HostMapping};
 pub use pin::Pin;
 pub use stats::Stats;
 pub use sys::ProbeOutcome;

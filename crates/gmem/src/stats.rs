@@ -31,6 +31,14 @@ pub struct Stats {
     pub folio_splits: u64,
     /// Chunks merged back into a huge folio.
     pub folio_merges: u64,
+    /// Live host mappings that hide private pages with guard markers.
+    pub mappings_guarded: u64,
+    /// Live host mappings on the remap fallback (one VMA per private run).
+    pub mappings_remapped: u64,
+    /// The VMAs the fallback mappings of the file may spend.
+    pub vma_budget: u64,
+    /// The VMAs they are charged now (`2 * private runs + 1` each).
+    pub vmas_spent: u64,
 }
 
 /// Event counters, bumped under the invalidate lock.

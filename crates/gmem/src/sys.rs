@@ -1,9 +1,18 @@
-//! The leaf of system calls that need `unsafe`: shared mappings of a file and
-//! raw copies through them. Nothing above this module dereferences a pointer
-//! into guest memory.
+//! The leaf of system calls that need `unsafe`: shared mappings of a file,
+//! the two ways of hiding part of one (guard markers, or an empty file mapped
+//! over it), and raw copies through them. Nothing above this module
+//! dereferences a pointer into guest memory.
+//!
+//! Every call that hides or shows a range goes through [`faults::injected`],
+//! which in unit tests can make the nth such call fail, so that each undo
+//! path is exercised.
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::mem::MaybeUninit;
+use std::ops::Range;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::io::Errno;
 use rustix::mm::{MapFlags, ProtFlags};
@@ -17,6 +26,10 @@ use rustix::mm::{MapFlags, ProtFlags};
 pub(crate) struct MappedRegion {
     addr: NonNull<u8>,
     len: usize,
+    /// Set when a failed `MAP_FIXED` may have left part of the range
+    /// unmapped (and so possibly reused by someone else): `Drop` then leaves
+    /// the range alone rather than unmap what may no longer be ours.
+    forsaken: AtomicBool,
 }
 
 // The region is plain memory owned by this value; every access goes through
@@ -42,7 +55,18 @@ impl MappedRegion {
             )?
         };
         let addr = NonNull::new(addr.cast::<u8>()).ok_or(Errno::NOMEM)?;
-        Ok(MappedRegion { addr, len })
+        Ok(MappedRegion {
+            addr,
+            len,
+            forsaken: AtomicBool::new(false),
+        })
+    }
+
+    /// Gives up the address range: it will not be unmapped on drop (after a
+    /// remap whose undo failed, the range may hold a gap).
+    pub(crate) fn forsake(&self) {
+        // Relaxed: read only by `Drop`, which runs after every other use.
+        self.forsaken.store(true, Ordering::Relaxed);
     }
 
     pub(crate) fn as_ptr(&self) -> *mut u8 {
@@ -51,6 +75,68 @@ impl MappedRegion {
 
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// Installs guard markers on page 0 and removes them again: whether the
+    /// kernel allows guards on this mapping (Linux 6.15+ for shared file
+    /// mappings; never on mlocked or hugetlb ones). Called before anyone else
+    /// can reach the region, so the brief guard is seen by no one.
+    pub(crate) fn supports_guards(&self) -> bool {
+        let page = std::iter::once(0..crate::PAGE_SIZE);
+        let installed = self.advise(page.clone(), MADV_GUARD_INSTALL, false);
+        installed.is_ok() && self.advise(page, MADV_GUARD_REMOVE, false).is_ok()
+    }
+
+    /// Hides (`install`) or shows the byte ranges `ranges` of this region with
+    /// guard markers: `MADV_GUARD_INSTALL` zaps the pages and makes any access
+    /// fault (`SIGSEGV`) without splitting the VMA; `MADV_GUARD_REMOVE` lets
+    /// them fault in from the file again. Contents stay in the file. Ranges
+    /// go to the kernel 1024 at a time through `process_madvise`, a lone
+    /// range through `madvise`. On error, some ranges may have been advised.
+    pub(crate) fn set_guards(
+        &self,
+        ranges: impl Iterator<Item = Range<u64>>,
+        install: bool,
+    ) -> Result<(), Errno> {
+        let advice = if install {
+            MADV_GUARD_INSTALL
+        } else {
+            MADV_GUARD_REMOVE
+        };
+        self.advise(ranges, advice, true)
+    }
+
+    /// Gives `advice` to every range (page-aligned, inside the region), in
+    /// batches of up to `IOV_MAX` ranges.
+    fn advise(
+        &self,
+        ranges: impl Iterator<Item = Range<u64>>,
+        advice: i32,
+        counted: bool,
+    ) -> Result<(), Errno> {
+        let mut batch = [const { MaybeUninit::<libc::iovec>::uninit() }; IOV_MAX];
+        let mut filled = 0;
+        for range in ranges {
+            assert!(
+                range.start < range.end && range.end <= self.len as u64,
+                "advice for {range:#x?} outside a region of {:#x}",
+                self.len
+            );
+            batch[filled].write(libc::iovec {
+                // In bounds (asserted): the pointer stays inside the region.
+                iov_base: self.as_ptr().wrapping_add(range.start as usize).cast(),
+                iov_len: (range.end - range.start) as usize,
+            });
+            filled += 1;
+            if filled == IOV_MAX {
+                advise_batch(&batch[..filled], advice, counted)?;
+                filled = 0;
+            }
+        }
+        if filled > 0 {
+            advise_batch(&batch[..filled], advice, counted)?;
+        }
+        Ok(())
     }
 
     /// Replaces `[start, start + len)` of this region with a shared mapping
@@ -63,6 +149,7 @@ impl MappedRegion {
         if end > self.len as u64 || len == 0 {
             return Err(Errno::INVAL);
         }
+        faults::injected()?;
         // Nobody holds a Rust reference into the region (raw copies only).
         // SAFETY: the range lies inside this region, so MAP_FIXED replaces only our own pages.
         unsafe {
@@ -113,12 +200,221 @@ impl MappedRegion {
     }
 }
 
+/// `MADV_GUARD_INSTALL` (`linux/mman.h`, Linux 6.13+).
+const MADV_GUARD_INSTALL: i32 = 102;
+/// `MADV_GUARD_REMOVE`.
+const MADV_GUARD_REMOVE: i32 = 103;
+/// The most ranges one `process_madvise` call takes (`UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// Advises the initialised ranges `batch` (inside one region); `counted`
+/// calls go through fault injection.
+fn advise_batch(
+    batch: &[MaybeUninit<libc::iovec>],
+    advice: i32,
+    counted: bool,
+) -> Result<(), Errno> {
+    if counted {
+        faults::injected()?;
+    }
+    // SAFETY: the caller initialised every element of `batch`.
+    let batch: &[libc::iovec] =
+        unsafe { &*(batch as *const [MaybeUninit<libc::iovec>] as *const [libc::iovec]) };
+    match batch {
+        [one] => madvise(one, advice),
+        _ => process_madvise_all(batch, advice),
+    }
+}
+
+/// One `madvise(2)` call (rustix's `Advice` has no guard advices).
+fn madvise(range: &libc::iovec, advice: i32) -> Result<(), Errno> {
+    loop {
+        // Guard markers change no byte of the file, and no Rust reference
+        // into the region exists (raw copies only).
+        // SAFETY: the range lies inside a region this process owns.
+        if unsafe { libc::madvise(range.iov_base, range.iov_len, advice) } == 0 {
+            return Ok(());
+        }
+        let errno = last_errno();
+        if errno != Errno::INTR && errno != Errno::AGAIN {
+            return Err(errno);
+        }
+    }
+}
+
+/// `process_madvise` on this process until every range is advised: the call
+/// may stop part-way and report the bytes it advised.
+fn process_madvise_all(mut rest: &[libc::iovec], advice: i32) -> Result<(), Errno> {
+    let mut skip = 0usize; // bytes of `rest[0]` already advised
+    let mut first = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }];
+    while !rest.is_empty() {
+        first[0] = libc::iovec {
+            iov_base: rest[0].iov_base.wrapping_byte_add(skip),
+            iov_len: rest[0].iov_len - skip,
+        };
+        let call =
+            |iov: &[libc::iovec]| with_own_pidfd(|pidfd| process_madvise(pidfd, iov, advice));
+        // The first range goes alone while part of it was advised.
+        let advised = if skip > 0 { call(&first)? } else { call(rest)? };
+        if advised == 0 {
+            return Err(Errno::IO);
+        }
+        let mut advised = advised + skip;
+        skip = 0;
+        while let Some(iov) = rest.first() {
+            if advised < iov.iov_len {
+                skip = advised;
+                break;
+            }
+            advised -= iov.iov_len;
+            rest = &rest[1..];
+        }
+    }
+    Ok(())
+}
+
+/// One `process_madvise(2)` call: the bytes it advised.
+fn process_madvise(
+    pidfd: BorrowedFd<'_>,
+    iov: &[libc::iovec],
+    advice: i32,
+) -> Result<usize, Errno> {
+    loop {
+        // Every iovec lies inside a mapping this process owns, and guard
+        // advice changes no byte: the kernel only reads the array.
+        // SAFETY: `iov` is a valid array of `iov.len()` iovecs.
+        let advised = unsafe {
+            libc::syscall(
+                libc::SYS_process_madvise,
+                pidfd.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len(),
+                advice,
+                0,
+            )
+        };
+        if advised >= 0 {
+            return Ok(advised as usize);
+        }
+        let errno = last_errno();
+        if errno != Errno::INTR && errno != Errno::AGAIN {
+            return Err(errno);
+        }
+    }
+}
+
+/// Runs `f` with a pidfd of this process, opened once and kept; a forked
+/// child (another pid) opens its own for the call.
+fn with_own_pidfd<R>(f: impl FnOnce(BorrowedFd<'_>) -> Result<R, Errno>) -> Result<R, Errno> {
+    static OWN: OnceLock<(rustix::process::Pid, OwnedFd)> = OnceLock::new();
+    let pid = rustix::process::getpid();
+    let open = || rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty());
+    if let Some((owner, fd)) = OWN.get() {
+        if *owner == pid {
+            return f(fd.as_fd());
+        }
+        return f(open()?.as_fd());
+    }
+    let fd = open()?;
+    let (owner, fd) = OWN.get_or_init(|| (pid, fd));
+    if *owner == pid {
+        f(fd.as_fd())
+    } else {
+        f(open()?.as_fd())
+    }
+}
+
+fn last_errno() -> Errno {
+    Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+}
+
+/// Fault injection for the calls that hide and show ranges: a unit test
+/// makes the nth such call of its thread fail, to test every undo path.
+pub(crate) mod faults {
+    use rustix::io::Errno;
+
+    /// The plan of a test thread: which call fails first, with which errno,
+    /// whether every later call fails too; and the calls made so far.
+    #[cfg(test)]
+    #[derive(Clone, Copy)]
+    struct Plan {
+        fail_in: Option<u32>,
+        errno: Errno,
+        persistent: bool,
+        calls: u32,
+    }
+
+    #[cfg(test)]
+    thread_local! {
+        static PLAN: std::cell::Cell<Plan> = const {
+            std::cell::Cell::new(Plan { fail_in: None, errno: Errno::IO, persistent: false, calls: 0 })
+        };
+    }
+
+    /// Makes the `nth` hide/show call of this thread from now fail with
+    /// `errno` (0: the next one), and every later one too if `persistent`;
+    /// restarts the count of calls.
+    #[cfg(test)]
+    pub(crate) fn fail_nth(nth: u32, errno: Errno, persistent: bool) {
+        PLAN.set(Plan {
+            fail_in: Some(nth),
+            errno,
+            persistent,
+            calls: 0,
+        });
+    }
+
+    /// Stops injecting; returns the calls made since `fail_nth`.
+    #[cfg(test)]
+    pub(crate) fn stop() -> u32 {
+        let plan = PLAN.get();
+        PLAN.set(Plan {
+            fail_in: None,
+            calls: 0,
+            ..plan
+        });
+        plan.calls
+    }
+
+    /// Called before each hide/show system call.
+    #[cfg(test)]
+    pub(crate) fn injected() -> Result<(), Errno> {
+        let mut plan = PLAN.get();
+        plan.calls += 1;
+        let result = match plan.fail_in {
+            Some(0) => {
+                plan.fail_in = plan.persistent.then_some(0);
+                Err(plan.errno)
+            }
+            Some(n) => {
+                plan.fail_in = Some(n - 1);
+                Ok(())
+            }
+            None => Ok(()),
+        };
+        PLAN.set(plan);
+        result
+    }
+
+    /// Called before each hide/show system call (never fails outside tests).
+    #[cfg(not(test))]
+    #[inline(always)]
+    pub(crate) fn injected() -> Result<(), Errno> {
+        Ok(())
+    }
+}
+
 /// How a raw access made by [`HostMapping::probe`](crate::HostMapping::probe) ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeOutcome {
     /// The access completed.
     Completed,
-    /// The child died of this signal (`SIGBUS` = 7 for a private page).
+    /// The child died of this signal: `SIGSEGV` (11) for a private page
+    /// hidden by guard markers, `SIGBUS` (7) for one hidden by the remap
+    /// fallback or for a page past the end of the file.
     Signal(i32),
 }
 
@@ -130,9 +426,7 @@ pub(crate) fn probe_in_child(ptr: *mut u8, write: bool) -> Result<ProbeOutcome, 
     // SAFETY: the child only performs one access and `_exit`s: no allocation, no locks.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(Errno::from_raw_os_error(
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-        ));
+        return Err(last_errno());
     }
     if pid == 0 {
         // SAFETY: a fault is what is being observed; the child exits right after either way.
@@ -152,9 +446,9 @@ pub(crate) fn probe_in_child(ptr: *mut u8, write: bool) -> Result<ProbeOutcome, 
         if waited == pid {
             break;
         }
-        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        if errno != libc::EINTR {
-            return Err(Errno::from_raw_os_error(errno));
+        let errno = last_errno();
+        if errno != Errno::INTR {
+            return Err(errno);
         }
     }
     if libc::WIFSIGNALED(status) {
@@ -166,6 +460,13 @@ pub(crate) fn probe_in_child(ptr: *mut u8, write: bool) -> Result<ProbeOutcome, 
 
 impl Drop for MappedRegion {
     fn drop(&mut self) {
+        if *self.forsaken.get_mut() {
+            tracing::error!(
+                len = self.len,
+                "leaving a broken guest memory mapping mapped: part of it may no longer be ours"
+            );
+            return;
+        }
         // SAFETY: this value owns the mapping; after drop no copy can reach it.
         if let Err(errno) = unsafe { rustix::mm::munmap(self.as_ptr().cast(), self.len) } {
             tracing::error!(%errno, len = self.len, "munmap of a guest memory mapping failed");

@@ -9,7 +9,10 @@ const P: u64 = PAGE_SIZE;
 const HUGE: u64 = 2 << 20;
 
 fn huge_file(size: u64) -> GuestMemfd {
-    let options = Options { huge_folios: true };
+    let options = Options {
+        huge_folios: true,
+        ..Default::default()
+    };
     GuestMemfd::with_options(size, Flags::MMAP | Flags::INIT_SHARED, options).unwrap()
 }
 

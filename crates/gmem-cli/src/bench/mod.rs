@@ -393,7 +393,10 @@ fn metadata_64g() -> Vec<CaseResult> {
 fn huge_folio_check() -> CaseResult {
     let len = 64 * MIB;
     let file = |huge_folios| {
-        let options = gmem::Options { huge_folios };
+        let options = gmem::Options {
+            huge_folios,
+            ..Default::default()
+        };
         let mem = GuestMemfd::with_options(len, Flags::MMAP | Flags::INIT_SHARED, options)
             .expect("memfd");
         for chunk in (0..len).step_by(2 * MIB as usize) {

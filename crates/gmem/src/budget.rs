@@ -1,0 +1,194 @@
+//! The VMA budget of the remap fallback.
+//!
+//! Where the kernel refuses guard markers on a host mapping, each private run
+//! of the file is an empty file mapped over the run: one VMA per run, and a
+//! process may have only `vm.max_map_count` VMAs (65,530 by default) before
+//! `mmap`, thread creation and `malloc` start failing. So every file has a
+//! budget of VMAs for its fallback mappings, and all files together have a
+//! process-wide one; a conversion or a new mapping that would exceed either
+//! fails with `ENOMEM` before anything changed, and the rest of the process is
+//! never starved. Guard-marker mappings spend nothing.
+//!
+//! A fallback mapping's cost is counted as `2 * private runs + 1`, the most
+//! VMAs a mapping with that many private runs can have (the runs of one state
+//! alternate with the other's). Charges move under the file's registry of
+//! mappings, so one file's charge is never changed by two threads at once.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// VMAs charged by every file's fallback mappings in this process.
+static PROCESS_SPENT: AtomicU64 = AtomicU64::new(0);
+
+/// `vm.max_map_count`, read once (its default where it cannot be read).
+pub(crate) fn max_map_count() -> u64 {
+    static MAX: OnceLock<u64> = OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(65_530)
+    })
+}
+
+/// The VMAs all of gmem's fallback mappings may spend: a quarter of
+/// `vm.max_map_count`.
+pub(crate) fn process_limit() -> u64 {
+    max_map_count() / 4
+}
+
+/// A file's budget when its options name none: an eighth of
+/// `vm.max_map_count`.
+pub(crate) fn default_file_budget() -> u64 {
+    max_map_count() / 8
+}
+
+/// What one fallback mapping costs with `private_runs` private runs.
+pub(crate) fn mapping_cost(private_runs: u64) -> u64 {
+    private_runs.saturating_mul(2).saturating_add(1)
+}
+
+/// A request that would exceed a budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OverBudget {
+    /// The VMAs the file's fallback mappings would need.
+    pub(crate) needed: u64,
+    /// The budget that would be exceeded (the file's, or what is left of the
+    /// process's for it).
+    pub(crate) budget: u64,
+}
+
+/// One file's budget and what its fallback mappings are charged.
+#[derive(Debug)]
+pub(crate) struct VmaBudget {
+    limit: u64,
+    /// Changed only under the file's registry lock; Relaxed throughout (the
+    /// lock orders the changes, the process counter is its own).
+    spent: AtomicU64,
+}
+
+impl VmaBudget {
+    pub(crate) fn new(limit: u64) -> VmaBudget {
+        VmaBudget {
+            limit,
+            spent: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    pub(crate) fn spent(&self) -> u64 {
+        self.spent.load(Ordering::Relaxed)
+    }
+
+    /// Reserves what moving the file's charge to `needed` takes. The charge
+    /// moves when the returned [`Charge`] is committed; dropped uncommitted,
+    /// it gives back what it reserved.
+    pub(crate) fn reserve(&self, needed: u64) -> Result<Charge<'_>, OverBudget> {
+        let spent = self.spent();
+        if needed > self.limit {
+            return Err(OverBudget {
+                needed,
+                budget: self.limit,
+            });
+        }
+        let extra = needed.saturating_sub(spent);
+        if extra > 0 {
+            let limit = process_limit();
+            // Relaxed: a counter whose only invariant (never above the
+            // limit) the compare-exchange itself keeps.
+            PROCESS_SPENT
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |total| {
+                    total.checked_add(extra).filter(|total| *total <= limit)
+                })
+                .map_err(|total| OverBudget {
+                    needed,
+                    budget: spent + limit.saturating_sub(total),
+                })?;
+        }
+        Ok(Charge {
+            budget: self,
+            needed,
+            reserved: extra,
+        })
+    }
+
+    /// Gives back everything the file is charged (its last fallback mapping
+    /// is gone, or the file is).
+    fn release(&self, vmas: u64) {
+        // Relaxed: see `reserve`.
+        PROCESS_SPENT.fetch_sub(vmas, Ordering::Relaxed);
+    }
+}
+
+impl Drop for VmaBudget {
+    fn drop(&mut self) {
+        let spent = *self.spent.get_mut();
+        self.release(spent);
+    }
+}
+
+/// A reserved change of a file's charge; see [`VmaBudget::reserve`].
+#[must_use]
+#[derive(Debug)]
+pub(crate) struct Charge<'a> {
+    budget: &'a VmaBudget,
+    needed: u64,
+    reserved: u64,
+}
+
+impl Charge<'_> {
+    /// Makes the file's charge what was reserved for, giving back any VMAs
+    /// it no longer needs.
+    pub(crate) fn commit(mut self) {
+        let spent = self.budget.spent();
+        self.budget.spent.store(self.needed, Ordering::Relaxed);
+        self.budget.release(spent.saturating_sub(self.needed));
+        self.reserved = 0;
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        self.budget.release(self.reserved);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_never_exceeds_its_budget_and_gives_back_what_it_drops() {
+        let budget = VmaBudget::new(10);
+        budget.reserve(7).unwrap().commit();
+        assert_eq!(budget.spent(), 7);
+        assert_eq!(
+            budget.reserve(11).unwrap_err(),
+            OverBudget {
+                needed: 11,
+                budget: 10
+            }
+        );
+        // An abandoned reservation changes nothing.
+        drop(budget.reserve(9).unwrap());
+        assert_eq!(budget.spent(), 7);
+        budget.reserve(3).unwrap().commit();
+        assert_eq!(budget.spent(), 3);
+    }
+
+    #[test]
+    fn the_process_limit_holds_over_files() {
+        let limit = process_limit();
+        let files: Vec<_> = (0..4).map(|_| VmaBudget::new(limit)).collect();
+        // Other tests of this process may hold a little of the limit.
+        let taken = files[0].reserve(limit / 2).map(Charge::commit);
+        assert!(taken.is_ok());
+        let over = files[1]
+            .reserve(limit / 2 + limit / 4 + 1)
+            .map(Charge::commit);
+        assert!(over.is_err(), "two files got more than the process limit");
+    }
+}
