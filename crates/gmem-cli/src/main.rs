@@ -243,10 +243,12 @@ fn bench(json: bool, markdown: bool) -> anyhow::Result<ExitCode> {
 fn info(json: bool) -> anyhow::Result<ExitCode> {
     require_kvm()?;
     let support = gmem::kvm::HostSupport::probe()?;
+    let hiding = HidingInfo::probe()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&info_json(&support))?);
+        println!("{}", serde_json::to_string_pretty(&info_json(&support, &hiding))?);
     } else {
         print_info(&support);
+        hiding.print();
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -270,8 +272,66 @@ fn vm_types(mask: u64) -> Vec<u32> {
     (0..64).filter(|t| mask & (1 << t) != 0).collect()
 }
 
-fn info_json(support: &gmem::kvm::HostSupport) -> serde_json::Value {
+/// How a new host mapping of each backing hides private pages here.
+struct HidingInfo {
+    memfd: gmem::Hiding,
+    kernel_guest_memfd: Option<gmem::Hiding>,
+    limits: gmem::VmaLimits,
+}
+
+impl HidingInfo {
+    fn probe() -> anyhow::Result<HidingInfo> {
+        use gmem::{Flags, GuestMemfd, PAGE_SIZE};
+        let flags = Flags::MMAP | Flags::INIT_SHARED;
+        let memfd = GuestMemfd::new(PAGE_SIZE, flags)?.mmap()?.hiding();
+        let kernel_guest_memfd = gmem::kvm::Vm::new()
+            .ok()
+            .and_then(|vm| vm.create_guest_memfd(PAGE_SIZE, flags).ok())
+            .and_then(|mem| mem.mmap().ok())
+            .map(|map| map.hiding());
+        Ok(HidingInfo {
+            memfd,
+            kernel_guest_memfd,
+            limits: gmem::vma_limits(),
+        })
+    }
+
+    fn name(hiding: gmem::Hiding) -> &'static str {
+        match hiding {
+            gmem::Hiding::GuardMarkers => "guard markers",
+            gmem::Hiding::EmptyFileRemap => "empty-file remap (one VMA per private run)",
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let key = |hiding: gmem::Hiding| match hiding {
+            gmem::Hiding::GuardMarkers => "guard_markers",
+            gmem::Hiding::EmptyFileRemap => "empty_file_remap",
+        };
+        serde_json::json!({
+            "memfd": key(self.memfd),
+            "kernel_guest_memfd": self.kernel_guest_memfd.map(key),
+            "max_map_count": self.limits.max_map_count,
+            "process_vma_budget": self.limits.process_budget,
+            "default_file_vma_budget": self.limits.default_file_budget,
+        })
+    }
+
+    fn print(&self) {
+        println!("private pages hidden by      {} (memfd)", Self::name(self.memfd));
+        let kernel = self.kernel_guest_memfd.map_or("unavailable", Self::name);
+        println!("                             {kernel} (kernel guest_memfd)");
+        let limits = &self.limits;
+        println!(
+            "fallback VMA budget          {} a file, {} the process (vm.max_map_count {})",
+            limits.default_file_budget, limits.process_budget, limits.max_map_count
+        );
+    }
+}
+
+fn info_json(support: &gmem::kvm::HostSupport, hiding: &HidingInfo) -> serde_json::Value {
     serde_json::json!({
+        "hiding": hiding.json(),
         "kvm_api_version": support.api_version,
         "guest_memfd": support.guest_memfd,
         "guest_memfd_flags": flag_names(support.guest_memfd_flags),

@@ -128,4 +128,14 @@ fn info_reports_guest_memfd_support() {
         "{out}"
     );
     assert!(info["per_page_attributes"].is_boolean());
+    let hiding = &info["hiding"];
+    for backing in ["memfd", "kernel_guest_memfd"] {
+        let mechanism = hiding[backing].as_str().unwrap_or_default();
+        assert!(
+            ["guard_markers", "empty_file_remap"].contains(&mechanism),
+            "{backing}: {hiding}"
+        );
+    }
+    let max = hiding["max_map_count"].as_u64().expect("max_map_count");
+    assert_eq!(hiding["process_vma_budget"].as_u64(), Some(max / 4));
 }

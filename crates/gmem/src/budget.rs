@@ -43,6 +43,30 @@ pub(crate) fn default_file_budget() -> u64 {
     max_map_count() / 8
 }
 
+/// The VMA limits of the remap fallback in this process, for diagnostics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmaLimits {
+    /// `vm.max_map_count`: the VMAs the process may have.
+    pub max_map_count: u64,
+    /// What all of gmem's fallback mappings may spend: a quarter of it.
+    pub process_budget: u64,
+    /// A file's budget when its options name none: an eighth of it.
+    pub default_file_budget: u64,
+    /// What gmem's fallback mappings are charged now, over all files.
+    pub process_spent: u64,
+}
+
+/// The VMA limits of the remap fallback (see [`Options::vma_budget`](crate::Options::vma_budget)).
+pub fn vma_limits() -> VmaLimits {
+    VmaLimits {
+        max_map_count: max_map_count(),
+        process_budget: process_limit(),
+        default_file_budget: default_file_budget(),
+        // Relaxed: a statistic.
+        process_spent: PROCESS_SPENT.load(Ordering::Relaxed),
+    }
+}
+
 /// What one fallback mapping costs with `private_runs` private runs.
 pub(crate) fn mapping_cost(private_runs: u64) -> u64 {
     private_runs.saturating_mul(2).saturating_add(1)

@@ -7,12 +7,16 @@
 //!   [`Attribute::Shared`] or [`Attribute::Private`], independently of whether
 //!   a page is allocated there;
 //! * [`HostMapping`]s are the VMM's view of the file: shared pages are
-//!   readable and writable, a private page (or a page past the end of the
-//!   file) raises `SIGBUS`, in every live mapping;
+//!   readable and writable; a private page is hidden in every live mapping
+//!   by guard markers (a raw access raises `SIGSEGV`, and no VMA is spent
+//!   however the guest fragments the file), or where the kernel refuses them
+//!   by an empty file mapped over it (`SIGBUS`) within a VMA budget; past the
+//!   end of the file, `SIGBUS`;
 //! * [`GuestMemfd::set_attributes`] converts a range in place, following the
-//!   kernel's protocol: exclusive invalidate lock, unmap, exact reference
-//!   check, one drain of every thread's batch of released pins, `EAGAIN` with
-//!   the failing offset, all or nothing;
+//!   kernel's protocol: exclusive invalidate lock, exact reference check,
+//!   one drain of every thread's batch of released pins, `EAGAIN` with the
+//!   failing offset, then the host mappings; all or nothing, and a failed
+//!   conversion leaves no trace a raw host access can see;
 //! * [`Pin`]s are the device-I/O references (the analogue of GUP) that a
 //!   conversion respects; taking one is lock-free.
 //!
@@ -80,6 +84,7 @@ pub mod kvm;
 
 pub use attributes::Attribute;
 pub use backing::BackingKind;
+pub use budget::{VmaLimits, vma_limits};
 pub use error::{ConversionError, Error};
 pub use file::{Flags, GuestMemfd, Options, falloc};
 pub use listener::{ConversionListener, ListenerId, Refusal};

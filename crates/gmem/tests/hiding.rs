@@ -1,0 +1,184 @@
+//! How host mappings hide private pages (section 4 of `guest_memfd.md` and
+//! its **gmem:** notes): guard markers by default, the remap fallback under
+//! a VMA budget, mappings shorter or longer than the file, and failed
+//! conversions that no raw access can see.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+
+use common::{private_fault, read_fault, reads_ok};
+use gmem::{Attribute, ConversionError, Flags, GuestMemfd, Hiding, Options, PAGE_SIZE};
+
+const P: u64 = PAGE_SIZE;
+
+fn file(pages: u64, flags: Flags, hiding: Option<Hiding>, vma_budget: Option<u64>) -> GuestMemfd {
+    let options = Options {
+        hiding,
+        vma_budget,
+        ..Default::default()
+    };
+    GuestMemfd::with_options(pages * P, flags, options).unwrap()
+}
+
+fn shared(pages: u64) -> GuestMemfd {
+    file(pages, Flags::MMAP | Flags::INIT_SHARED, None, None)
+}
+
+/// The lines of `/proc/self/maps`: the process's VMAs.
+fn vma_count() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+#[test]
+fn guard_markers_are_the_default_and_fault_with_sigsegv() {
+    let mem = shared(4);
+    let map = mem.mmap().unwrap();
+    assert_eq!(map.hiding(), Hiding::GuardMarkers);
+    mem.set_attributes(P, P, Attribute::Private).unwrap();
+    assert_eq!(read_fault(&map, P), Some(libc::SIGSEGV));
+    assert_eq!(read_fault(&map, 0), None);
+    let stats = mem.stats();
+    assert_eq!((stats.mappings_guarded, stats.mappings_remapped), (1, 0));
+    assert_eq!(stats.vmas_spent, 0, "guard markers spend no VMA");
+}
+
+#[test]
+fn the_fallback_faults_with_sigbus_and_is_charged() {
+    let mem = file(8, Flags::MMAP | Flags::INIT_SHARED, Some(Hiding::EmptyFileRemap), None);
+    let map = mem.mmap().unwrap();
+    assert_eq!(map.hiding(), Hiding::EmptyFileRemap);
+    mem.set_attributes(P, P, Attribute::Private).unwrap();
+    mem.set_attributes(4 * P, P, Attribute::Private).unwrap();
+    assert_eq!(read_fault(&map, P), Some(libc::SIGBUS));
+    let stats = mem.stats();
+    assert_eq!((stats.mappings_guarded, stats.mappings_remapped), (0, 1));
+    assert_eq!(stats.vmas_spent, 5, "two private runs: at most 5 VMAs");
+    drop(map);
+    assert_eq!(mem.stats().vmas_spent, 0);
+}
+
+/// A mapping shorter than the file takes part in conversions beyond its end
+/// (which it does not cover), for files created shared or private.
+#[test]
+fn mappings_shorter_than_the_file_follow_conversions() {
+    for hiding in [Hiding::GuardMarkers, Hiding::EmptyFileRemap] {
+        let mem = file(16, Flags::MMAP | Flags::INIT_SHARED, Some(hiding), None);
+        let short = mem.mmap_len(4096).unwrap();
+        mem.set_attributes(8 * P, P, Attribute::Private).unwrap();
+        mem.set_attributes(0, 16 * P, Attribute::Private).unwrap();
+        assert!(!reads_ok(&short, 0));
+        mem.set_attributes(0, 16 * P, Attribute::Shared).unwrap();
+        assert!(reads_ok(&short, 0));
+
+        let private = file(16, Flags::MMAP, Some(hiding), None);
+        let short = private.mmap_len(4 * P).unwrap();
+        assert_eq!(read_fault(&short, 3 * P), Some(private_fault(&short)));
+        private.set_attributes(2 * P, 8 * P, Attribute::Shared).unwrap();
+        assert!(reads_ok(&short, 3 * P) && !reads_ok(&short, P));
+    }
+}
+
+/// A mapping longer than the file: pages inside follow their state, pages
+/// past the end raise SIGBUS whatever the mechanism.
+#[test]
+fn mappings_longer_than_the_file_keep_sigbus_past_the_end() {
+    for hiding in [Hiding::GuardMarkers, Hiding::EmptyFileRemap] {
+        let mem = file(2, Flags::MMAP | Flags::INIT_SHARED, Some(hiding), None);
+        let long = mem.mmap_len(4 * P).unwrap();
+        mem.set_attributes(P, P, Attribute::Private).unwrap();
+        assert_eq!(read_fault(&long, P), Some(private_fault(&long)));
+        assert_eq!(read_fault(&long, 2 * P), Some(libc::SIGBUS));
+        assert_eq!(read_fault(&long, 4 * P - 1), Some(libc::SIGBUS));
+        assert!(reads_ok(&long, 0));
+    }
+}
+
+/// A pinned page read with raw loads through a host mapping while two
+/// threads keep failing to convert it never faults: a failed conversion
+/// leaves no trace a raw access can see.
+#[test]
+fn failed_conversions_never_fault_a_page_that_stays_shared() {
+    const ATTEMPTS: u64 = 2_000;
+    for hiding in [Hiding::GuardMarkers, Hiding::EmptyFileRemap] {
+        let mem = file(4, Flags::MMAP | Flags::INIT_SHARED, Some(hiding), None);
+        let map = mem.mmap().unwrap();
+        map.write(P, &[0x5a; 8]).unwrap();
+        let pin = mem.pin(P, P).unwrap();
+        let done = AtomicBool::new(false);
+        let eagain = AtomicU64::new(0);
+        thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..ATTEMPTS {
+                        let err = mem.set_attributes(P, P, Attribute::Private).unwrap_err();
+                        assert!(matches!(err, ConversionError::Again { error_offset: P }));
+                        eagain.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+            s.spawn(|| {
+                let mut loads = 0u64;
+                while !done.load(Ordering::Relaxed) || loads == 0 {
+                    // A fault here kills the test process: that is the failure.
+                    // SAFETY: page 1 is inside the mapping, and pinned shared.
+                    let byte = unsafe { std::ptr::read_volatile(map.as_ptr().add(P as usize)) };
+                    assert_eq!(byte, 0x5a);
+                    loads += 1;
+                }
+            });
+            while eagain.load(Ordering::Relaxed) < 2 * ATTEMPTS {
+                thread::yield_now();
+            }
+            done.store(true, Ordering::Relaxed);
+        });
+        drop(pin);
+        mem.set_attributes(P, P, Attribute::Private).unwrap();
+    }
+}
+
+/// The fallback forced on, and a guest that fragments the file page by
+/// page: the budget stops it with a typed ENOMEM before anything changed,
+/// and the process stays healthy.
+#[test]
+fn the_vma_budget_stops_a_fragmenting_guest() {
+    const BUDGET: u64 = 402;
+    let mem = file(1024, Flags::MMAP | Flags::INIT_SHARED, Some(Hiding::EmptyFileRemap), Some(BUDGET));
+    let maps = [mem.mmap().unwrap(), mem.mmap().unwrap()];
+    let vmas_before = vma_count();
+    let mut page = 1;
+    let err = loop {
+        match mem.set_attributes(page * P, P, Attribute::Private) {
+            Ok(()) => page += 2,
+            Err(err) => break err,
+        }
+    };
+    // Two mappings at 2 * runs + 1 VMAs each: 100 runs fit in 402.
+    assert_eq!(page, 201, "stopped at the 101st private run");
+    assert_eq!(err.errno(), libc::ENOMEM);
+    assert_eq!(err.error_offset(), page * P);
+    assert!(
+        matches!(err, ConversionError::VmaBudget { needed: 406, budget: BUDGET, .. }),
+        "{err}"
+    );
+    // Nothing changed: the page is shared, readable in both mappings.
+    assert_eq!(mem.attribute(page * P).unwrap(), Attribute::Shared);
+    assert!(maps.iter().all(|map| reads_ok(map, page * P)));
+    let stats = mem.stats();
+    assert_eq!((stats.pages_private, stats.vmas_spent), (100, 402));
+    assert!(vma_count() <= vmas_before + 2 * 200 + 2);
+    // A conversion that merges runs needs less and still goes through.
+    mem.set_attributes(2 * P, P, Attribute::Private).unwrap();
+    // A third fallback mapping would not fit either.
+    assert_eq!(mem.mmap().unwrap_err().errno(), libc::ENOMEM);
+    // The process is healthy: a thread, memory, another file and mapping.
+    let other = thread::spawn(|| shared(4).mmap().map(|m| m.len()))
+        .join()
+        .unwrap();
+    assert_eq!(other.unwrap(), 4 * P);
+    assert_eq!(vec![1u8; 64 << 20].iter().map(|b| *b as u64).sum::<u64>(), 64 << 20);
+}
