@@ -245,7 +245,10 @@ fn info(json: bool) -> anyhow::Result<ExitCode> {
     let support = gmem::kvm::HostSupport::probe()?;
     let hiding = HidingInfo::probe()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&info_json(&support, &hiding))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&info_json(&support, &hiding))?
+        );
     } else {
         print_info(&support);
         hiding.print();
@@ -318,7 +321,10 @@ impl HidingInfo {
     }
 
     fn print(&self) {
-        println!("private pages hidden by      {} (memfd)", Self::name(self.memfd));
+        println!(
+            "private pages hidden by      {} (memfd)",
+            Self::name(self.memfd)
+        );
         let kernel = self.kernel_guest_memfd.map_or("unavailable", Self::name);
         println!("                             {kernel} (kernel guest_memfd)");
         let limits = &self.limits;

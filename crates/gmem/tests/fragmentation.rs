@@ -68,7 +68,10 @@ fn every_other_page_of_4_gib_private_in_two_mappings() {
     }
     assert_eq!(mem.stats().pages_private, pages / 2);
     assert_eq!(vma_count(), before, "the VMA count stayed flat");
-    assert!(process_is_healthy(), "the fragmented process can still work");
+    assert!(
+        process_is_healthy(),
+        "the fragmented process can still work"
+    );
     let mut first = [0u8; 5];
     maps[1].read(0, &mut first).unwrap();
     assert_eq!(&first, b"first");

@@ -49,7 +49,12 @@ fn guard_markers_are_the_default_and_fault_with_sigsegv() {
 
 #[test]
 fn the_fallback_faults_with_sigbus_and_is_charged() {
-    let mem = file(8, Flags::MMAP | Flags::INIT_SHARED, Some(Hiding::EmptyFileRemap), None);
+    let mem = file(
+        8,
+        Flags::MMAP | Flags::INIT_SHARED,
+        Some(Hiding::EmptyFileRemap),
+        None,
+    );
     let map = mem.mmap().unwrap();
     assert_eq!(map.hiding(), Hiding::EmptyFileRemap);
     mem.set_attributes(P, P, Attribute::Private).unwrap();
@@ -78,7 +83,9 @@ fn mappings_shorter_than_the_file_follow_conversions() {
         let private = file(16, Flags::MMAP, Some(hiding), None);
         let short = private.mmap_len(4 * P).unwrap();
         assert_eq!(read_fault(&short, 3 * P), Some(private_fault(&short)));
-        private.set_attributes(2 * P, 8 * P, Attribute::Shared).unwrap();
+        private
+            .set_attributes(2 * P, 8 * P, Attribute::Shared)
+            .unwrap();
         assert!(reads_ok(&short, 3 * P) && !reads_ok(&short, P));
     }
 }
@@ -147,7 +154,12 @@ fn failed_conversions_never_fault_a_page_that_stays_shared() {
 #[test]
 fn the_vma_budget_stops_a_fragmenting_guest() {
     const BUDGET: u64 = 402;
-    let mem = file(1024, Flags::MMAP | Flags::INIT_SHARED, Some(Hiding::EmptyFileRemap), Some(BUDGET));
+    let mem = file(
+        1024,
+        Flags::MMAP | Flags::INIT_SHARED,
+        Some(Hiding::EmptyFileRemap),
+        Some(BUDGET),
+    );
     let maps = [mem.mmap().unwrap(), mem.mmap().unwrap()];
     let vmas_before = vma_count();
     let mut page = 1;
@@ -162,7 +174,14 @@ fn the_vma_budget_stops_a_fragmenting_guest() {
     assert_eq!(err.errno(), libc::ENOMEM);
     assert_eq!(err.error_offset(), page * P);
     assert!(
-        matches!(err, ConversionError::VmaBudget { needed: 406, budget: BUDGET, .. }),
+        matches!(
+            err,
+            ConversionError::VmaBudget {
+                needed: 406,
+                budget: BUDGET,
+                ..
+            }
+        ),
         "{err}"
     );
     // Nothing changed: the page is shared, readable in both mappings.
@@ -180,5 +199,40 @@ fn the_vma_budget_stops_a_fragmenting_guest() {
         .join()
         .unwrap();
     assert_eq!(other.unwrap(), 4 * P);
-    assert_eq!(vec![1u8; 64 << 20].iter().map(|b| *b as u64).sum::<u64>(), 64 << 20);
+    assert_eq!(
+        vec![1u8; 64 << 20].iter().map(|b| *b as u64).sum::<u64>(),
+        64 << 20
+    );
+}
+
+/// A guard-marker mapping that the VMM mlocks afterwards: the kernel
+/// refuses new guards, so conversions fail with EINVAL and change nothing;
+/// after munlock they go through.
+#[test]
+fn an_mlocked_guard_mapping_refuses_conversions_cleanly() {
+    let mem = shared(4);
+    let map = mem.mmap().unwrap();
+    assert_eq!(map.hiding(), Hiding::GuardMarkers);
+    // SAFETY: locking and unlocking pages of our own mapping changes no byte.
+    let locked = unsafe { libc::mlock(map.as_ptr().cast(), map.len() as usize) };
+    if locked != 0 {
+        // No CAP_IPC_LOCK and a small RLIMIT_MEMLOCK: nothing to test.
+        eprintln!(
+            "skipped: mlock refused ({})",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let err = mem.set_attributes(P, P, Attribute::Private).unwrap_err();
+    assert_eq!(err.errno(), libc::EINVAL, "{err}");
+    assert!(matches!(err, ConversionError::Os { .. }), "{err}");
+    assert_eq!(mem.attribute(P).unwrap(), Attribute::Shared);
+    assert!(reads_ok(&map, P));
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::munlock(map.as_ptr().cast(), map.len() as usize) },
+        0
+    );
+    mem.set_attributes(P, P, Attribute::Private).unwrap();
+    assert!(!reads_ok(&map, P));
 }
