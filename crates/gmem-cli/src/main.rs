@@ -197,6 +197,9 @@ fn selftest(filter: Option<&str>) -> anyhow::Result<ExitCode> {
         .filter(|s| filter.is_none_or(|f| s.name.contains(f)))
         .collect();
     println!("1..{}", scenarios.len());
+    if let Ok(hiding) = HidingInfo::probe() {
+        println!("# {}", hiding.summary());
+    }
     for (number, scenario) in scenarios.iter().enumerate() {
         let number = number + 1;
         match (scenario.run)() {
@@ -304,6 +307,19 @@ impl HidingInfo {
             gmem::Hiding::GuardMarkers => "guard markers",
             gmem::Hiding::EmptyFileRemap => "empty-file remap (one VMA per private run)",
         }
+    }
+
+    /// One line: which mechanism, so which fault, on each backing.
+    fn summary(&self) -> String {
+        let fault = |hiding: gmem::Hiding| match hiding {
+            gmem::Hiding::GuardMarkers => "guard markers, SIGSEGV",
+            gmem::Hiding::EmptyFileRemap => "empty-file remap, SIGBUS",
+        };
+        let kernel = self.kernel_guest_memfd.map_or("unavailable", fault);
+        format!(
+            "private pages hidden by: memfd {}; kernel guest_memfd {kernel}",
+            fault(self.memfd)
+        )
     }
 
     fn json(&self) -> serde_json::Value {

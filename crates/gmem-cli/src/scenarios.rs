@@ -131,6 +131,7 @@ pub fn all() -> Vec<Scenario> {
     host!("punch-pinned-ebusy", punch_pinned_ebusy);
     host!("private-page-efault", private_page_efault);
     host!("private-page-faults", private_page_faults);
+    host!("private-page-faults-fallback", private_page_faults_fallback);
     // The guest side.
     guest!(
         "host-writes-guest-reads-after-private",
@@ -344,9 +345,18 @@ impl Env {
     }
 
     fn create(&self, size: u64, flags: Flags) -> Result<GuestMemfd, gmem::Error> {
+        self.create_with(size, flags, gmem::Options::default())
+    }
+
+    fn create_with(
+        &self,
+        size: u64,
+        flags: Flags,
+        options: gmem::Options,
+    ) -> Result<GuestMemfd, gmem::Error> {
         match &self.vm {
-            None => GuestMemfd::new(size, flags),
-            Some(vm) => vm.create_guest_memfd(size, flags),
+            None => GuestMemfd::with_options(size, flags, options),
+            Some(vm) => vm.create_guest_memfd_with(size, flags, options),
         }
     }
 
@@ -524,7 +534,28 @@ fn past_end_sigbus(env: &Env) -> Check {
 }
 
 fn private_page_faults(env: &Env) -> Check {
-    let mem = env.shared(4)?;
+    raw_access_follows_state(env.shared(4)?)
+}
+
+/// As `private-page-faults`, with the remap fallback forced (`SIGBUS`).
+fn private_page_faults_fallback(env: &Env) -> Check {
+    let options = gmem::Options {
+        hiding: Some(gmem::Hiding::EmptyFileRemap),
+        ..Default::default()
+    };
+    let mem = env.create_with(4 * P, Flags::MMAP | Flags::INIT_SHARED, options)?;
+    ensure_eq(
+        "hiding of a fallback mapping",
+        mem.mmap()?.hiding(),
+        gmem::Hiding::EmptyFileRemap,
+    )?;
+    raw_access_follows_state(mem)
+}
+
+/// Raw accesses to pages 1 and 2 of a 4-page shared file fault after they
+/// turn private, in a mapping made before and one made after, and no longer
+/// after they turn shared again.
+fn raw_access_follows_state(mem: GuestMemfd) -> Check {
     let early = mem.mmap()?;
     mem.set_attributes(P, 2 * P, Attribute::Private)?;
     let late = mem.mmap()?;
