@@ -236,3 +236,22 @@ fn an_mlocked_guard_mapping_refuses_conversions_cleanly() {
     mem.set_attributes(P, P, Attribute::Private).unwrap();
     assert!(!reads_ok(&map, P));
 }
+
+/// Punching a hole frees pages but keeps their state: a private page stays
+/// hidden in every mapping, by either mechanism, and reads zero once shared.
+#[test]
+fn a_punched_private_page_stays_hidden() {
+    for hiding in [Hiding::GuardMarkers, Hiding::EmptyFileRemap] {
+        let mem = file(4, Flags::MMAP | Flags::INIT_SHARED, Some(hiding), None);
+        let map = mem.mmap().unwrap();
+        map.write(P, b"secret").unwrap();
+        mem.set_attributes(P, P, Attribute::Private).unwrap();
+        mem.punch_hole(0, 4 * P).unwrap();
+        assert_eq!(read_fault(&map, P), Some(private_fault(&map)), "{hiding:?}");
+        assert!(reads_ok(&map, 0));
+        mem.set_attributes(P, P, Attribute::Shared).unwrap();
+        let mut buf = [1u8; 6];
+        map.read(P, &mut buf).unwrap();
+        assert_eq!(buf, [0; 6]);
+    }
+}
