@@ -229,10 +229,8 @@ fn an_mlocked_guard_mapping_refuses_conversions_cleanly() {
     assert_eq!(mem.attribute(P).unwrap(), Attribute::Shared);
     assert!(reads_ok(&map, P));
     // SAFETY: as above.
-    assert_eq!(
-        unsafe { libc::munlock(map.as_ptr().cast(), map.len() as usize) },
-        0
-    );
+    let unlocked = unsafe { libc::munlock(map.as_ptr().cast(), map.len() as usize) };
+    assert_eq!(unlocked, 0);
     mem.set_attributes(P, P, Attribute::Private).unwrap();
     assert!(!reads_ok(&map, P));
 }
