@@ -76,7 +76,7 @@ pub enum Attribute {
 
 impl Attribute {
     /// The other state, that of a run's neighbours.
-    fn other(self) -> Attribute {
+    pub(crate) fn other(self) -> Attribute {
         match self {
             Attribute::Shared => Attribute::Private,
             Attribute::Private => Attribute::Shared,

@@ -339,10 +339,7 @@ impl Registry<'_> {
         runs: impl Fn() -> I,
         to: Attribute,
     ) -> Result<(), MappingFailure> {
-        let back = match to {
-            Attribute::Private => Attribute::Shared,
-            Attribute::Shared => Attribute::Private,
-        };
+        let back = to.other();
         for (done, mapping) in self.live.iter().enumerate() {
             let Err((call, errno)) = mapping.apply(file, &runs, to) else {
                 continue;
