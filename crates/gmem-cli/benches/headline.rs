@@ -6,10 +6,24 @@
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use gmem_cli::bench::{Copies, PinUnpin, RoundTrip};
 
+/// Round trips with guard markers (gmem's default and the floor's), and
+/// with the empty-file remap (gmem's fallback and the old floor). The
+/// fragmented 1 GiB cases are too slow for criterion: `gmem bench` has them.
 fn round_trips(c: &mut Criterion) {
     let mut group = c.benchmark_group("round-trip");
-    for (name, len) in [("4k", 4 << 10), ("2m", 2 << 20), ("64m", 64 << 20)] {
-        let fixture = RoundTrip::new(len);
+    let sizes = [("4k", 4 << 10), ("2m", 2 << 20), ("64m", 64 << 20)];
+    let fixtures = sizes.into_iter().flat_map(|(name, len)| {
+        [
+            (
+                name.to_string(),
+                RoundTrip::new as fn(u64) -> RoundTrip,
+                len,
+            ),
+            (format!("{name}-remap"), RoundTrip::remap, len),
+        ]
+    });
+    for (name, fixture, len) in fixtures {
+        let fixture = fixture(len);
         group.bench_function(format!("{name}/gmem"), |b| {
             b.iter_batched(
                 || fixture.populate_ours(),

@@ -37,6 +37,9 @@ enum Command {
         /// Print the table as Markdown (for BENCHMARKS.md).
         #[arg(long)]
         markdown: bool,
+        /// Run only cases whose name contains this.
+        #[arg(long, value_name = "NAME")]
+        only: Option<String>,
     },
     /// Show what this host's KVM supports.
     Info {
@@ -85,7 +88,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Info { json } => info(json),
-        Command::Bench { json, markdown } => bench(json, markdown),
+        Command::Bench {
+            json,
+            markdown,
+            only,
+        } => bench(json, markdown, only.as_deref()),
         Command::Selftest { filter } => selftest(filter.as_deref()),
     };
     match result {
@@ -225,13 +232,13 @@ fn selftest(filter: Option<&str>) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn bench(json: bool, markdown: bool) -> anyhow::Result<ExitCode> {
+fn bench(json: bool, markdown: bool, only: Option<&str>) -> anyhow::Result<ExitCode> {
     let mut progress = |name: &str| {
         if !json {
             eprintln!("measuring {name} ...");
         }
     };
-    let results = gmem_cli::bench::run_all(&mut progress);
+    let results = gmem_cli::bench::run_all(&mut progress, only);
     if json {
         let cases = serde_json::json!({ "cases": results });
         println!("{}", serde_json::to_string_pretty(&cases)?);

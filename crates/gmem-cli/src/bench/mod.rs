@@ -4,7 +4,9 @@
 //! Method: every timed case has an `ours` and (mostly) a `floor` closure. The
 //! harness calibrates a batch to about 5 ms, then runs `SAMPLES` batches of
 //! each, alternating ours and floor so that drift hits both, and reports the
-//! median time per iteration. Memory cases report bytes.
+//! median time per iteration. Memory cases report bytes. The slow cases
+//! (hundreds of milliseconds an iteration: the fragmented 1 GiB files) take
+//! one untimed warm-up and `SLOW_SAMPLES` samples of each instead.
 
 use std::hint::black_box;
 use std::sync::{Arc, Barrier, mpsc};
@@ -16,9 +18,11 @@ use serde::Serialize;
 pub mod fixtures;
 pub mod kvm;
 
-pub use fixtures::{Copies, PinUnpin, RoundTrip};
+pub use fixtures::{Copies, Fragmented, PinUnpin, RoundTrip};
 
 const SAMPLES: usize = 11;
+/// Samples of each side of a slow case.
+const SLOW_SAMPLES: usize = 5;
 const BATCH: Duration = Duration::from_millis(5);
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -72,6 +76,13 @@ pub struct CaseResult {
     /// Why the case did not run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+    /// The process's VMAs (`/proc/self/maps` lines) before a conversion to
+    /// private, where counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmas_before: Option<usize>,
+    /// And after it; the goal then also asks for the same count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmas_after: Option<usize>,
 }
 
 impl CaseResult {
@@ -96,6 +107,25 @@ impl CaseResult {
             value: None,
             unit: None,
             skipped: None,
+            vmas_before: None,
+            vmas_after: None,
+        }
+    }
+
+    /// The VMA counts around the private half; the goal is met only if they
+    /// are equal.
+    fn with_vmas(mut self, before: usize, after: usize) -> CaseResult {
+        self.vmas_before = Some(before);
+        self.vmas_after = Some(after);
+        self.met &= before == after;
+        self
+    }
+
+    /// The VMA counts in words, for the tables.
+    fn vmas_note(&self) -> String {
+        match (self.vmas_before, self.vmas_after) {
+            (Some(before), Some(after)) => format!(" (VMAs {before} -> {after})"),
+            _ => String::new(),
         }
     }
 
@@ -110,6 +140,8 @@ impl CaseResult {
             value: Some(value),
             unit: Some(unit),
             skipped: None,
+            vmas_before: None,
+            vmas_after: None,
         }
     }
 
@@ -124,6 +156,8 @@ impl CaseResult {
             value: None,
             unit: None,
             skipped: Some(why),
+            vmas_before: None,
+            vmas_after: None,
         }
     }
 }
@@ -171,30 +205,47 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs every headline case; `progress` hears each name before it runs.
-pub fn run_all(progress: &mut dyn FnMut(&str)) -> Vec<CaseResult> {
+/// Runs the headline cases (those whose name contains `only`, if given);
+/// `progress` hears each name before it runs.
+pub fn run_all(progress: &mut dyn FnMut(&str), only: Option<&str>) -> Vec<CaseResult> {
     let mut results = Vec::new();
+    let mut case = |name: &str, run: &mut dyn FnMut() -> Vec<CaseResult>| {
+        if only.is_none_or(|only| name.contains(only)) {
+            progress(name);
+            results.extend(run());
+        }
+    };
     for len in [4 * KIB, 2 * MIB, 64 * MIB] {
         let name = format!("round-trip-{}", size_name(len));
-        progress(&name);
-        results.push(round_trip(&name, len));
+        case(&name, &mut || vec![round_trip(&name, len)]);
     }
-    progress("pin-unpin");
-    results.extend(pin_unpin());
-    progress("pin-unpin-2-threads");
-    results.extend(pin_unpin_two_threads());
-    progress("copies-64k");
-    results.extend(copies());
-    progress("convert-64g-sparse");
-    results.push(convert_sparse_64g());
-    progress("metadata-64g");
-    results.extend(metadata_64g());
-    progress("huge-folio-check-64m");
-    results.push(huge_folio_check());
-    progress("drain-path");
-    results.push(drain_path());
-    progress("kvm-guest-round-trip-4k");
-    results.push(kvm::guest_round_trip());
+    for len in [4 * KIB, 2 * MIB, 64 * MIB] {
+        let name = format!("round-trip-{}-remap", size_name(len));
+        case(&name, &mut || vec![round_trip_remap(&name, len)]);
+    }
+    {
+        // One pair of 1 GiB files for the three fragmented cases, made when
+        // the first runs.
+        let fixture = std::cell::OnceCell::new();
+        let fixture = || fixture.get_or_init(Fragmented::new);
+        case("fragmented-1g", &mut || vec![fragmented(fixture())]);
+        case("fragmented-scattered-1g", &mut || {
+            vec![fragmented_scattered(fixture())]
+        });
+        case("fragmented-batch-1g", &mut || {
+            vec![fragmented_batch(fixture())]
+        });
+    }
+    case("pin-unpin", &mut pin_unpin);
+    case("pin-unpin-2-threads", &mut pin_unpin_two_threads);
+    case("copies-64k", &mut copies);
+    case("convert-64g-sparse", &mut || vec![convert_sparse_64g()]);
+    case("metadata-64g", &mut metadata_64g);
+    case("huge-folio-check-64m", &mut || vec![huge_folio_check()]);
+    case("drain-path", &mut || vec![drain_path()]);
+    case("kvm-guest-round-trip-4k", &mut || {
+        vec![kvm::guest_round_trip()]
+    });
     results
 }
 
@@ -207,18 +258,44 @@ fn size_name(len: u64) -> String {
 }
 
 /// Shared to private to shared of a populated range, with one host mapping,
-/// against the same two remaps of a raw mapping. Both ranges are populated
-/// (every page faulted in) before each timed round trip, untimed.
+/// against guard install and remove of a populated range of a raw mapping.
+/// Both ranges are populated (every page faulted in) before each timed round
+/// trip, untimed.
 fn round_trip(name: &str, len: u64) -> CaseResult {
+    let goal = Goal::RatioAtMost(if len <= 4 * KIB { 1.2 } else { 1.1 });
+    if let Some(why) = fixtures::guard_markers_unsupported() {
+        return CaseResult::skipped(name, goal, why);
+    }
     let fixture = RoundTrip::new(len);
-    let (o, f) = measure_prepared(
+    let (o, f) = measure_round_trip(&fixture);
+    CaseResult::timed(name, o, Some(f), goal)
+}
+
+/// As [`round_trip`] on a file that hides private pages by remapping them
+/// to an empty file (gmem's fallback), against the same two remaps of a raw
+/// mapping.
+fn round_trip_remap(name: &str, len: u64) -> CaseResult {
+    let goal = Goal::RatioAtMost(if len <= 4 * KIB { 1.5 } else { 1.15 });
+    let fixture = RoundTrip::remap(len);
+    let (o, f) = measure_round_trip(&fixture);
+    CaseResult::timed(name, o, Some(f), goal)
+}
+
+fn measure_round_trip(fixture: &RoundTrip) -> (f64, f64) {
+    measure_prepared(
         &mut || fixture.ours(),
         &mut || fixture.populate_ours(),
         &mut || fixture.floor(),
         &mut || fixture.populate_floor(),
-    );
-    let goal = if len <= 4 * KIB { 1.5 } else { 1.15 };
-    CaseResult::timed(name, o, Some(f), Goal::RatioAtMost(goal))
+    )
+}
+
+/// Nanoseconds of one run of `f` after its untimed `prepare`.
+fn once(f: &mut dyn FnMut(), prepare: &mut dyn FnMut()) -> f64 {
+    prepare();
+    let started = Instant::now();
+    f();
+    started.elapsed().as_nanos() as f64
 }
 
 /// Median nanoseconds of `ours` and `floor`, each run after its untimed
@@ -229,21 +306,123 @@ fn measure_prepared(
     floor: &mut dyn FnMut(),
     prepare_floor: &mut dyn FnMut(),
 ) -> (f64, f64) {
-    let one = |f: &mut dyn FnMut(), prepare: &mut dyn FnMut()| {
-        prepare();
-        let started = Instant::now();
-        f();
-        started.elapsed().as_nanos() as f64
-    };
-    one(ours, prepare_ours);
-    one(floor, prepare_floor);
+    once(ours, prepare_ours);
+    once(floor, prepare_floor);
     let (mut a, mut b) = (Vec::new(), Vec::new());
     let deadline = Instant::now() + BATCH * (2 * SAMPLES as u32);
     while a.len() < 4 * SAMPLES + 1 || (Instant::now() < deadline && a.len() < 1000) {
-        a.push(one(ours, prepare_ours));
-        b.push(one(floor, prepare_floor));
+        a.push(once(ours, prepare_ours));
+        b.push(once(floor, prepare_floor));
     }
     (median(a), median(b))
+}
+
+/// As [`measure_prepared`] for slow cases: one warm-up of each, then
+/// `SLOW_SAMPLES` samples of each, alternating; medians.
+fn measure_slow(
+    ours: &mut dyn FnMut(),
+    prepare_ours: &mut dyn FnMut(),
+    floor: &mut dyn FnMut(),
+    prepare_floor: &mut dyn FnMut(),
+) -> (f64, f64) {
+    once(ours, prepare_ours);
+    once(floor, prepare_floor);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..SLOW_SAMPLES {
+        a.push(once(ours, prepare_ours));
+        b.push(once(floor, prepare_floor));
+    }
+    (median(a), median(b))
+}
+
+/// Why a fragmented case cannot run, if it cannot: guard markers missing, or
+/// gmem failing the untimed first pass (the odd pages to private one by one,
+/// and back). Otherwise the VMA counts before and after the private half.
+fn fragmented_first_pass(fixture: &Fragmented, scattered: bool) -> Result<(usize, usize), String> {
+    if let Some(why) = fixtures::guard_markers_unsupported() {
+        return Err(why);
+    }
+    let vmas = || fixtures::vma_count().map_err(|e| format!("/proc/self/maps: {e}"));
+    let gmem_failed = |e: gmem::ConversionError| format!("gmem failed: {e}");
+    let pages = fixture.odd_pages(scattered);
+    let pass = || {
+        let before = vmas()?;
+        fixture
+            .convert_each(pages, Attribute::Private)
+            .map_err(gmem_failed)?;
+        let after = vmas()?;
+        fixture
+            .convert_each(pages, Attribute::Shared)
+            .map_err(gmem_failed)?;
+        Ok((before, after))
+    };
+    let result = pass();
+    if result.is_err() {
+        fixture.reset();
+    }
+    result
+}
+
+/// Every other page of a 1 GiB file (131,072 pages) to private, one
+/// `set_attributes` call per page, then each back to shared, with one live
+/// host mapping; against the same single-page guard installs and removes on
+/// a raw mapping. The pages are allocated, not populated. The VMA count
+/// before and after the private half (in the untimed first pass) must be
+/// equal. Slow: `SLOW_SAMPLES` samples, medians.
+fn fragmented(fixture: &Fragmented) -> CaseResult {
+    let (name, goal) = ("fragmented-1g", Goal::RatioAtMost(1.3));
+    let (before, after) = match fragmented_first_pass(fixture, false) {
+        Ok(vmas) => vmas,
+        Err(why) => return CaseResult::skipped(name, goal, why),
+    };
+    let (o, f) = measure_slow(
+        &mut || fixture.ours(false),
+        &mut || {},
+        &mut || fixture.floor(),
+        &mut || {},
+    );
+    CaseResult::timed(name, o, Some(f), goal).with_vmas(before, after)
+}
+
+/// The conversions of `fragmented-1g` in a fixed scattered order, against
+/// the same in order, in the same run. Slow: `SLOW_SAMPLES` samples, medians.
+fn fragmented_scattered(fixture: &Fragmented) -> CaseResult {
+    let (name, goal) = ("fragmented-scattered-1g", Goal::RatioAtMost(2.0));
+    if let Err(why) = fragmented_first_pass(fixture, true) {
+        return CaseResult::skipped(name, goal, why);
+    }
+    let (o, f) = measure_slow(
+        &mut || fixture.ours(true),
+        &mut || {},
+        &mut || fixture.ours(false),
+        &mut || {},
+    );
+    CaseResult::timed(name, o, Some(f), goal)
+}
+
+/// A 1 GiB file whose pages alternate private and shared (prepared untimed,
+/// one call per page), made private by one `set_attributes` call over it all,
+/// which hides its 131,072 one-page shared runs at once; against guard
+/// installs over the same ranges of a raw mapping by `process_madvise`
+/// batches of 1024 (prepared untimed by guarding it all and removing those).
+/// Slow: `SLOW_SAMPLES` samples, medians.
+fn fragmented_batch(fixture: &Fragmented) -> CaseResult {
+    let (name, goal) = ("fragmented-batch-1g", Goal::RatioAtMost(1.2));
+    if let Some(why) = fixtures::guard_markers_unsupported() {
+        return CaseResult::skipped(name, goal, why);
+    }
+    if let Err(e) = fixture.try_prepare_batch_ours() {
+        fixture.reset();
+        return CaseResult::skipped(name, goal, format!("gmem failed: {e}"));
+    }
+    let (o, f) = measure_slow(
+        &mut || fixture.batch_ours(),
+        &mut || fixture.prepare_batch_ours(),
+        &mut || fixture.batch_floor(),
+        &mut || fixture.prepare_batch_floor(),
+    );
+    fixture.reset();
+    CaseResult::timed(name, o, Some(f), goal)
 }
 
 /// Pin + unpin of one page on one thread, against an atomic increment and
@@ -494,8 +673,8 @@ pub fn print_table(results: &[CaseResult]) {
         let ratio = r.ratio.map_or("-".into(), |r| format!("{r:.2}"));
         let met = match &r.skipped {
             Some(why) => format!("skipped: {why}"),
-            None if r.met => "yes".into(),
-            None => "NO".into(),
+            None if r.met => format!("yes{}", r.vmas_note()),
+            None => format!("NO{}", r.vmas_note()),
         };
         println!(
             "{:<26} {:>14} {:>14} {:>8}  {:<16} {}",
@@ -518,8 +697,8 @@ pub fn print_markdown(results: &[CaseResult]) {
         let ratio = r.ratio.map_or("-".into(), |r| format!("{r:.2}"));
         let met = match &r.skipped {
             Some(why) => format!("skipped: {why}"),
-            None if r.met => "yes".into(),
-            None => "**no**".into(),
+            None if r.met => format!("yes{}", r.vmas_note()),
+            None => format!("**no**{}", r.vmas_note()),
         };
         let goal = r.goal.as_deref().unwrap_or("-");
         println!(
@@ -586,5 +765,23 @@ mod tests {
         );
         let speedup = CaseResult::timed("s", 10.0, Some(20.0), Goal::SpeedupAtLeast(1.8));
         assert_eq!((speedup.ratio, speedup.met), (Some(2.0), true));
+        assert!(json[0].get("vmas_before").is_none());
+    }
+
+    /// A VMA count that grows fails the goal, whatever the ratio.
+    #[test]
+    fn vma_counts_must_be_equal() {
+        let row = |before, after| {
+            CaseResult::timed("f", 1.0, Some(1.0), Goal::RatioAtMost(1.3)).with_vmas(before, after)
+        };
+        assert!(row(40, 40).met);
+        let grown = row(40, 131_112);
+        assert!(!grown.met);
+        assert_eq!(grown.vmas_note(), " (VMAs 40 -> 131112)");
+        let json = serde_json::to_value(&grown).unwrap();
+        assert_eq!(
+            (json["vmas_before"].as_u64(), json["vmas_after"].as_u64()),
+            (Some(40), Some(131_112))
+        );
     }
 }
