@@ -62,6 +62,11 @@ impl RoundTrip {
         }
     }
 
+    /// How gmem's mapping hides private pages.
+    pub fn hiding(&self) -> gmem::Hiding {
+        self.map.hiding()
+    }
+
     /// Shared to private to shared.
     pub fn ours(&self) {
         self.mem
@@ -101,7 +106,10 @@ impl RoundTrip {
 
 /// gmem's options forcing the empty-file remap.
 fn remap_options() -> gmem::Options {
-    gmem::Options::default()
+    gmem::Options {
+        hiding: Some(gmem::Hiding::EmptyFileRemap),
+        ..Default::default()
+    }
 }
 
 /// Why guard markers cannot be measured here, if they cannot: the floor's
@@ -130,7 +138,7 @@ pub const FRAGMENTED_LEN: u64 = 1 << 30;
 /// pages they hide, so each iteration starts from unpopulated pages anyway.
 pub struct Fragmented {
     mem: GuestMemfd,
-    _map: HostMapping,
+    map: HostMapping,
     raw: RawMapping,
     /// The odd pages, ascending.
     odd: Vec<u64>,
@@ -166,12 +174,17 @@ impl Fragmented {
             .collect();
         Fragmented {
             mem,
-            _map: map,
+            map,
             raw,
             odd,
             scattered,
             even_ranges,
         }
+    }
+
+    /// How gmem's mapping hides private pages.
+    pub fn hiding(&self) -> gmem::Hiding {
+        self.map.hiding()
     }
 
     /// The odd pages: ascending, or in the scattered order.
@@ -229,10 +242,14 @@ impl Fragmented {
     }
 
     /// One call over the whole file: hides the even pages' shared runs.
-    pub fn batch_ours(&self) {
+    pub fn try_batch_ours(&self) -> Result<(), gmem::ConversionError> {
         self.mem
             .set_attributes(0, FRAGMENTED_LEN, Attribute::Private)
-            .expect("to private");
+    }
+
+    /// [`try_batch_ours`](Self::try_batch_ours), which must succeed.
+    pub fn batch_ours(&self) {
+        self.try_batch_ours().expect("to private");
     }
 
     /// Untimed, from any state: every page guarded but the even ones.

@@ -6,7 +6,9 @@
 //! each, alternating ours and floor so that drift hits both, and reports the
 //! median time per iteration. Memory cases report bytes. The slow cases
 //! (hundreds of milliseconds an iteration: the fragmented 1 GiB files) take
-//! one untimed warm-up and `SLOW_SAMPLES` samples of each instead.
+//! an untimed first pass of each side and then `SLOW_SAMPLES` samples of
+//! each, fewer (at least one) if they have taken `SLOW_BUDGET` already; their
+//! rows say how many.
 
 use std::hint::black_box;
 use std::sync::{Arc, Barrier, mpsc};
@@ -23,6 +25,8 @@ pub use fixtures::{Copies, Fragmented, PinUnpin, RoundTrip};
 const SAMPLES: usize = 11;
 /// Samples of each side of a slow case.
 const SLOW_SAMPLES: usize = 5;
+/// The time after which a slow case takes no further samples.
+const SLOW_BUDGET: Duration = Duration::from_secs(30);
 const BATCH: Duration = Duration::from_millis(5);
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -83,6 +87,9 @@ pub struct CaseResult {
     /// And after it; the goal then also asks for the same count.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vmas_after: Option<usize>,
+    /// The samples of each side, for the slow cases.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<usize>,
 }
 
 impl CaseResult {
@@ -109,6 +116,7 @@ impl CaseResult {
             skipped: None,
             vmas_before: None,
             vmas_after: None,
+            samples: None,
         }
     }
 
@@ -121,11 +129,26 @@ impl CaseResult {
         self
     }
 
-    /// The VMA counts in words, for the tables.
-    fn vmas_note(&self) -> String {
-        match (self.vmas_before, self.vmas_after) {
-            (Some(before), Some(after)) => format!(" (VMAs {before} -> {after})"),
-            _ => String::new(),
+    /// The samples each side had (a slow case).
+    fn with_samples(mut self, samples: usize) -> CaseResult {
+        self.samples = Some(samples);
+        self
+    }
+
+    /// The VMA counts and samples in words, for the tables.
+    fn note(&self) -> String {
+        let mut notes = Vec::new();
+        if let (Some(before), Some(after)) = (self.vmas_before, self.vmas_after) {
+            notes.push(format!("VMAs {before} -> {after}"));
+        }
+        if let Some(samples) = self.samples {
+            let plural = if samples == 1 { "" } else { "s" };
+            notes.push(format!("{samples} sample{plural}"));
+        }
+        if notes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", notes.join(", "))
         }
     }
 
@@ -142,6 +165,7 @@ impl CaseResult {
             skipped: None,
             vmas_before: None,
             vmas_after: None,
+            samples: None,
         }
     }
 
@@ -158,6 +182,7 @@ impl CaseResult {
             skipped: Some(why),
             vmas_before: None,
             vmas_after: None,
+            samples: None,
         }
     }
 }
@@ -267,6 +292,9 @@ fn round_trip(name: &str, len: u64) -> CaseResult {
         return CaseResult::skipped(name, goal, why);
     }
     let fixture = RoundTrip::new(len);
+    if fixture.hiding() != gmem::Hiding::GuardMarkers {
+        return CaseResult::skipped(name, goal, "gmem's mapping has no guard markers".into());
+    }
     let (o, f) = measure_round_trip(&fixture);
     CaseResult::timed(name, o, Some(f), goal)
 }
@@ -277,6 +305,7 @@ fn round_trip(name: &str, len: u64) -> CaseResult {
 fn round_trip_remap(name: &str, len: u64) -> CaseResult {
     let goal = Goal::RatioAtMost(if len <= 4 * KIB { 1.5 } else { 1.15 });
     let fixture = RoundTrip::remap(len);
+    assert_eq!(fixture.hiding(), gmem::Hiding::EmptyFileRemap);
     let (o, f) = measure_round_trip(&fixture);
     CaseResult::timed(name, o, Some(f), goal)
 }
@@ -317,22 +346,25 @@ fn measure_prepared(
     (median(a), median(b))
 }
 
-/// As [`measure_prepared`] for slow cases: one warm-up of each, then
-/// `SLOW_SAMPLES` samples of each, alternating; medians.
+/// As [`measure_prepared`] for slow cases whose `ours` has had its untimed
+/// first pass: one untimed run of `floor`, then samples of each, alternating,
+/// until `SLOW_SAMPLES` each or `SLOW_BUDGET` spent (at least one each).
+/// Medians, and the samples each.
 fn measure_slow(
     ours: &mut dyn FnMut(),
     prepare_ours: &mut dyn FnMut(),
     floor: &mut dyn FnMut(),
     prepare_floor: &mut dyn FnMut(),
-) -> (f64, f64) {
-    once(ours, prepare_ours);
+) -> (f64, f64, usize) {
+    let started = Instant::now();
     once(floor, prepare_floor);
     let (mut a, mut b) = (Vec::new(), Vec::new());
-    for _ in 0..SLOW_SAMPLES {
+    while a.is_empty() || (a.len() < SLOW_SAMPLES && started.elapsed() < SLOW_BUDGET) {
         a.push(once(ours, prepare_ours));
         b.push(once(floor, prepare_floor));
     }
-    (median(a), median(b))
+    let samples = a.len();
+    (median(a), median(b), samples)
 }
 
 /// Why a fragmented case cannot run, if it cannot: guard markers missing, or
@@ -341,6 +373,9 @@ fn measure_slow(
 fn fragmented_first_pass(fixture: &Fragmented, scattered: bool) -> Result<(usize, usize), String> {
     if let Some(why) = fixtures::guard_markers_unsupported() {
         return Err(why);
+    }
+    if fixture.hiding() != gmem::Hiding::GuardMarkers {
+        return Err("gmem's mapping has no guard markers".into());
     }
     let vmas = || fixtures::vma_count().map_err(|e| format!("/proc/self/maps: {e}"));
     let gmem_failed = |e: gmem::ConversionError| format!("gmem failed: {e}");
@@ -375,13 +410,15 @@ fn fragmented(fixture: &Fragmented) -> CaseResult {
         Ok(vmas) => vmas,
         Err(why) => return CaseResult::skipped(name, goal, why),
     };
-    let (o, f) = measure_slow(
+    let (o, f, samples) = measure_slow(
         &mut || fixture.ours(false),
         &mut || {},
         &mut || fixture.floor(),
         &mut || {},
     );
-    CaseResult::timed(name, o, Some(f), goal).with_vmas(before, after)
+    CaseResult::timed(name, o, Some(f), goal)
+        .with_vmas(before, after)
+        .with_samples(samples)
 }
 
 /// The conversions of `fragmented-1g` in a fixed scattered order, against
@@ -391,13 +428,13 @@ fn fragmented_scattered(fixture: &Fragmented) -> CaseResult {
     if let Err(why) = fragmented_first_pass(fixture, true) {
         return CaseResult::skipped(name, goal, why);
     }
-    let (o, f) = measure_slow(
+    let (o, f, samples) = measure_slow(
         &mut || fixture.ours(true),
         &mut || {},
         &mut || fixture.ours(false),
         &mut || {},
     );
-    CaseResult::timed(name, o, Some(f), goal)
+    CaseResult::timed(name, o, Some(f), goal).with_samples(samples)
 }
 
 /// A 1 GiB file whose pages alternate private and shared (prepared untimed,
@@ -411,18 +448,25 @@ fn fragmented_batch(fixture: &Fragmented) -> CaseResult {
     if let Some(why) = fixtures::guard_markers_unsupported() {
         return CaseResult::skipped(name, goal, why);
     }
-    if let Err(e) = fixture.try_prepare_batch_ours() {
+    if fixture.hiding() != gmem::Hiding::GuardMarkers {
+        return CaseResult::skipped(name, goal, "gmem's mapping has no guard markers".into());
+    }
+    // The untimed first pass.
+    let first_pass = fixture
+        .try_prepare_batch_ours()
+        .and_then(|()| fixture.try_batch_ours());
+    if let Err(e) = first_pass {
         fixture.reset();
         return CaseResult::skipped(name, goal, format!("gmem failed: {e}"));
     }
-    let (o, f) = measure_slow(
+    let (o, f, samples) = measure_slow(
         &mut || fixture.batch_ours(),
         &mut || fixture.prepare_batch_ours(),
         &mut || fixture.batch_floor(),
         &mut || fixture.prepare_batch_floor(),
     );
     fixture.reset();
-    CaseResult::timed(name, o, Some(f), goal)
+    CaseResult::timed(name, o, Some(f), goal).with_samples(samples)
 }
 
 /// Pin + unpin of one page on one thread, against an atomic increment and
@@ -673,8 +717,8 @@ pub fn print_table(results: &[CaseResult]) {
         let ratio = r.ratio.map_or("-".into(), |r| format!("{r:.2}"));
         let met = match &r.skipped {
             Some(why) => format!("skipped: {why}"),
-            None if r.met => format!("yes{}", r.vmas_note()),
-            None => format!("NO{}", r.vmas_note()),
+            None if r.met => format!("yes{}", r.note()),
+            None => format!("NO{}", r.note()),
         };
         println!(
             "{:<26} {:>14} {:>14} {:>8}  {:<16} {}",
@@ -697,8 +741,8 @@ pub fn print_markdown(results: &[CaseResult]) {
         let ratio = r.ratio.map_or("-".into(), |r| format!("{r:.2}"));
         let met = match &r.skipped {
             Some(why) => format!("skipped: {why}"),
-            None if r.met => format!("yes{}", r.vmas_note()),
-            None => format!("**no**{}", r.vmas_note()),
+            None if r.met => format!("yes{}", r.note()),
+            None => format!("**no**{}", r.note()),
         };
         let goal = r.goal.as_deref().unwrap_or("-");
         println!(
@@ -720,7 +764,9 @@ fn cells(r: &CaseResult) -> (String, String) {
 }
 
 fn format_ns(ns: f64) -> String {
-    if ns >= 1e6 {
+    if ns >= 1e9 {
+        format!("{:.2} s", ns / 1e9)
+    } else if ns >= 1e6 {
         format!("{:.2} ms", ns / 1e6)
     } else if ns >= 1e3 {
         format!("{:.2} us", ns / 1e3)
@@ -777,11 +823,16 @@ mod tests {
         assert!(row(40, 40).met);
         let grown = row(40, 131_112);
         assert!(!grown.met);
-        assert_eq!(grown.vmas_note(), " (VMAs 40 -> 131112)");
+        assert_eq!(grown.note(), " (VMAs 40 -> 131112)");
         let json = serde_json::to_value(&grown).unwrap();
         assert_eq!(
             (json["vmas_before"].as_u64(), json["vmas_after"].as_u64()),
             (Some(40), Some(131_112))
+        );
+        assert!(json.get("samples").is_none());
+        assert_eq!(
+            grown.with_samples(5).note(),
+            " (VMAs 40 -> 131112, 5 samples)"
         );
     }
 }
