@@ -64,6 +64,7 @@
 use std::collections::TryReserveError;
 use std::iter;
 use std::ops::{Index, IndexMut, Range, RangeInclusive};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The state of a page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -447,7 +448,17 @@ pub(crate) struct AttributeMap<const L: usize = LEAF_BOUNDARIES, const B: usize 
     branches: Arena<Branch<B>>,
     runs: RunCount,
     private_pages: u64,
+    /// The leaf the last lookup ended in, tried first by the next one (a
+    /// guest converts near where it last did), or `NO_FINGER`. Always a
+    /// live leaf: reset where a leaf is freed or the tree rebuilt. Relaxed:
+    /// the map sits behind the invalidate lock, so only lookups under the
+    /// shared lock race to store it, each storing a live leaf, and whatever
+    /// leaf a lookup loads is checked before it is used.
+    finger: AtomicUsize,
 }
+
+/// No leaf to try first.
+const NO_FINGER: usize = usize::MAX;
 
 impl AttributeMap {
     /// A map of `pages` pages (at least one), all in state `initial`.
@@ -479,6 +490,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             },
             runs: RunCount::of(iter::once(first)),
             private_pages: if private { pages } else { 0 },
+            finger: AtomicUsize::new(NO_FINGER),
         }
     }
 
@@ -493,9 +505,29 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
         }
     }
 
-    /// The boundary of the run holding `page`.
+    /// Whether the run holding `page` starts in live leaf `leaf`: its first
+    /// boundary is at or before `page`, the next leaf's after it.
+    fn leaf_holds(&self, leaf: usize, page: u64) -> bool {
+        let leaf = &self.leaves[leaf];
+        let starts_before =
+            |leaf: &Leaf<L>| leaf.boundaries().first().is_some_and(|b| b.start() <= page);
+        starts_before(leaf)
+            && leaf
+                .next
+                .is_none_or(|next| !starts_before(&self.leaves[next]))
+    }
+
+    /// The boundary of the run holding `page`: in the finger's leaf if it
+    /// holds it (no descent), else found from the root. Only lookups use the
+    /// finger: an insert must go where the bounds route it.
     fn floor(&self, page: u64) -> Cursor {
-        self.floor_from(self.leaf_for(page), page)
+        let finger = self.finger.load(Ordering::Relaxed);
+        if finger != NO_FINGER && self.leaf_holds(finger, page) {
+            return self.floor_from(finger, page);
+        }
+        let at = self.floor_from(self.leaf_for(page), page);
+        self.finger.store(at.leaf, Ordering::Relaxed);
+        at
     }
 
     /// The boundary of the run holding `page`, from the leaf for `page`.
@@ -718,6 +750,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             self.leaves[next].prev = prev;
         }
         self.leaves.release(leaf);
+        *self.finger.get_mut() = NO_FINGER;
         self.remove_child(parent, leaf);
     }
 
@@ -884,6 +917,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             branches: Arena::try_with_capacity(shape.branches + spare.branches)?,
             runs: self.runs,
             private_pages: self.private_pages,
+            finger: AtomicUsize::new(NO_FINGER),
         };
         packed.push_leaves(self.runs_from(Some(self.floor(0))));
         let mut level = 0..shape.leaves;

@@ -51,7 +51,7 @@ impl GuestMemfd {
         // the mappings charged for.
         let mut mappings = state.mappings.lock();
         let charge = mappings
-            .reserve(state, attrs.private_runs_after(pages.clone(), to), None)
+            .reserve(state, || attrs.private_runs_after(pages.clone(), to), None)
             .map_err(|over| ConversionError::VmaBudget {
                 error_offset: offset,
                 needed: over.needed,

@@ -89,7 +89,7 @@ impl HostMapping {
         });
         let mut registry = file.mappings.lock();
         let charge = registry
-            .reserve(file, attrs.private_runs(), Some(hiding))
+            .reserve(file, || attrs.private_runs(), Some(hiding))
             .map_err(|OverBudget { needed, budget }| Error::VmaBudget { needed, budget })?;
         // Freshly mapped shared throughout: hide the private runs.
         let private = || private_runs(&attrs, 0..live.pages);
@@ -314,18 +314,19 @@ impl Registry<'_> {
     }
 
     /// Reserves the VMA budget that the fallback mappings need once the file
-    /// has `private_runs` private runs, with one more fallback mapping if
-    /// `adding` one. Commit it once the change is made.
+    /// has `private_runs()` private runs (asked only if there are fallback
+    /// mappings), with one more fallback mapping if `adding` one. Commit it
+    /// once the change is made.
     pub(crate) fn reserve<'f>(
         &self,
         file: &'f FileState,
-        private_runs: u64,
+        private_runs: impl FnOnce() -> u64,
         adding: Option<Hiding>,
     ) -> Result<Charge<'f>, OverBudget> {
         let remapped = self.remapped() + u64::from(adding == Some(Hiding::EmptyFileRemap));
         let needed = match remapped {
             0 => 0,
-            n => n.saturating_mul(budget::mapping_cost(private_runs)),
+            n => n.saturating_mul(budget::mapping_cost(private_runs())),
         };
         file.vma_budget.reserve(needed)
     }

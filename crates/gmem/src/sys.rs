@@ -107,36 +107,46 @@ impl MappedRegion {
     }
 
     /// Gives `advice` to every range (page-aligned, inside the region), in
-    /// batches of up to `IOV_MAX` ranges.
+    /// batches of up to `IOV_MAX` ranges; a lone range with `madvise`.
     fn advise(
         &self,
         ranges: impl Iterator<Item = Range<u64>>,
         advice: i32,
         counted: bool,
     ) -> Result<(), Errno> {
+        let mut ranges = ranges.map(|range| self.iovec(range)).peekable();
+        let Some(first) = ranges.next() else {
+            return Ok(());
+        };
+        if ranges.peek().is_none() {
+            return advise_batch(&[MaybeUninit::new(first)], advice, counted);
+        }
         let mut batch = [const { MaybeUninit::<libc::iovec>::uninit() }; IOV_MAX];
-        let mut filled = 0;
-        for range in ranges {
-            assert!(
-                range.start < range.end && range.end <= self.len as u64,
-                "advice for {range:#x?} outside a region of {:#x}",
-                self.len
-            );
-            batch[filled].write(libc::iovec {
-                // In bounds (asserted): the pointer stays inside the region.
-                iov_base: self.as_ptr().wrapping_add(range.start as usize).cast(),
-                iov_len: (range.end - range.start) as usize,
-            });
-            filled += 1;
+        batch[0].write(first);
+        let mut filled = 1;
+        for iovec in ranges {
             if filled == IOV_MAX {
                 advise_batch(&batch[..filled], advice, counted)?;
                 filled = 0;
             }
+            batch[filled].write(iovec);
+            filled += 1;
         }
-        if filled > 0 {
-            advise_batch(&batch[..filled], advice, counted)?;
+        advise_batch(&batch[..filled], advice, counted)
+    }
+
+    /// The iovec of a byte range of the region (page-aligned, inside it).
+    fn iovec(&self, range: Range<u64>) -> libc::iovec {
+        assert!(
+            range.start < range.end && range.end <= self.len as u64,
+            "advice for {range:#x?} outside a region of {:#x}",
+            self.len
+        );
+        libc::iovec {
+            // In bounds (asserted): the pointer stays inside the region.
+            iov_base: self.as_ptr().wrapping_add(range.start as usize).cast(),
+            iov_len: (range.end - range.start) as usize,
         }
-        Ok(())
     }
 
     /// Replaces `[start, start + len)` of this region with a shared mapping
