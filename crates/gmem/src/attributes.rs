@@ -448,17 +448,38 @@ pub(crate) struct AttributeMap<const L: usize = LEAF_BOUNDARIES, const B: usize 
     branches: Arena<Branch<B>>,
     runs: RunCount,
     private_pages: u64,
-    /// The leaf the last lookup ended in, tried first by the next one (a
-    /// guest converts near where it last did), or `NO_FINGER`. Always a
-    /// live leaf: reset where a leaf is freed or the tree rebuilt. Relaxed:
-    /// the map sits behind the invalidate lock, so only lookups under the
-    /// shared lock race to store it, each storing a live leaf, and whatever
-    /// leaf a lookup loads is checked before it is used.
+    /// Where the last lookup ended (leaf, and boundary in it, packed by
+    /// [`Finger`]), tried first by the next one: a guest converts near where
+    /// it last did, and one conversion looks up the same page a few times.
+    /// Always a live leaf: reset where a leaf is freed or the tree rebuilt;
+    /// the boundary index is checked. Relaxed: the map sits behind the
+    /// invalidate lock, so only lookups under the shared lock race to store
+    /// it, each storing a live place, and a lookup checks what it loads.
     finger: AtomicUsize,
 }
 
-/// No leaf to try first.
-const NO_FINGER: usize = usize::MAX;
+/// The packing of a cursor into the finger: the leaf above `SHIFT` bits of
+/// boundary index.
+struct Finger;
+
+impl Finger {
+    /// No place to try first.
+    const NONE: usize = usize::MAX;
+    /// Bits of boundary index (leaves hold at most `1 << SHIFT`).
+    const SHIFT: u32 = 8;
+
+    fn pack(at: Cursor) -> usize {
+        debug_assert!(at.index < 1 << Self::SHIFT);
+        at.leaf << Self::SHIFT | at.index
+    }
+
+    fn unpack(finger: usize) -> Option<Cursor> {
+        (finger != Self::NONE).then_some(Cursor {
+            leaf: finger >> Self::SHIFT,
+            index: finger & ((1 << Self::SHIFT) - 1),
+        })
+    }
+}
 
 impl AttributeMap {
     /// A map of `pages` pages (at least one), all in state `initial`.
@@ -471,7 +492,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
     /// [`new`](AttributeMap::new), with nodes of `L` boundaries and `B`
     /// children.
     fn with_fanout(pages: u64, initial: Attribute) -> Self {
-        const { assert!(L >= 2 && B >= 2) };
+        const { assert!(L >= 2 && B >= 2 && L <= 1 << Finger::SHIFT) };
         debug_assert!(pages > 0 && pages <= MAX_PAGES);
         let first = Boundary::new(0, initial);
         let mut leaf = Leaf::empty();
@@ -490,7 +511,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             },
             runs: RunCount::of(iter::once(first)),
             private_pages: if private { pages } else { 0 },
-            finger: AtomicUsize::new(NO_FINGER),
+            finger: AtomicUsize::new(Finger::NONE),
         }
     }
 
@@ -521,13 +542,25 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
     /// holds it (no descent), else found from the root. Only lookups use the
     /// finger: an insert must go where the bounds route it.
     fn floor(&self, page: u64) -> Cursor {
-        let finger = self.finger.load(Ordering::Relaxed);
-        if finger != NO_FINGER && self.leaf_holds(finger, page) {
-            return self.floor_from(finger, page);
-        }
-        let at = self.floor_from(self.leaf_for(page), page);
-        self.finger.store(at.leaf, Ordering::Relaxed);
+        let finger = Finger::unpack(self.finger.load(Ordering::Relaxed));
+        let at = match finger {
+            Some(at) if self.run_holds(at, page) => return at,
+            Some(at) if self.leaf_holds(at.leaf, page) => self.floor_from(at.leaf, page),
+            _ => self.floor_from(self.leaf_for(page), page),
+        };
+        self.finger.store(Finger::pack(at), Ordering::Relaxed);
         at
+    }
+
+    /// Whether `page` is in the run whose boundary is at `at` (in a live
+    /// leaf, at an index that may be past its end).
+    fn run_holds(&self, at: Cursor, page: u64) -> bool {
+        let leaf = &self.leaves[at.leaf];
+        at.index < leaf.len
+            && leaf.boundaries[at.index].start() <= page
+            && self
+                .step(at)
+                .is_none_or(|next| page < self.boundary(next).start())
     }
 
     /// The boundary of the run holding `page`, from the leaf for `page`.
@@ -750,7 +783,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             self.leaves[next].prev = prev;
         }
         self.leaves.release(leaf);
-        *self.finger.get_mut() = NO_FINGER;
+        *self.finger.get_mut() = Finger::NONE;
         self.remove_child(parent, leaf);
     }
 
@@ -917,7 +950,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             branches: Arena::try_with_capacity(shape.branches + spare.branches)?,
             runs: self.runs,
             private_pages: self.private_pages,
-            finger: AtomicUsize::new(NO_FINGER),
+            finger: AtomicUsize::new(Finger::NONE),
         };
         packed.push_leaves(self.runs_from(Some(self.floor(0))));
         let mut level = 0..shape.leaves;
