@@ -41,7 +41,7 @@ fn program(base: u64, port: u16, target: u64) -> Result<Vec<u8>, IcedError> {
 }
 
 /// The floor's device: each null exit does the raw mapping change a
-/// conversion would (hide, then show).
+/// conversion would (hide, then show, with guard markers as gmem's default).
 struct NullDevice {
     raw: RawMapping,
     hidden: bool,
@@ -50,11 +50,12 @@ struct NullDevice {
 impl GuestIo for NullDevice {
     fn io_out(&mut self, _: u64, port: u16, _: &[u8], _: &ExitRegs) -> ControlFlow<()> {
         if port == NULL_PORT {
-            if self.hidden {
-                self.raw.show(0, 4096);
+            let changed = if self.hidden {
+                self.raw.guard_remove(0, 4096)
             } else {
-                self.raw.hide(0, 4096);
-            }
+                self.raw.guard_install(0, 4096)
+            };
+            changed.expect("guard markers on the floor's own mapping");
             self.hidden = !self.hidden;
         }
         ControlFlow::Continue(())
