@@ -79,24 +79,33 @@ impl Listeners {
         list.1.len() != before
     }
 
+    /// Whether any listener is registered: a conversion with none takes no
+    /// lock and makes no snapshot.
+    fn any(&self) -> bool {
+        // Acquire pairs with the Release in `add` and `remove`.
+        self.count.load(Ordering::Acquire) != 0
+    }
+
     /// A snapshot, so that no lock is held while listeners run.
     fn snapshot(&self) -> Vec<Arc<dyn ConversionListener>> {
-        // Acquire pairs with the Release in `add` and `remove`.
-        if self.count.load(Ordering::Acquire) == 0 {
-            return Vec::new();
-        }
         let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
         list.1.iter().map(|(_, l)| l.clone()).collect()
     }
 
     /// Asks every listener; the first refusal wins.
     pub(crate) fn before_private(&self, offset: u64, len: u64) -> Result<(), Refusal> {
+        if !self.any() {
+            return Ok(());
+        }
         self.snapshot()
             .iter()
             .try_for_each(|l| l.before_private(offset, len))
     }
 
     pub(crate) fn converted(&self, offset: u64, len: u64, to: Attribute) {
+        if !self.any() {
+            return;
+        }
         for listener in self.snapshot() {
             listener.converted(offset, len, to);
         }
