@@ -5,5 +5,6 @@ pub mod bench;
 pub mod floor;
 pub mod guest;
 pub mod machine;
+pub mod progress;
 pub mod scenarios;
 pub mod workload;

@@ -1,11 +1,13 @@
 //! The `gmem` command: runs, tests, measures and shows guest memory with
 //! in-place shared/private conversion on KVM.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use gmem_cli::workload::{self, RunConfig, Summary};
+use gmem_cli::progress::{self, Ticker};
+use gmem_cli::workload::{self, RunFlags, Summary};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -49,27 +51,36 @@ enum Command {
     },
 }
 
+/// The flags of `gmem run`. The ranges in the help are those of
+/// `RunFlags::validate` (a test keeps them in step).
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Guest memory in MiB.
+    /// Guest memory in MiB: 5 to 4078 (the guest's 32-bit address space ends
+    /// at the local APIC at 0xFEE00000), and no more than this machine has
+    /// available.
     #[arg(long, default_value_t = 64)]
     memory_mib: u64,
-    /// vCPUs (1 to 4).
+    /// vCPUs: 1 to 4.
     #[arg(long, default_value_t = 2)]
     vcpus: u64,
-    /// Rounds over each vCPU's memory.
+    /// Rounds over each vCPU's memory: at least 1, and each round takes 5
+    /// guest commands a chunk of the 64511 a vCPU holds (up to 107 rounds
+    /// with the default memory, vCPUs and chunk).
     #[arg(long, default_value_t = 16)]
     rounds: u32,
-    /// KiB the guest converts per request.
+    /// KiB the guest converts per request: a multiple of 4 (the page), up to
+    /// each vCPU's share of the memory past the 4 MiB firmware area.
     #[arg(long, default_value_t = 256)]
     chunk_kib: u64,
-    /// Host device threads pinning shared buffers.
+    /// Host device threads pinning shared buffers: 0 to 32 (each owns 64
+    /// bytes of every page).
     #[arg(long, default_value_t = 2)]
     device_threads: usize,
     /// Count references per 2 MiB huge folio where a range is uniform.
     #[arg(long)]
     huge_folios: bool,
-    /// Print one JSON object instead of the progress and summary.
+    /// Print one JSON object instead of the progress and summary (progress
+    /// lines still go to stderr every few seconds).
     #[arg(long)]
     json: bool,
 }
@@ -84,6 +95,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: no escape codes in a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
         Command::Run(args) => run(args),
@@ -105,28 +118,34 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    require_kvm()?;
-    let config = RunConfig {
-        memory: args.memory_mib << 20,
+    let flags = RunFlags {
+        memory_mib: args.memory_mib,
         vcpus: args.vcpus,
         rounds: args.rounds,
-        chunk: args.chunk_kib << 10,
+        chunk_kib: args.chunk_kib,
         device_threads: args.device_threads,
         huge_folios: args.huge_folios,
     };
-    let progress = if args.json {
-        ProgressBar::hidden()
-    } else {
+    let config = flags.validate(workload::available_memory())?;
+    require_kvm()?;
+    // A bar on a terminal; elsewhere (or with --json) a line every few
+    // seconds, so that a long run is never silent.
+    let (progress, ticker) = if !args.json && std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} converting {bar:40} {pos}/{len} chunks {elapsed_precise}",
-            )
-            .expect("a valid template"),
+            ProgressStyle::with_template("{spinner} {msg} {bar:40} {pos}/{len} {elapsed_precise}")
+                .context("the progress template")?,
         );
-        bar
+        (bar, None)
+    } else {
+        let bar = ProgressBar::hidden();
+        let ticker = Ticker::start(bar.clone(), progress::INTERVAL, std::io::stderr())
+            .context("starting the progress thread")?;
+        (bar, Some(ticker))
     };
-    let summary = workload::run(&config, progress)?;
+    let summary = workload::run(&config, progress);
+    drop(ticker);
+    let summary = summary?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -203,6 +222,12 @@ fn selftest(filter: Option<&str>) -> anyhow::Result<ExitCode> {
         .into_iter()
         .filter(|s| filter.is_none_or(|f| s.name.contains(f)))
         .collect();
+    if let (Some(filter), true) = (filter, scenarios.is_empty()) {
+        anyhow::bail!(
+            "no self-test scenario name contains {filter:?} (names are host/memfd/<rule>, host/kvm/<rule> \
+             and guest/<rule>; `gmem selftest` lists them all)"
+        );
+    }
     println!("1..{}", scenarios.len());
     if let Ok(hiding) = HidingInfo::probe() {
         println!("# {}", hiding.summary());

@@ -59,6 +59,152 @@ impl Default for RunConfig {
     }
 }
 
+/// The end of the guest's memory: the guest runs in 32-bit protected mode
+/// with flat segments and no paging, and its address space holds the local
+/// APIC's page at `0xFEE00000` (an access there is an MMIO exit, not
+/// memory), so guest memory, which starts at 0, must end before it.
+pub const GUEST_MEMORY_END: u64 = 0xFEE0_0000;
+
+/// The most device threads: each owns 64 bytes (`DEVICE_SLOT`) of every page,
+/// between the guest's patterns in the first and last dword.
+pub const MAX_DEVICE_THREADS: usize = 32;
+/// Bytes of each page a device thread writes and reads back.
+const DEVICE_SLOT: usize = 64;
+/// Where the device threads' slots begin in each page.
+const DEVICE_AREA_START: usize = 1024;
+// The slots stay clear of the patterns' first and last dwords.
+const _: () = assert!(
+    DEVICE_AREA_START >= 4
+        && DEVICE_AREA_START + MAX_DEVICE_THREADS * DEVICE_SLOT <= PAGE_SIZE as usize - 4
+);
+
+/// Pages of the buffer a device thread pins (fewer in a smaller chunk).
+const DEVICE_BUFFER_PAGES: u64 = 4;
+
+/// A flag of `gmem run` out of its range: one line naming the limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadFlag(pub String);
+
+impl std::fmt::Display for BadFlag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadFlag {}
+
+/// The flags of `gmem run`, as given (in MiB and KiB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunFlags {
+    /// `--memory-mib`.
+    pub memory_mib: u64,
+    /// `--vcpus`.
+    pub vcpus: u64,
+    /// `--rounds`.
+    pub rounds: u32,
+    /// `--chunk-kib`.
+    pub chunk_kib: u64,
+    /// `--device-threads`.
+    pub device_threads: usize,
+    /// `--huge-folios`.
+    pub huge_folios: bool,
+}
+
+impl RunFlags {
+    /// The smallest `--memory-mib`: the firmware area and a page.
+    pub const MIN_MEMORY_MIB: u64 = (FIRMWARE_SIZE >> 20) + 1;
+    /// The largest `--memory-mib`: guest memory ends before the local APIC.
+    pub const MAX_MEMORY_MIB: u64 = GUEST_MEMORY_END >> 20;
+
+    /// Checks every flag against what the workload and the guest can do and
+    /// what this machine has (`available`: bytes of memory available, if
+    /// known), and gives the run's configuration.
+    pub fn validate(&self, available: Option<u64>) -> Result<RunConfig, BadFlag> {
+        let bad = |message: String| Err(BadFlag(message));
+        let (min, max) = (Self::MIN_MEMORY_MIB, Self::MAX_MEMORY_MIB);
+        if !(min..=max).contains(&self.memory_mib) {
+            return bad(format!(
+                "--memory-mib {} is outside {min} to {max}: the guest needs its {} MiB firmware area and more, \
+                 and its 32-bit address space ends at the local APIC at {GUEST_MEMORY_END:#x}",
+                self.memory_mib,
+                FIRMWARE_SIZE >> 20
+            ));
+        }
+        let memory = self.memory_mib << 20;
+        if let Some(available) = available
+            && memory > available
+        {
+            return bad(format!(
+                "--memory-mib {} is over the {} MiB of memory this machine has available (MemAvailable)",
+                self.memory_mib,
+                available >> 20
+            ));
+        }
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return bad(format!(
+                "--vcpus must be 1 to {MAX_VCPUS}: the firmware area holds the stacks and command lists of {MAX_VCPUS}"
+            ));
+        }
+        if self.device_threads > MAX_DEVICE_THREADS {
+            return bad(format!(
+                "--device-threads {} is over {MAX_DEVICE_THREADS}: each device thread owns {DEVICE_SLOT} bytes \
+                 of every page between the guest's patterns",
+                self.device_threads
+            ));
+        }
+        let page_kib = PAGE_SIZE >> 10;
+        // Each vCPU's share of the memory past the firmware area, in KiB.
+        let share_kib = ((memory - FIRMWARE_SIZE) / self.vcpus) >> 10;
+        let share_kib = share_kib - share_kib % page_kib;
+        if self.chunk_kib == 0 || self.chunk_kib % page_kib != 0 || self.chunk_kib > share_kib {
+            return bad(format!(
+                "--chunk-kib {} must be a multiple of the {page_kib} KiB page from {page_kib} to {share_kib}, \
+                 the KiB each of {} vCPUs has past the firmware area of {} MiB guest memory",
+                self.chunk_kib, self.vcpus, self.memory_mib
+            ));
+        }
+        let chunk = self.chunk_kib << 10;
+        let chunks = (share_kib << 10) / chunk;
+        // Five commands a chunk a round, and the closing halt.
+        let max_rounds = (MAX_COMMANDS as u64 - 1) / (5 * chunks);
+        if self.rounds == 0 || u64::from(self.rounds) > max_rounds {
+            let why = if max_rounds == 0 {
+                format!(
+                    "{chunks} chunks of {} KiB a vCPU need more guest commands than the {} a vCPU holds: \
+                     use bigger chunks or less memory",
+                    self.chunk_kib,
+                    MAX_COMMANDS - 1
+                )
+            } else {
+                format!(
+                    "must be 1 to {max_rounds}: each round of {chunks} chunks a vCPU takes {} guest commands of \
+                     the {} a vCPU holds (bigger chunks allow more rounds)",
+                    5 * chunks,
+                    MAX_COMMANDS - 1
+                )
+            };
+            return bad(format!("--rounds {} {why}", self.rounds));
+        }
+        Ok(RunConfig {
+            memory,
+            vcpus: self.vcpus,
+            rounds: self.rounds,
+            chunk,
+            device_threads: self.device_threads,
+            huge_folios: self.huge_folios,
+        })
+    }
+}
+
+/// The bytes of memory this machine has available (`MemAvailable` in
+/// `/proc/meminfo`), if known.
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// How the `EAGAIN`s of the run were met and resolved.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EagainSummary {
@@ -132,8 +278,9 @@ fn host_seed(round: u32) -> u32 {
 /// Where device thread `t` writes in each page: clear of the patterns'
 /// first and last dwords, and of the other threads.
 fn device_bytes(thread: usize) -> std::ops::Range<usize> {
-    let start = 1024 + thread * 256;
-    start..start + 256
+    debug_assert!(thread < MAX_DEVICE_THREADS);
+    let start = DEVICE_AREA_START + thread * DEVICE_SLOT;
+    start..start + DEVICE_SLOT
 }
 
 /// State shared by the vCPU threads, the device threads and the let-go hook.
@@ -189,10 +336,11 @@ pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary>
         huge_folios: config.huge_folios,
         ..Default::default()
     };
+    progress.set_message("setting up the VM");
     let machine = Machine::with_options(config.memory, Attribute::Shared, options)
         .context("setting up the VM")?;
+    seed_host_pattern(&machine, &regions, &progress)?;
     let state = Arc::new(RunState::new(&machine, regions, config, progress));
-    seed_host_pattern(&machine, &state.regions)?;
     // Device threads hold a pin for at most a few hundred microseconds, but on
     // a loaded host a descheduled thread holds it longer: allow up to about
     // half a second of retries before the guest sees EAGAIN.
@@ -208,7 +356,7 @@ pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary>
     for (id, &(start, end)) in state.regions.iter().enumerate() {
         vcpus.push(machine.vcpu(id as u64, &commands(start, end, config))?);
     }
-    let elapsed = run_threads(&state, vcpus, config.device_threads);
+    let elapsed = run_threads(&state, vcpus, config.device_threads)?;
     state.progress.finish_and_clear();
     check_final_state(&state);
     Ok(summarize(config, &machine, &state, elapsed))
@@ -222,6 +370,8 @@ impl RunState {
         progress: ProgressBar,
     ) -> RunState {
         let chunks: u64 = regions.iter().map(|(s, e)| (e - s) / config.chunk).sum();
+        progress.set_message("converting chunks");
+        progress.set_position(0);
         progress.set_length(chunks * u64::from(config.rounds));
         RunState {
             mem: machine.mem.clone(),
@@ -249,34 +399,62 @@ impl RunState {
 }
 
 /// Runs the vCPUs to their halt with the device threads beside them;
-/// returns the time from start to the last halt.
+/// returns the time from start to the last halt. Fails if a thread cannot be
+/// started (after joining those that were).
 fn run_threads(
     state: &Arc<RunState>,
     vcpus: Vec<gmem::kvm::Vcpu>,
     device_threads: usize,
-) -> Duration {
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
     std::thread::scope(|s| {
-        let devices: Vec<_> = (0..device_threads)
-            .map(|t| s.spawn(move || device_thread(state, t)))
-            .collect();
-        let runners: Vec<_> = vcpus
-            .into_iter()
-            .map(|mut vcpu| {
-                let mut io = WorkloadIo {
-                    state: state.clone(),
-                };
-                s.spawn(move || vcpu.run(&mut io))
-            })
-            .collect();
+        let stop = || {
+            // Release: the device threads' Acquire loads see the run is over.
+            state.stop.store(true, Ordering::Release);
+        };
+        let mut devices = Vec::new();
+        let mut failed = None;
+        for t in 0..device_threads {
+            let spawned = std::thread::Builder::new()
+                .name(format!("device {t}"))
+                .spawn_scoped(s, move || device_thread(state, t));
+            match spawned {
+                Ok(device) => devices.push(device),
+                Err(e) => {
+                    failed = Some(anyhow::anyhow!("starting device thread {t}: {e}"));
+                    break;
+                }
+            }
+        }
+        let mut runners = Vec::new();
+        for vcpu in vcpus {
+            if failed.is_some() {
+                break;
+            }
+            let id = vcpu.id();
+            let mut io = WorkloadIo {
+                state: state.clone(),
+            };
+            let mut vcpu = vcpu;
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu {id}"))
+                .spawn_scoped(s, move || vcpu.run(&mut io));
+            match spawned {
+                Ok(runner) => runners.push(runner),
+                Err(e) => failed = Some(anyhow::anyhow!("starting the thread of vCPU {id}: {e}")),
+            }
+        }
+        // vCPUs run their lists to the end on their own.
         let results: Vec<_> = runners.into_iter().map(|r| r.join()).collect();
         let elapsed = started.elapsed();
-        // Release: the device threads' Acquire loads see the run is over.
-        state.stop.store(true, Ordering::Release);
+        stop();
         for device in devices {
             if device.join().is_err() {
                 state.broke("a device thread panicked".into());
             }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         for result in results {
             match result {
@@ -285,7 +463,7 @@ fn run_threads(
                 Err(_) => state.broke("a vCPU thread panicked".into()),
             }
         }
-        elapsed
+        Ok(elapsed)
     })
 }
 
@@ -295,6 +473,14 @@ fn plan(config: &RunConfig) -> anyhow::Result<Vec<(u64, u64)>> {
     anyhow::ensure!(
         (1..=MAX_VCPUS).contains(&config.vcpus),
         "--vcpus must be 1 to {MAX_VCPUS}"
+    );
+    anyhow::ensure!(
+        config.memory <= GUEST_MEMORY_END,
+        "guest memory must end by the local APIC at {GUEST_MEMORY_END:#x}"
+    );
+    anyhow::ensure!(
+        config.device_threads <= MAX_DEVICE_THREADS,
+        "at most {MAX_DEVICE_THREADS} device threads"
     );
     anyhow::ensure!(
         config.chunk >= PAGE_SIZE && config.chunk % PAGE_SIZE == 0,
@@ -314,7 +500,9 @@ fn plan(config: &RunConfig) -> anyhow::Result<Vec<(u64, u64)>> {
         FIRMWARE_SIZE >> 20
     );
     let chunks = share / config.chunk;
-    let needed = chunks as usize * 5 * config.rounds as usize;
+    let needed = (chunks as usize)
+        .saturating_mul(5)
+        .saturating_mul(config.rounds as usize);
     anyhow::ensure!(
         needed < MAX_COMMANDS,
         "{} rounds of {chunks} chunks need {needed} guest commands, over the {} a vCPU holds: fewer rounds or bigger chunks",
@@ -365,13 +553,23 @@ fn commands(start: u64, end: u64, config: &RunConfig) -> Vec<Command> {
     list
 }
 
-/// The host pattern of round 0 in every page the guests will check.
-fn seed_host_pattern(machine: &Machine, regions: &[(u64, u64)]) -> anyhow::Result<()> {
+/// The host pattern of round 0 in every page the guests will check;
+/// `progress` counts the pages.
+fn seed_host_pattern(
+    machine: &Machine,
+    regions: &[(u64, u64)],
+    progress: &ProgressBar,
+) -> anyhow::Result<()> {
+    let pages: u64 = regions.iter().map(|(s, e)| (e - s) / PAGE_SIZE).sum();
+    progress.set_message("writing the host's pattern (pages)");
+    progress.set_position(0);
+    progress.set_length(pages);
     let mut page = vec![0u8; PAGE_SIZE as usize];
     for &(start, end) in regions {
         for gpa in (start..end).step_by(PAGE_SIZE as usize) {
             fill_page(&mut page, host_seed(0), gpa);
             machine.map.write(gpa, &page)?;
+            progress.inc(1);
         }
     }
     Ok(())
@@ -462,8 +660,9 @@ fn device_model(state: &RunState, vcpu: u64, gpa: u64, pages: u64, round: u32) {
 
 /// A device thread: DMA into the chunk each vCPU converts next.
 fn device_thread(state: &RunState, thread: usize) {
-    const BUFFER_PAGES: u64 = 4;
     const HOLD: Duration = Duration::from_micros(200);
+    // A buffer fits in a chunk, however small.
+    let buffer_pages = DEVICE_BUFFER_PAGES.min(state.chunk / PAGE_SIZE);
     let bytes = device_bytes(thread);
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ thread as u64;
     let mut token = vec![0u8; bytes.len()];
@@ -477,9 +676,9 @@ fn device_thread(state: &RunState, thread: usize) {
         let (start, end) = state.regions[vcpu];
         let chunks = (end - start) / state.chunk;
         let next = (state.cursor[vcpu].load(Ordering::Relaxed) + 1) % chunks;
-        let window = (rng >> 13) % (state.chunk / PAGE_SIZE - BUFFER_PAGES + 1);
+        let window = (rng >> 13) % (state.chunk / PAGE_SIZE - buffer_pages + 1);
         let gpa = start + next * state.chunk + window * PAGE_SIZE;
-        let len = BUFFER_PAGES * PAGE_SIZE;
+        let len = buffer_pages * PAGE_SIZE;
         if state.asked_to_let_go(gpa, len) {
             // A conversion there is waiting for pins to go: stay away.
             std::thread::sleep(Duration::from_micros(20));
@@ -497,7 +696,7 @@ fn device_thread(state: &RunState, thread: usize) {
         };
         state.device_pins.fetch_add(1, Ordering::Relaxed);
         token.fill((rng >> 40) as u8 | 1);
-        for page in 0..BUFFER_PAGES {
+        for page in 0..buffer_pages {
             let at = page * PAGE_SIZE + bytes.start as u64;
             let copied = pin.write(at, &token).and_then(|()| pin.read(at, &mut back));
             match copied {
@@ -514,7 +713,7 @@ fn device_thread(state: &RunState, thread: usize) {
         }
         state
             .host_bytes
-            .fetch_add(BUFFER_PAGES * bytes.len() as u64, Ordering::Relaxed);
+            .fetch_add(buffer_pages * bytes.len() as u64, Ordering::Relaxed);
         let held = Instant::now();
         while held.elapsed() < HOLD
             && !state.asked_to_let_go(gpa, len)
@@ -586,5 +785,81 @@ fn summarize(
         host_bytes_verified: state.host_bytes.load(Ordering::Relaxed),
         ok: broken.is_empty(),
         broken,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> RunFlags {
+        RunFlags {
+            memory_mib: 64,
+            vcpus: 2,
+            rounds: 16,
+            chunk_kib: 256,
+            device_threads: 2,
+            huge_folios: false,
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        let config = defaults().validate(None).unwrap();
+        let want = RunConfig::default();
+        assert_eq!(
+            (config.memory, config.chunk, config.rounds, config.vcpus),
+            (want.memory, want.chunk, want.rounds, want.vcpus)
+        );
+        assert!(plan(&config).is_ok());
+    }
+
+    #[test]
+    fn memory_is_bounded_by_what_the_machine_has() {
+        let err = defaults().validate(Some(63 << 20)).unwrap_err();
+        assert!(
+            err.0
+                .contains("63 MiB of memory this machine has available"),
+            "{err}"
+        );
+        assert!(defaults().validate(Some(64 << 20)).is_ok());
+    }
+
+    #[test]
+    fn every_valid_configuration_plans() {
+        // The largest memory, with chunks big enough for one round.
+        let flags = RunFlags {
+            memory_mib: RunFlags::MAX_MEMORY_MIB,
+            chunk_kib: 32 << 10,
+            rounds: 1,
+            vcpus: 3,
+            ..defaults()
+        };
+        let config = flags.validate(None).unwrap();
+        let regions = plan(&config).unwrap();
+        assert!(regions.iter().all(|&(_, end)| end <= GUEST_MEMORY_END));
+        // The most rounds validate allows fit the command area.
+        let max = (MAX_COMMANDS as u64 - 1) / (5 * 120);
+        let flags = RunFlags {
+            rounds: max as u32,
+            ..defaults()
+        };
+        assert!(plan(&flags.validate(None).unwrap()).is_ok());
+        let flags = RunFlags {
+            rounds: max as u32 + 1,
+            ..defaults()
+        };
+        assert!(flags.validate(None).is_err());
+    }
+
+    #[test]
+    fn device_slots_stay_clear_of_the_patterns() {
+        for thread in 0..MAX_DEVICE_THREADS {
+            let bytes = device_bytes(thread);
+            assert!(bytes.start >= 4 && bytes.end <= PAGE_SIZE as usize - 4);
+            if thread > 0 {
+                assert!(device_bytes(thread - 1).end <= bytes.start);
+            }
+        }
     }
 }

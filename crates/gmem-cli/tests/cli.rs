@@ -139,3 +139,137 @@ fn info_reports_guest_memfd_support() {
     let max = hiding["max_map_count"].as_u64().expect("max_map_count");
     assert_eq!(hiding["process_vma_budget"].as_u64(), Some(max / 4));
 }
+
+/// Runs `gmem` with `args`: (exit code, stdout, stderr).
+fn gmem_full(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("gmem runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Flags out of range fail before any KVM work: exit 2, one line naming the
+/// limit (no KVM needed).
+#[test]
+fn run_bounds_every_flag_with_a_one_line_error() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--memory-mib", "5000"], "5 to 4078"),
+        (&["--memory-mib", "4079"], "local APIC at 0xfee00000"),
+        (&["--memory-mib", "4"], "5 to 4078"),
+        // Would overflow when turned into bytes.
+        (&["--memory-mib", "17592186044416"], "5 to 4078"),
+        (&["--chunk-kib", "18014398509481984"], "from 4 to 30720"),
+        (&["--chunk-kib", "6"], "multiple of the 4 KiB page"),
+        (&["--chunk-kib", "0"], "multiple of the 4 KiB page"),
+        (&["--chunk-kib", "30724"], "from 4 to 30720"),
+        (&["--device-threads", "33"], "over 32"),
+        (&["--device-threads", "100000"], "over 32"),
+        (&["--vcpus", "0"], "--vcpus must be 1 to 4"),
+        (&["--rounds", "0"], "must be 1 to 107"),
+        (&["--rounds", "108"], "must be 1 to 107"),
+        (
+            &["--memory-mib", "4078", "--chunk-kib", "4"],
+            "use bigger chunks or less memory",
+        ),
+    ];
+    for (flags, limit) in cases {
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        let (code, stdout, stderr) = gmem_full(&args, &[]);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stdout.is_empty(), "{args:?}: {stdout}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("gmem: "), "{args:?}: {stderr}");
+        assert!(stderr.contains(limit), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn run_help_states_the_ranges() {
+    use gmem_cli::workload::{GUEST_MEMORY_END, MAX_DEVICE_THREADS, RunFlags};
+    let (code, help, _) = gmem_full(&["run", "--help"], &[]);
+    assert_eq!(code, Some(0));
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    let (min, max) = (RunFlags::MIN_MEMORY_MIB, RunFlags::MAX_MEMORY_MIB);
+    for range in [
+        format!("Guest memory in MiB: {min} to {max}"),
+        format!("{GUEST_MEMORY_END:#X}").replace("0X", "0x"),
+        format!("vCPUs: 1 to {}", gmem_cli::machine::MAX_VCPUS),
+        format!(
+            "of the {} a vCPU holds",
+            gmem_cli::machine::MAX_COMMANDS - 1
+        ),
+        "up to 107 rounds with the default".into(),
+        "a multiple of 4 (the page)".into(),
+        format!("0 to {MAX_DEVICE_THREADS}"),
+    ] {
+        assert!(help.contains(&range), "{range:?} not in: {help}");
+    }
+}
+
+#[test]
+fn selftest_with_no_matching_scenario_fails() {
+    let (code, stdout, stderr) = gmem_full(&["selftest", "nosuchname"], &[]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains("no self-test scenario"), "{stderr}");
+}
+
+/// The README's promise: `RUST_LOG=gmem=debug` shows EAGAINs; and a log
+/// that is not a terminal carries no colour codes.
+#[test]
+fn debug_logs_show_eagain_without_colour() {
+    let (code, stdout, stderr) = gmem_full(
+        &["selftest", "host/memfd/convert-pinned-eagain"],
+        &[("RUST_LOG", "gmem=debug")],
+    );
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("ok 1 - host/memfd/convert-pinned-eagain"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("DEBUG") && stderr.contains("conversion failed: page referenced"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\x1b'), "colour codes in {stderr:?}");
+}
+
+/// A clean run at `flags` (16 MiB, 2 rounds).
+fn assert_clean_run(flags: &[&str]) {
+    let mut args = vec!["run", "--json", "--memory-mib", "16", "--rounds", "2"];
+    args.extend_from_slice(flags);
+    let (code, out, err) = gmem_full(&args, &[]);
+    assert_eq!(code, Some(0), "{args:?}: {out}{err}");
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(summary["ok"], true, "{args:?}: {out}");
+    assert!(summary["device_pins"].as_u64() > Some(0), "{args:?}: {out}");
+}
+
+/// Chunks smaller than a device buffer (4 pages) once broke the device
+/// threads' placement (4 and 8 KiB) or divided by zero (12 KiB).
+#[test]
+fn run_with_chunks_smaller_than_a_device_buffer_stays_clean() {
+    if !kvm() {
+        return;
+    }
+    for chunk in ["4", "8", "12", "20"] {
+        assert_clean_run(&["--chunk-kib", chunk]);
+    }
+}
+
+/// 12 device threads and more once wrote over the guest's pattern.
+#[test]
+fn run_with_many_device_threads_stays_clean() {
+    if !kvm() {
+        return;
+    }
+    for threads in ["12", "32"] {
+        assert_clean_run(&["--device-threads", threads]);
+    }
+}

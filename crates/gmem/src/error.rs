@@ -43,6 +43,15 @@ pub enum Error {
         /// The size of the file, mapping or pin the range was checked against.
         limit: u64,
     },
+    /// An `fallocate` range whose end, `offset + len`, passes the largest
+    /// file offset, `i64::MAX` (`EFBIG`, as `vfs_fallocate` gives).
+    #[error("range {offset:#x}+{len:#x} ends past the largest file offset")]
+    FileTooBig {
+        /// The offset given.
+        offset: u64,
+        /// The length given.
+        len: u64,
+    },
     /// An `fallocate` mode other than `KEEP_SIZE`, optionally with
     /// `PUNCH_HOLE` (`EOPNOTSUPP`).
     #[error(
@@ -111,6 +120,7 @@ impl Error {
             Error::VmaBudget { .. } => Errno::NOMEM,
             Error::MappingPoisoned => Errno::IO,
             Error::MmapNotSupported => Errno::NODEV,
+            Error::FileTooBig { .. } => Errno::FBIG,
             Error::UnsupportedMode { .. } => Errno::OPNOTSUPP,
             Error::Private { .. } => Errno::FAULT,
             Error::Pinned { .. } => Errno::BUSY,

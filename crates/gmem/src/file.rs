@@ -205,12 +205,23 @@ impl GuestMemfd {
         self.state.direct.as_ptr()
     }
 
-    /// The byte range of the folio holding `offset` (inside the file): its
-    /// 2 MiB huge folio while there is one, else its page. A reference
-    /// anywhere in it blocks a conversion of any part of it.
-    pub fn folio_range(&self, offset: u64) -> std::ops::Range<u64> {
+    /// The byte range of the folio holding `offset`: its 2 MiB huge folio
+    /// while there is one, else its page. A reference anywhere in it blocks
+    /// a conversion of any part of it. The range always lies inside the file
+    /// (a huge folio never reaches past its end).
+    ///
+    /// Errors: `EINVAL` ([`Error::OutOfRange`]) if `offset` is not inside the
+    /// file.
+    pub fn folio_range(&self, offset: u64) -> Result<Range<u64>, Error> {
+        if offset >= self.size() {
+            return Err(Error::OutOfRange {
+                offset,
+                len: 1,
+                limit: self.size(),
+            });
+        }
         let pages = self.state.refs.folio_of(offset >> PAGE_SHIFT);
-        (pages.start << PAGE_SHIFT)..(pages.end << PAGE_SHIFT)
+        Ok((pages.start << PAGE_SHIFT)..(pages.end << PAGE_SHIFT))
     }
 
     /// A number naming the file uniquely in this process.
@@ -263,27 +274,35 @@ impl GuestMemfd {
 
     /// `fallocate(2)` with the kernel's guest_memfd rules: `mode` must hold
     /// `KEEP_SIZE` and may add only `PUNCH_HOLE` (else `EOPNOTSUPP`); offset
-    /// and length must be page-aligned and the length non-zero (`EINVAL`).
+    /// and length must be page-aligned and the length non-zero (`EINVAL`);
+    /// an offset or length above `i64::MAX` is `EINVAL`, and `offset + len`
+    /// above it `EFBIG` ([`Error::FileTooBig`]), as `vfs_fallocate` checks.
     pub fn fallocate(&self, mode: u32, offset: u64, len: u64) -> Result<(), Error> {
         if len == 0 {
             return Err(Error::ZeroLength);
         }
+        // First `vfs_fallocate`'s checks: a negative offset or length is
+        // `EINVAL`, an end past the largest file offset `EFBIG`.
+        if offset > i64::MAX as u64 || len > i64::MAX as u64 {
+            return Err(Error::OutOfRange {
+                offset,
+                len,
+                limit: i64::MAX as u64,
+            });
+        }
+        let Some(end) = offset
+            .checked_add(len)
+            .filter(|end| *end <= i64::MAX as u64)
+        else {
+            return Err(Error::FileTooBig { offset, len });
+        };
+        // Then guest_memfd's own checks.
         if mode & falloc::KEEP_SIZE == 0 || mode & !(falloc::KEEP_SIZE | falloc::PUNCH_HOLE) != 0 {
             return Err(Error::UnsupportedMode { mode });
         }
         if offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(Error::Unaligned { offset, len });
         }
-        let Some(end) = offset
-            .checked_add(len)
-            .filter(|end| *end <= i64::MAX as u64)
-        else {
-            return Err(Error::OutOfRange {
-                offset,
-                len,
-                limit: i64::MAX as u64,
-            });
-        };
         if mode & falloc::PUNCH_HOLE != 0 {
             self.state.punch_hole(offset, end.min(self.size()))
         } else if end > self.size() {
@@ -301,7 +320,7 @@ impl GuestMemfd {
     /// Allocates the pages of `[offset, offset + len)`.
     ///
     /// Errors: `EINVAL` for an unaligned or empty range or one reaching past
-    /// the end of the file.
+    /// the end of the file; `EFBIG` if `offset + len` passes `i64::MAX`.
     pub fn allocate(&self, offset: u64, len: u64) -> Result<(), Error> {
         self.fallocate(falloc::KEEP_SIZE, offset, len)
     }
@@ -310,8 +329,10 @@ impl GuestMemfd {
     /// zeroed page. Page state does not change. The part past the end of the
     /// file is ignored.
     ///
-    /// Errors: `EINVAL` for an unaligned or empty range; `EBUSY` with the
-    /// offset of the first pinned page (where the kernel would detach it).
+    /// Errors: `EINVAL` for an unaligned or empty range; `EFBIG` if `offset +
+    /// len` passes `i64::MAX`; `EBUSY` with the offset of the first pinned
+    /// page of the request (where the kernel would detach it; a pinned huge
+    /// folio that begins before the request reports the request's start).
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), Error> {
         self.fallocate(falloc::KEEP_SIZE | falloc::PUNCH_HOLE, offset, len)
     }
@@ -388,8 +409,10 @@ impl FileState {
         let attrs = self.write_attrs();
         self.refs.unmap(pages.clone());
         if let Err(page) = self.refs.check_unreferenced(pages.clone()) {
+            // Clamped to the start of the request, as conversions do: a huge
+            // folio may begin before it.
             return Err(Error::Pinned {
-                offset: page << PAGE_SHIFT,
+                offset: (page << PAGE_SHIFT).max(offset),
             });
         }
         self.backing.punch_hole(offset, end - offset)?;

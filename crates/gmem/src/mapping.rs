@@ -140,14 +140,21 @@ impl HostMapping {
         self.live.poisoned.load(Ordering::Acquire)
     }
 
-    /// Touches the byte at `offset` of the mapping with a raw access (a read,
-    /// or a write of the byte's own value) in a forked child, and reports how
-    /// the child ended: [`ProbeOutcome::Signal`] with `SIGSEGV` or `SIGBUS`
-    /// for a private page (by [`hiding`](Self::hiding)), `SIGBUS` for a page
-    /// past the end of the file. For tests and diagnostics.
+    /// Touches the byte at `offset` of the mapping with a raw access in a
+    /// forked child, and reports how the child ended:
+    /// [`ProbeOutcome::Signal`] with `SIGSEGV` or `SIGBUS` for a private page
+    /// (by [`hiding`](Self::hiding)), `SIGBUS` for a page past the end of the
+    /// file. For tests and diagnostics.
     ///
-    /// Errors: `EINVAL` if `offset` is not inside the mapping; the errno of
-    /// `fork` or `waitpid`.
+    /// A read probe loads the byte. A write probe **stores nothing**: it
+    /// faults the page in writable (`MADV_POPULATE_WRITE`, which allocates
+    /// it as a store would) and reports the signal a store would raise, so
+    /// the file's contents never change and writes the process makes
+    /// meanwhile are never lost.
+    ///
+    /// Errors: `EINVAL` if `offset` is not inside the mapping; `EOPNOTSUPP`
+    /// for a write probe on a kernel without `MADV_POPULATE_WRITE` (before
+    /// 5.14); the errno of `fork` or `waitpid`.
     pub fn probe(&self, offset: u64, write: bool) -> Result<ProbeOutcome, Error> {
         if offset >= self.len() {
             return Err(Error::OutOfRange {
@@ -158,7 +165,7 @@ impl HostMapping {
         }
         // Offset in bounds: the pointer stays inside the region.
         let ptr = self.as_ptr().wrapping_add(offset as usize);
-        crate::sys::probe_in_child(ptr, write).map_err(Error::os("fork"))
+        crate::sys::probe_in_child(ptr, write).map_err(Error::os("probe"))
     }
 
     /// Copies from file offset `offset` into `buf`.

@@ -428,23 +428,49 @@ pub enum ProbeOutcome {
     Signal(i32),
 }
 
-/// Reads (or writes) the byte at `ptr` in a forked child and reports how the
-/// child ended. The child touches nothing else and exits at once, so forking
-/// a multi-threaded process is sound; a write reaches the parent only through
-/// a shared mapping.
+/// The exit status of a probe's child whose kernel lacks
+/// `MADV_POPULATE_WRITE` (Linux 5.14).
+const PROBE_UNSUPPORTED: i32 = 3;
+
+/// Touches the byte at `ptr` in a forked child and reports how the child
+/// ended. The child touches nothing else and exits at once, so forking a
+/// multi-threaded process is sound.
+///
+/// A read is a volatile load. A write stores nothing: the child faults the
+/// page in writable with `MADV_POPULATE_WRITE` (allocating it, as a store
+/// would), so no byte of the shared file ever changes and a concurrent write
+/// of the parent cannot be lost. Where that fails the child reads the byte,
+/// which raises the signal a store would (`SIGSEGV` on a guard marker,
+/// `SIGBUS` under the remap fallback or past the end of the file); a page
+/// that reads but refuses the write ends the child with `SIGSEGV`, as a
+/// store would. Errors: `EOPNOTSUPP` for a write probe on a kernel without
+/// `MADV_POPULATE_WRITE`; the errno of `fork` or `waitpid`.
 pub(crate) fn probe_in_child(ptr: *mut u8, write: bool) -> Result<ProbeOutcome, Errno> {
-    // SAFETY: the child only performs one access and `_exit`s: no allocation, no locks.
+    let page = (ptr as usize & !(crate::PAGE_SIZE as usize - 1)) as *mut libc::c_void;
+    // SAFETY: the child only makes system calls and one access, then `_exit`s: no allocation, no locks.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(last_errno());
     }
     if pid == 0 {
+        // `madvise` only faults the page in; `raise` after resetting the
+        // disposition ends the child.
         // SAFETY: a fault is what is being observed; the child exits right after either way.
         unsafe {
             if write {
-                std::ptr::write_volatile(ptr, std::ptr::read_volatile(ptr));
-            } else {
-                std::ptr::read_volatile(ptr);
+                let populated =
+                    libc::madvise(page, crate::PAGE_SIZE as usize, libc::MADV_POPULATE_WRITE);
+                if populated == 0 {
+                    libc::_exit(0);
+                }
+                if *libc::__errno_location() == libc::EINVAL {
+                    libc::_exit(PROBE_UNSUPPORTED);
+                }
+            }
+            std::ptr::read_volatile(ptr);
+            if write {
+                libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+                libc::raise(libc::SIGSEGV);
             }
             libc::_exit(0);
         }
@@ -463,6 +489,8 @@ pub(crate) fn probe_in_child(ptr: *mut u8, write: bool) -> Result<ProbeOutcome, 
     }
     if libc::WIFSIGNALED(status) {
         Ok(ProbeOutcome::Signal(libc::WTERMSIG(status)))
+    } else if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == PROBE_UNSUPPORTED {
+        Err(Errno::OPNOTSUPP)
     } else {
         Ok(ProbeOutcome::Completed)
     }

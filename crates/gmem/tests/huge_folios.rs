@@ -110,6 +110,35 @@ fn a_pin_blocks_a_punch_anywhere_in_its_huge_folio() {
 }
 
 #[test]
+fn a_punch_blocked_by_a_huge_folio_reports_an_offset_inside_the_request() {
+    let mem = huge_file(HUGE);
+    let _pin = mem.pin(0, P).unwrap();
+    // The folio begins at 0, before the request: clamped, as conversions.
+    let err = mem.punch_hole(5 * P, P).unwrap_err();
+    assert_eq!(err.errno(), libc::EBUSY);
+    assert_eq!(err, gmem::Error::Pinned { offset: 5 * P });
+    let err = mem.set_attributes(5 * P, P, Private).unwrap_err();
+    assert_eq!(err.error_offset(), 5 * P);
+}
+
+#[test]
+fn folio_range_stays_inside_the_file() {
+    // A file whose last chunk is partial: 2 MiB + 3 pages.
+    let mem = huge_file(HUGE + 3 * P);
+    let _pin = mem.pin(0, P).unwrap();
+    assert_eq!(mem.folio_range(7 * P), Ok(0..HUGE));
+    assert_eq!(
+        mem.folio_range(HUGE + 2 * P),
+        Ok(HUGE + 2 * P..HUGE + 3 * P)
+    );
+    // Past the end, inside the last chunk and past it: errors, no panic.
+    for offset in [HUGE + 3 * P, HUGE + 5 * P, 2 * HUGE, 100 * HUGE, u64::MAX] {
+        let err = mem.folio_range(offset).unwrap_err();
+        assert_eq!(err.errno(), libc::EINVAL, "{offset:#x}");
+    }
+}
+
+#[test]
 fn the_last_partial_chunk_is_never_huge() {
     let mem = huge_file(HUGE + 16 * P);
     drop(mem.pin(HUGE + P, P).unwrap());

@@ -114,6 +114,30 @@ fn fallocate_modes_follow_guest_memfd() {
 }
 
 #[test]
+fn fallocate_ending_past_the_largest_offset_is_efbig() {
+    use gmem::falloc::{KEEP_SIZE, PUNCH_HOLE};
+    let mem = shared(4);
+    let max = i64::MAX as u64;
+    // offset + len > i64::MAX (both non-negative): EFBIG, as vfs_fallocate.
+    for (offset, len) in [
+        (P, max - P + 1),
+        (max - P + 1, 2 * P),
+        (max / 2 + 1, max / 2 + 1),
+    ] {
+        for mode in [KEEP_SIZE, KEEP_SIZE | PUNCH_HOLE] {
+            let err = mem.fallocate(mode, offset, len).unwrap_err();
+            assert_eq!(err.errno(), libc::EFBIG, "{mode} {offset:#x}+{len:#x}");
+        }
+    }
+    // A negative offset or length is EINVAL; an end up to i64::MAX is no
+    // EFBIG (past this file: EINVAL to allocate, a no-op to punch).
+    assert_eq!(mem.allocate(max + 1, P).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(mem.allocate(0, 1 << 63).unwrap_err().errno(), libc::EINVAL);
+    assert_eq!(mem.allocate(P, max - P).unwrap_err().errno(), libc::EINVAL);
+    mem.punch_hole(4 * P, (max - 4 * P) & !(P - 1)).unwrap();
+}
+
+#[test]
 fn allocate_past_the_end_is_einval_punch_past_the_end_is_a_noop() {
     let mem = shared(4);
     assert_eq!(mem.allocate(4 * P, P).unwrap_err().errno(), libc::EINVAL);

@@ -8,7 +8,7 @@ use kvm_bindings::{
     KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_USER_MEMORY2,
     KVM_CAP_VM_TYPES,
 };
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
 use super::uapi::{KVM_CAP_GUEST_MEMFD_FLAGS, KVM_HC_MAP_GPA_RANGE};
 use super::{GuestIo, KvmError, Vcpu, VcpuStop, Vm, ioctl};
@@ -42,8 +42,18 @@ pub struct HostSupport {
 }
 
 impl HostSupport {
-    /// Probes the host (once a process: the hypercall probe runs a guest
-    /// under a timeout).
+    /// Probes the host, once a process (later calls return the first
+    /// result).
+    ///
+    /// Where the host offers `KVM_HC_MAP_GPA_RANGE` exits, the probe runs a
+    /// one-vCPU guest on a thread of its own for at most a few hundred
+    /// milliseconds. **Signals:** while that guest runs, a no-op handler for
+    /// the real-time signal [`kick_signal`](Self::kick_signal) (`SIGRTMIN + 7`) is installed
+    /// process-wide, so that a vCPU stuck in `KVM_RUN` can be kicked out;
+    /// the previous disposition is restored before `probe` returns. Do not
+    /// use that signal elsewhere during the first call. The probe's thread
+    /// is always joined: a stuck vCPU gets `kvm_run.immediate_exit` and the
+    /// signal again every 10 ms until it has left `KVM_RUN`.
     pub fn probe() -> Result<HostSupport, KvmError> {
         static PROBED: OnceLock<Result<HostSupport, KvmError>> = OnceLock::new();
         PROBED.get_or_init(Self::probe_now).clone()
@@ -87,10 +97,21 @@ const VMCALL_PROBE: [u8; 24] = [
     0xb8, 0x0c, 0, 0, 0, 0xbb, 0x00, 0x20, 0, 0, 0xb9, 0x01, 0, 0, 0, 0xbe, 0, 0, 0, 0, 0x0f, 0x01,
     0xc1, 0xf4,
 ];
+/// How long the probe's guest may take before it is kicked out.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+/// How often a kicked vCPU is signalled again until it leaves `KVM_RUN`.
+const KICK_INTERVAL: Duration = Duration::from_millis(10);
 
-/// Runs a `vmcall` guest on a thread; kicks it with a signal if it has not
-/// exited in time (seen here: `vmcall` can hang `KVM_RUN`).
+impl HostSupport {
+    /// The real-time signal that kicks the probe's vCPU out of `KVM_RUN`
+    /// (`SIGRTMIN + 7`); see [`probe`](Self::probe).
+    pub fn kick_signal() -> i32 {
+        SIGRTMIN() + 7
+    }
+}
+
+/// Runs a `vmcall` guest on a thread; kicks it out if it has not exited in
+/// time (seen here: `vmcall` can hang `KVM_RUN`), and always joins it.
 fn probe_hypercall(vm: &Vm, mem: Arc<crate::GuestMemfd>) -> Result<bool, KvmError> {
     struct Quiet;
     impl GuestIo for Quiet {
@@ -102,7 +123,9 @@ fn probe_hypercall(vm: &Vm, mem: Arc<crate::GuestMemfd>) -> Result<bool, KvmErro
         what: "mmap of a guest_memfd",
     })?;
     map.write(0x1000, &VMCALL_PROBE)
-        .expect("the probe page is shared");
+        .map_err(|_| KvmError::Unsupported {
+            what: "writing the probe guest",
+        })?;
     let _slot = vm
         .bind(0, 0, &mem, 0, mem.size())
         .map_err(|e| KvmError::Ioctl {
@@ -111,7 +134,12 @@ fn probe_hypercall(vm: &Vm, mem: Arc<crate::GuestMemfd>) -> Result<bool, KvmErro
         })?;
     let mut vcpu: Vcpu = vm.create_vcpu(0)?;
     vcpu.enter_protected_mode(0x1000, 0x8000)?;
-    let kick = kick_signal();
+    // Without a handler the kick would kill the process: then no probe.
+    let Ok(_handler) = ioctl::KickHandler::install(HostSupport::kick_signal()) else {
+        tracing::warn!("cannot install the vCPU kick handler; not probing hypercall exits");
+        return Ok(false);
+    };
+    let exit = ioctl::ImmediateExit::of(vcpu.fd());
     let (tx, rx) = mpsc::channel();
     let runner = std::thread::spawn(move || {
         let stop = vcpu.run(&mut Quiet);
@@ -119,31 +147,32 @@ fn probe_hypercall(vm: &Vm, mem: Arc<crate::GuestMemfd>) -> Result<bool, KvmErro
         (stop, vcpu)
     });
     if rx.recv_timeout(PROBE_TIMEOUT).is_err() {
-        if let Some(signal) = kick {
-            let _ = runner.kill(signal);
-        }
-        if rx.recv_timeout(PROBE_TIMEOUT).is_err() {
-            tracing::warn!("the hypercall probe's vCPU could not be stopped; leaving it");
-            return Ok(false);
+        // From now on every KVM_RUN returns at once, so a kick that lands
+        // between two runs is not lost; a signal ends the run in progress.
+        // SAFETY: the vCPU lives until the runner is joined below.
+        unsafe { exit.set() };
+        let kicked = std::time::Instant::now();
+        loop {
+            let _ = runner.kill(HostSupport::kick_signal());
+            match rx.recv_timeout(KICK_INTERVAL) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                // Sent, or the runner panicked (the join below reports it).
+                _ => break,
+            }
+            if kicked.elapsed() > 100 * PROBE_TIMEOUT {
+                tracing::warn!(
+                    "the hypercall probe's vCPU is slow to leave KVM_RUN; waiting for it"
+                );
+                break;
+            }
         }
     }
-    let (stop, _vcpu) = runner.join().map_err(|_| KvmError::Unsupported {
+    // Joined before the handler is restored: no kick can be pending after.
+    let joined = runner.join();
+    let (stop, _vcpu) = joined.map_err(|_| KvmError::Unsupported {
         what: "the hypercall probe",
     })?;
     // The request converted page 2 to shared (it already was) and the guest
     // halted: the hypercall reached userspace and came back.
     Ok(matches!(stop, Ok(VcpuStop::Halted)) && vm.conversion_totals().requests == 1)
-}
-
-/// The real-time signal used to kick a vCPU out of `KVM_RUN`, with a no-op
-/// handler installed once (`SIGRTMIN + 7`).
-pub(crate) fn kick_signal() -> Option<i32> {
-    static SIGNAL: OnceLock<Option<i32>> = OnceLock::new();
-    *SIGNAL.get_or_init(|| {
-        extern "C" fn ignore(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-        let signal = SIGRTMIN() + 7;
-        register_signal_handler(signal, ignore)
-            .ok()
-            .map(|()| signal)
-    })
 }

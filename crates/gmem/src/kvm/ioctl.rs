@@ -74,3 +74,78 @@ pub(super) fn has_memory_attributes2(guest_memfd: BorrowedFd<'_>) -> bool {
         || Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
             != Errno::NOTTY
 }
+
+/// `kvm_run.immediate_exit` of a vCPU, to be set from another thread: once
+/// set, every `KVM_RUN` of the vCPU returns `EINTR` at once, and a signal
+/// ends a `KVM_RUN` in progress.
+pub(super) struct ImmediateExit(std::ptr::NonNull<u8>);
+
+// The pointer is only used for atomic stores to a byte of the shared
+// `kvm_run` mapping.
+// SAFETY: any thread may make those stores.
+unsafe impl Send for ImmediateExit {}
+
+impl ImmediateExit {
+    /// The flag of `vcpu`. The value must not outlive the vCPU: `kvm_run` is
+    /// unmapped when its `VcpuFd` is dropped.
+    pub(super) fn of(vcpu: &mut VcpuFd) -> ImmediateExit {
+        ImmediateExit(std::ptr::NonNull::from(
+            &mut vcpu.get_kvm_run().immediate_exit,
+        ))
+    }
+
+    /// Sets the flag.
+    ///
+    /// # Safety
+    ///
+    /// The vCPU this came from is still alive (its `kvm_run` still mapped).
+    pub(super) unsafe fn set(&self) {
+        // The vCPU's thread makes no non-atomic access to the byte: only the
+        // kernel reads it, at `KVM_RUN`.
+        // SAFETY: the caller keeps the mapping alive; a byte is always aligned.
+        let flag = unsafe { std::sync::atomic::AtomicU8::from_ptr(self.0.as_ptr()) };
+        flag.store(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A no-op handler for `signal`, installed process-wide while this value
+/// lives, so that the signal interrupts `KVM_RUN` without killing the
+/// process; the previous disposition comes back when it is dropped.
+pub(super) struct KickHandler {
+    signal: libc::c_int,
+    previous: libc::sigaction,
+}
+
+impl KickHandler {
+    /// Installs the handler; the errno of `sigaction` if it fails.
+    pub(super) fn install(signal: libc::c_int) -> Result<KickHandler, Errno> {
+        extern "C" fn ignore(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        // SAFETY: `sigaction` is plain old data: all zeroes is a valid value.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = ignore as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: `sa_mask` is a valid `sigset_t` to initialise.
+        unsafe { libc::sigemptyset(&mut action.sa_mask) };
+        // SAFETY: as above.
+        let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: both pointers are valid `sigaction`s; the handler is async-signal-safe (it does nothing).
+        if unsafe { libc::sigaction(signal, &action, &mut previous) } != 0 {
+            return Err(Errno::from_raw_os_error(
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+            ));
+        }
+        Ok(KickHandler { signal, previous })
+    }
+}
+
+impl Drop for KickHandler {
+    fn drop(&mut self) {
+        // SAFETY: `previous` is the disposition `sigaction` returned for this signal.
+        if unsafe { libc::sigaction(self.signal, &self.previous, std::ptr::null_mut()) } != 0 {
+            tracing::error!(
+                signal = self.signal,
+                "restoring the previous handler of the vCPU kick signal failed"
+            );
+        }
+    }
+}

@@ -287,7 +287,11 @@ impl VmShared {
 /// len)` that failed at `error_offset`: the request, widened to the folio of
 /// the failing page (a pin anywhere in a huge folio blocks it).
 fn let_go_range(mem: &GuestMemfd, offset: u64, len: u64, error_offset: u64) -> (u64, u64) {
-    let folio = mem.folio_range(error_offset);
+    // The failing page is inside the request, so inside the file; were it
+    // not, the request alone is the range.
+    let folio = mem
+        .folio_range(error_offset)
+        .unwrap_or(offset..offset + len);
     (offset.min(folio.start), (offset + len).max(folio.end))
 }
 
