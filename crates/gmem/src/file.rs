@@ -164,6 +164,7 @@ impl GuestMemfd {
     }
 
     /// The size of the file in bytes.
+    #[inline]
     pub fn size(&self) -> u64 {
         self.state.size
     }
@@ -423,6 +424,7 @@ impl FileState {
 }
 
 /// The pages covering bytes `[offset, end)`.
+#[inline(always)]
 pub(crate) fn page_range(offset: u64, end: u64) -> Range<u64> {
     (offset >> PAGE_SHIFT)..end.div_ceil(PAGE_SIZE)
 }

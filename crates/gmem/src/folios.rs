@@ -41,6 +41,7 @@ impl Chunk {
     }
 
     /// The small folios of `pages` (inside this chunk).
+    #[inline(always)]
     pub(crate) fn pages(&self, pages: Range<u64>) -> &[PageRef] {
         let start = (pages.start % CHUNK_PAGES) as usize;
         &self.pages[start..start + (pages.end - pages.start) as usize]
@@ -77,11 +78,13 @@ impl FolioTable {
 
     /// Whether `chunk` is a huge folio now (never on a file without them:
     /// one load saved on every pin of such a file).
+    #[inline(always)]
     pub(crate) fn is_huge(&self, chunk: &Chunk) -> bool {
         self.huge_folios && chunk.folio.is_huge()
     }
 
     /// The chunk holding `page`, if made.
+    #[inline(always)]
     pub(crate) fn chunk(&self, page: u64) -> Option<&Chunk> {
         self.chunks[(page / CHUNK_PAGES) as usize]
             .get()
@@ -95,6 +98,12 @@ impl FolioTable {
             let range = Self::chunk_range(index);
             Chunk::new(self.may_be_huge(index) && huge(range))
         })
+    }
+
+    /// The first page past the chunk holding `page`.
+    #[inline(always)]
+    pub(crate) fn chunk_end(page: u64) -> u64 {
+        (page / CHUNK_PAGES + 1) * CHUNK_PAGES
     }
 
     /// The pages of chunk `index`.

@@ -138,3 +138,46 @@ fn loom_no_split_under_a_huge_pin() {
         assert_eq!(folio.count(), 0);
     });
 }
+
+/// A thread's exit racing a conversion's drain: the exit flushes its batch,
+/// retires it from the file's registry (under the registry lock the drain
+/// holds) and makes it spare; the batch's next owner parks a release of
+/// another file's page in it. The drain releases the first page's parked
+/// reference exactly once and never the other file's.
+#[test]
+fn loom_exit_retire_and_reuse_race_a_drain() {
+    loom::model(|| {
+        let (first, other) = (mapped_page(), mapped_page());
+        assert_eq!(first.try_get(), TryGet::Got);
+        let batch = Arc::new(PinBatch::new());
+        batch.push(0..1, |_, _| unreachable!("not full"));
+        // The first file's registry of batches.
+        let registry = Arc::new(loom::sync::Mutex::new(vec![batch.clone()]));
+        let exiting = {
+            let (first, other, batch, registry) = (
+                first.clone(),
+                other.clone(),
+                batch.clone(),
+                registry.clone(),
+            );
+            thread::spawn(move || {
+                // `LocalBatches::drop`: flush, retire, make spare.
+                batch.drain(|pages, times| first.put((pages.end - pages.start) * times));
+                registry.lock().unwrap().retain(|b| !Arc::ptr_eq(b, &batch));
+                batch.drain(|_, _| {});
+                batch.reset();
+                // The next owner, pinning the other file.
+                assert_eq!(other.try_get(), TryGet::Got);
+                batch.push(0..1, |_, _| unreachable!("not full"));
+            })
+        };
+        // A conversion of the first file: unmap, check, drain once.
+        first.unmap();
+        for b in registry.lock().unwrap().iter() {
+            b.drain(|pages, times| first.put((pages.end - pages.start) * times));
+        }
+        exiting.join().unwrap();
+        assert_eq!(first.count(), 0, "released exactly once");
+        assert_eq!(other.count(), 1, "the other file's release is still parked");
+    });
+}

@@ -26,33 +26,37 @@ impl GuestMemfd {
     ///
     /// Errors: `EINVAL` for an empty range or one not inside the file;
     /// `EFAULT` with the offset of the first private page.
+    #[inline]
     pub fn pin(&self, offset: u64, len: u64) -> Result<Pin<'_>, Error> {
-        if len == 0 {
-            return Err(Error::ZeroLength);
+        let size = self.size();
+        // One test for all three conditions: `len - 1 < size` says
+        // `1 <= len <= size`, so `size - len` does not wrap, and then
+        // `offset <= size - len` says `offset + len <= size` without overflow.
+        if len.wrapping_sub(1) >= size || offset > size - len {
+            return Err(range_error(offset, len, size));
         }
-        let end = offset
-            .checked_add(len)
-            .filter(|end| *end <= self.size())
-            .ok_or(Error::OutOfRange {
-                offset,
-                len,
-                limit: self.size(),
-            })?;
-        let pages = page_range(offset, end);
+        let pages = page_range(offset, offset + len);
         match self.state.refs.try_pin_fast(pages.clone()) {
             Ok(()) => {}
-            Err(PinMiss::NotMapped) => self.pin_slow(pages)?,
-            Err(PinMiss::Overflow(page)) => {
-                return Err(Error::TooManyPins {
-                    offset: page << PAGE_SHIFT,
-                });
-            }
+            Err(miss) => self.pin_missed(pages, miss)?,
         }
         Ok(Pin {
             file: self,
             offset,
             len,
         })
+    }
+
+    /// A pin the fast path did not take.
+    #[cold]
+    #[inline(never)]
+    fn pin_missed(&self, pages: Range<u64>, miss: PinMiss) -> Result<(), Error> {
+        match miss {
+            PinMiss::NotMapped => self.pin_slow(pages),
+            PinMiss::Overflow(page) => Err(Error::TooManyPins {
+                offset: page << PAGE_SHIFT,
+            }),
+        }
     }
 
     /// The slow path: a fault. Under the invalidate lock (shared), check the
@@ -78,6 +82,20 @@ impl GuestMemfd {
             .map_err(|page| Error::TooManyPins {
                 offset: page << PAGE_SHIFT,
             })
+    }
+}
+
+/// Why `[offset, offset + len)` cannot be pinned in a file of `size` bytes.
+#[cold]
+#[inline(never)]
+fn range_error(offset: u64, len: u64, size: u64) -> Error {
+    if len == 0 {
+        return Error::ZeroLength;
+    }
+    Error::OutOfRange {
+        offset,
+        len,
+        limit: size,
     }
 }
 
@@ -126,6 +144,7 @@ impl Pin<'_> {
 }
 
 impl Drop for Pin<'_> {
+    #[inline]
     fn drop(&mut self) {
         let pages = page_range(self.offset, self.offset + self.len);
         self.file.state.refs.unpin(pages);

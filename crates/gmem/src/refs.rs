@@ -53,6 +53,7 @@ impl PageRef {
 
     /// The pin fast path: take a speculative reference, then recheck that the
     /// page is still mapped, and back off if a conversion got there first.
+    #[inline(always)]
     pub(crate) fn try_get(&self) -> TryGet {
         // The increment and the recheck are one read-modify-write of the
         // word that `unmap` clears with another, so the two are totally
@@ -66,9 +67,17 @@ impl PageRef {
         if old & MAPPED != 0 && old & COUNT_MASK < MAX_COUNT {
             return TryGet::Got;
         }
-        // Back off: the contents were not touched. Release as in `put`.
+        self.back_off(old, 0)
+    }
+
+    /// Undoes a failed speculative reference whose increment returned `old`;
+    /// `need` is a mode bit the word must have had too (HUGE, or 0).
+    #[cold]
+    #[inline(never)]
+    fn back_off(&self, old: u64, need: u64) -> TryGet {
+        // The contents were not touched. Release as in `put`.
         self.0.fetch_sub(1, Ordering::Release);
-        if old & MAPPED == 0 {
+        if old & MAPPED == 0 || old & need != need {
             TryGet::NotMapped
         } else {
             TryGet::Overflow
@@ -91,6 +100,7 @@ impl PageRef {
     }
 
     /// Drops `n` references.
+    #[inline(always)]
     pub(crate) fn put(&self, n: u64) {
         // Release pairs with the Acquire of `count` in a conversion's check:
         // every access made under the reference happens before the page
@@ -113,6 +123,7 @@ impl PageRef {
     }
 
     /// Whether this folio word holds a huge folio.
+    #[inline(always)]
     pub(crate) fn is_huge(&self) -> bool {
         // Acquire pairs with the Release in `set_huge`: a pinner that sees the
         // mode sees the split or merge that set it.
@@ -132,6 +143,7 @@ impl PageRef {
 
     /// The fast path on a huge folio: as [`try_get`](Self::try_get), and the
     /// recheck also requires the folio to be huge still (a split clears it).
+    #[inline(always)]
     pub(crate) fn try_get_huge(&self) -> TryGet {
         // Same argument as `try_get`: one RMW on the word a split or
         // conversion changes with another.
@@ -139,12 +151,7 @@ impl PageRef {
         if old & MAPPED != 0 && old & HUGE != 0 && old & COUNT_MASK < MAX_COUNT {
             return TryGet::Got;
         }
-        self.0.fetch_sub(1, Ordering::Release);
-        if old & MAPPED == 0 || old & HUGE == 0 {
-            TryGet::NotMapped
-        } else {
-            TryGet::Overflow
-        }
+        self.back_off(old, HUGE)
     }
 
     /// The current number of references.
@@ -185,7 +192,7 @@ struct Reshapes {
 pub(crate) struct References {
     id: u64,
     table: FolioTable,
-    batches: Mutex<Vec<Arc<PinBatch>>>,
+    batches: Mutex<Vec<&'static PinBatch>>,
     retired: Retired,
     reshapes: Reshapes,
     drains: std::sync::atomic::AtomicU64,
@@ -230,30 +237,40 @@ impl References {
     }
 
     /// The lock-free pin: a speculative reference on every folio, or none.
+    #[inline(always)]
     pub(crate) fn try_pin_fast(self: &Arc<Self>, pages: Range<u64>) -> Result<(), PinMiss> {
-        for (_, segment) in FolioTable::segments(pages.clone()) {
-            let Some(chunk) = self.table.chunk(segment.start) else {
-                self.put_now(pages.start..segment.start, 1);
-                return Err(PinMiss::NotMapped);
+        let mut page = pages.start;
+        while page < pages.end {
+            let end = FolioTable::chunk_end(page).min(pages.end);
+            let Some(chunk) = self.table.chunk(page) else {
+                return Err(self.undo_fast(pages.start..page, TryGet::NotMapped, page));
             };
             if self.table.is_huge(chunk) {
                 let outcome = chunk.folio.try_get_huge();
                 if outcome != TryGet::Got {
-                    self.put_now(pages.start..segment.start, 1);
-                    return Err(miss(outcome, segment.start));
+                    return Err(self.undo_fast(pages.start..page, outcome, page));
                 }
-                continue;
-            }
-            for (page, page_ref) in segment.clone().zip(chunk.pages(segment)) {
-                let outcome = page_ref.try_get();
-                if outcome != TryGet::Got {
-                    self.put_now(pages.start..page, 1);
-                    return Err(miss(outcome, page));
+            } else {
+                for (at, page_ref) in (page..end).zip(chunk.pages(page..end)) {
+                    let outcome = page_ref.try_get();
+                    if outcome != TryGet::Got {
+                        return Err(self.undo_fast(pages.start..at, outcome, at));
+                    }
                 }
             }
+            page = end;
         }
         self.count_pin();
         Ok(())
+    }
+
+    /// A fast-path pin failed at `page` with `outcome`: drop the references
+    /// taken on `held`.
+    #[cold]
+    #[inline(never)]
+    fn undo_fast(&self, held: Range<u64>, outcome: TryGet, page: u64) -> PinMiss {
+        self.put_now(held, 1);
+        miss(outcome, page)
     }
 
     /// The slow-path pin, with the invalidate lock held shared and every page
@@ -285,30 +302,46 @@ impl References {
         Ok(())
     }
 
+    #[inline(always)]
     fn count_pin(self: &Arc<Self>) {
-        if !batch::with_local(self, PinBatch::count_taken) {
-            // Relaxed: a statistic.
-            self.retired
-                .taken
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if batch::with_local(self, PinBatch::count_taken).is_none() {
+            self.count_unbatched(&self.retired.taken);
         }
+    }
+
+    /// Counts a pin taken or released without a batch (the thread exits).
+    #[cold]
+    #[inline(never)]
+    fn count_unbatched(&self, counter: &std::sync::atomic::AtomicU64) {
+        // Relaxed: a statistic.
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Releases a pin of `pages`: huge folios at once (they never sit in a
     /// batch), small ones through this thread's batch.
+    #[inline(always)]
     pub(crate) fn unpin(self: &Arc<Self>, pages: Range<u64>) {
         let batched = batch::with_local(self, |local| {
-            self.release(pages.clone(), |small| local.release(self, small));
+            if self.table.has_huge_folios() {
+                self.release(pages.clone(), |small| local.release(self, small));
+            } else {
+                // Every folio is small: park the whole range.
+                local.release(self, pages.clone());
+            }
             local.count_released();
         });
-        if !batched {
-            // The thread is exiting and its batch is gone: release at once.
-            self.release(pages, |small| self.put_now(small, 1));
-            // Relaxed: a statistic.
-            self.retired
-                .released
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if batched.is_none() {
+            self.unpin_unbatched(pages);
         }
+    }
+
+    /// `unpin` when the thread is exiting and its batches are gone: release
+    /// at once.
+    #[cold]
+    #[inline(never)]
+    fn unpin_unbatched(&self, pages: Range<u64>) {
+        self.release(pages, |small| self.put_now(small, 1));
+        self.count_unbatched(&self.retired.released);
     }
 
     /// Drops the references of huge folios in `pages` and hands each run of
@@ -483,7 +516,7 @@ impl References {
         }
     }
 
-    pub(crate) fn register(&self, batch: Arc<PinBatch>) {
+    pub(crate) fn register(&self, batch: &'static PinBatch) {
         self.batches
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -491,7 +524,7 @@ impl References {
     }
 
     /// Removes a dead thread's (already drained) batch, keeping its counts.
-    pub(crate) fn retire(&self, batch: &Arc<PinBatch>) {
+    pub(crate) fn retire(&self, batch: &PinBatch) {
         let (taken, released) = batch.counts();
         // Relaxed: statistics.
         self.retired
@@ -503,7 +536,7 @@ impl References {
         self.batches
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|b| !Arc::ptr_eq(b, batch));
+            .retain(|b| !std::ptr::eq(*b, batch));
     }
 
     /// Pins taken and not yet dropped, over every thread.

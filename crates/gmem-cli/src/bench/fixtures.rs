@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use gmem::{Attribute, Flags, GuestMemfd, HostMapping, PAGE_SIZE, Pin};
+use gmem::{Attribute, Flags, GuestMemfd, HostMapping, Options, PAGE_SIZE, Pin};
 
 use crate::floor::RawMapping;
 
@@ -354,10 +354,14 @@ impl MutexRefs {
 }
 
 /// Pin + unpin of one page, an atomic increment + decrement, and the mutex
-/// design's pin + unpin.
+/// design's pin + unpin; and of 16 pages (a 64 KiB virtio buffer), on a file
+/// with small folios and on one with huge folios, against 16 single-page
+/// increment + decrement pairs.
 pub struct PinUnpin {
     mem: GuestMemfd,
+    huge: GuestMemfd,
     counter: AtomicU64,
+    counters: [AtomicU64; 16],
     mutex: MutexRefs,
 }
 
@@ -368,13 +372,24 @@ impl Default for PinUnpin {
 }
 
 impl PinUnpin {
-    /// A file with page 0 pinned once (so the fast path is warm).
+    /// Files with pages 0 to 15 pinned once (so the fast path is warm); the
+    /// second counts references per 2 MiB huge folio.
     pub fn new() -> PinUnpin {
         let mem = GuestMemfd::new(4 * MIB, Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
-        drop(mem.pin(0, 1).expect("pin"));
+        drop(mem.pin(0, 16 * PAGE_SIZE).expect("pin"));
+        let options = Options {
+            huge_folios: true,
+            ..Default::default()
+        };
+        let huge = GuestMemfd::with_options(4 * MIB, Flags::MMAP | Flags::INIT_SHARED, options)
+            .expect("memfd");
+        drop(huge.pin(0, 16 * PAGE_SIZE).expect("pin"));
+        assert_eq!(huge.folio_range(0), 0..2 * MIB, "a huge folio");
         PinUnpin {
             mem,
+            huge,
             counter: AtomicU64::new(0),
+            counters: Default::default(),
             mutex: MutexRefs::new(1024),
         }
     }
@@ -384,11 +399,34 @@ impl PinUnpin {
         drop(black_box(self.mem.pin(black_box(0), 1).expect("pin")));
     }
 
+    /// gmem's pin and unpin of 16 pages.
+    pub fn ours_16(&self) {
+        drop(black_box(
+            self.mem.pin(black_box(0), 16 * PAGE_SIZE).expect("pin"),
+        ));
+    }
+
+    /// gmem's pin and unpin of 16 pages in a huge folio.
+    pub fn ours_16_huge(&self) {
+        drop(black_box(
+            self.huge.pin(black_box(0), 16 * PAGE_SIZE).expect("pin"),
+        ));
+    }
+
     /// The floor: one uncontended atomic increment and decrement.
     pub fn atomic(&self) {
         // Relaxed: the floor is the bare locked instructions.
         black_box(self.counter.fetch_add(1, Ordering::Relaxed));
         black_box(self.counter.fetch_sub(1, Ordering::Relaxed));
+    }
+
+    /// Sixteen single-page floors, one per page's counter.
+    pub fn atomic_16(&self) {
+        for counter in black_box(&self.counters) {
+            // Relaxed: as in `atomic`.
+            black_box(counter.fetch_add(1, Ordering::Relaxed));
+            black_box(counter.fetch_sub(1, Ordering::Relaxed));
+        }
     }
 
     /// The mutex design.
