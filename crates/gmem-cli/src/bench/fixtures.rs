@@ -384,7 +384,7 @@ impl PinUnpin {
         let huge = GuestMemfd::with_options(4 * MIB, Flags::MMAP | Flags::INIT_SHARED, options)
             .expect("memfd");
         drop(huge.pin(0, 16 * PAGE_SIZE).expect("pin"));
-        assert_eq!(huge.folio_range(0), 0..2 * MIB, "a huge folio");
+        assert_eq!(huge.folio_range(0), Ok(0..2 * MIB), "a huge folio");
         PinUnpin {
             mem,
             huge,
