@@ -11,8 +11,12 @@
 //!
 //! A fallback mapping's cost is counted as `2 * private runs + 1`, the most
 //! VMAs a mapping with that many private runs can have (the runs of one state
-//! alternate with the other's). Charges move under the file's registry of
-//! mappings, so one file's charge is never changed by two threads at once.
+//! alternate with the other's). A guard-marker mapping hides runs of 2 MiB
+//! and more by the remap too, where the budget allows (guards would need a
+//! page table for every page of them), and is charged 2 for each. A change
+//! takes what it may need first and settles at what the mappings need after
+//! it, under the file's registry of mappings, so one file's charge is never
+//! changed by two threads at once.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,7 +86,7 @@ pub(crate) struct OverBudget {
     pub(crate) budget: u64,
 }
 
-/// One file's budget and what its fallback mappings are charged.
+/// One file's budget and what its mappings are charged.
 #[derive(Debug)]
 pub(crate) struct VmaBudget {
     limit: u64,
@@ -107,76 +111,48 @@ impl VmaBudget {
         self.spent.load(Ordering::Relaxed)
     }
 
-    /// Reserves what moving the file's charge to `needed` takes. The charge
-    /// moves when the returned [`Charge`] is committed; dropped uncommitted,
-    /// it gives back what it reserved.
-    pub(crate) fn reserve(&self, needed: u64) -> Result<Charge<'_>, OverBudget> {
+    /// Takes `vmas` more if neither the file's budget nor the process's
+    /// would be exceeded; else takes nothing.
+    pub(crate) fn take(&self, vmas: u64) -> Result<(), OverBudget> {
         let spent = self.spent();
+        let needed = spent.saturating_add(vmas);
         if needed > self.limit {
             return Err(OverBudget {
                 needed,
                 budget: self.limit,
             });
         }
-        let extra = needed.saturating_sub(spent);
-        if extra > 0 {
-            let limit = process_limit();
-            // Relaxed: a counter whose only invariant (never above the
-            // limit) the compare-exchange itself keeps.
-            PROCESS_SPENT
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |total| {
-                    total.checked_add(extra).filter(|total| *total <= limit)
-                })
-                .map_err(|total| OverBudget {
-                    needed,
-                    budget: spent + limit.saturating_sub(total),
-                })?;
-        }
-        Ok(Charge {
-            budget: self,
-            needed,
-            reserved: extra,
-        })
+        let limit = process_limit();
+        // Relaxed: a counter whose only invariant (never above the limit)
+        // the compare-exchange itself keeps.
+        PROCESS_SPENT
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |total| {
+                total.checked_add(vmas).filter(|total| *total <= limit)
+            })
+            .map_err(|total| OverBudget {
+                needed,
+                budget: spent + limit.saturating_sub(total),
+            })?;
+        self.spent.store(needed, Ordering::Relaxed);
+        Ok(())
     }
 
-    /// Gives back everything the file is charged (its last fallback mapping
-    /// is gone, or the file is).
-    fn release(&self, vmas: u64) {
-        // Relaxed: see `reserve`.
-        PROCESS_SPENT.fetch_sub(vmas, Ordering::Relaxed);
+    /// Makes the file's charge `to`, what its mappings need now, giving back
+    /// the rest. Everything a mapping needs was taken first, so `to` is never
+    /// more than what is spent.
+    pub(crate) fn settle(&self, to: u64) {
+        let spent = self.spent();
+        debug_assert!(to <= spent, "settling at {to} with {spent} taken");
+        let to = to.min(spent);
+        self.spent.store(to, Ordering::Relaxed);
+        // Relaxed: see `take`.
+        PROCESS_SPENT.fetch_sub(spent - to, Ordering::Relaxed);
     }
 }
 
 impl Drop for VmaBudget {
     fn drop(&mut self) {
-        let spent = *self.spent.get_mut();
-        self.release(spent);
-    }
-}
-
-/// A reserved change of a file's charge; see [`VmaBudget::reserve`].
-#[must_use]
-#[derive(Debug)]
-pub(crate) struct Charge<'a> {
-    budget: &'a VmaBudget,
-    needed: u64,
-    reserved: u64,
-}
-
-impl Charge<'_> {
-    /// Makes the file's charge what was reserved for, giving back any VMAs
-    /// it no longer needs.
-    pub(crate) fn commit(mut self) {
-        let spent = self.budget.spent();
-        self.budget.spent.store(self.needed, Ordering::Relaxed);
-        self.budget.release(spent.saturating_sub(self.needed));
-        self.reserved = 0;
-    }
-}
-
-impl Drop for Charge<'_> {
-    fn drop(&mut self) {
-        self.budget.release(self.reserved);
+        self.settle(0);
     }
 }
 
@@ -185,22 +161,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_file_never_exceeds_its_budget_and_gives_back_what_it_drops() {
+    fn a_file_never_exceeds_its_budget_and_gives_back_what_it_settles() {
         let budget = VmaBudget::new(10);
-        budget.reserve(7).unwrap().commit();
+        budget.take(7).unwrap();
         assert_eq!(budget.spent(), 7);
         assert_eq!(
-            budget.reserve(11).unwrap_err(),
+            budget.take(4).unwrap_err(),
             OverBudget {
                 needed: 11,
                 budget: 10
             }
         );
-        // An abandoned reservation changes nothing.
-        drop(budget.reserve(9).unwrap());
-        assert_eq!(budget.spent(), 7);
-        budget.reserve(3).unwrap().commit();
+        assert_eq!(budget.spent(), 7, "a refused take takes nothing");
+        budget.settle(3);
         assert_eq!(budget.spent(), 3);
+        budget.take(7).unwrap();
     }
 
     #[test]
@@ -208,11 +183,8 @@ mod tests {
         let limit = process_limit();
         let files: Vec<_> = (0..4).map(|_| VmaBudget::new(limit)).collect();
         // Other tests of this process may hold a little of the limit.
-        let taken = files[0].reserve(limit / 2).map(Charge::commit);
-        assert!(taken.is_ok());
-        let over = files[1]
-            .reserve(limit / 2 + limit / 4 + 1)
-            .map(Charge::commit);
+        assert!(files[0].take(limit / 2).is_ok());
+        let over = files[1].take(limit / 2 + limit / 4 + 1);
         assert!(over.is_err(), "two files got more than the process limit");
     }
 }

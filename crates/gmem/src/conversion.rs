@@ -50,8 +50,16 @@ impl GuestMemfd {
         // The registry stays locked to the commit: the mappings changed are
         // the mappings charged for.
         let mut mappings = state.mappings.lock();
-        let charge = mappings
-            .reserve(state, || attrs.private_runs_after(pages.clone(), to), None)
+        let changing = || {
+            attrs
+                .runs_in(pages.clone())
+                .filter(|run| run.attr != to)
+                .map(|run| run.range())
+        };
+        let fallback_cost = mappings
+            .take_for_change(state, changing, to, || {
+                attrs.private_runs_after(pages.clone(), to)
+            })
             .map_err(|over| ConversionError::VmaBudget {
                 error_offset: offset,
                 needed: over.needed,
@@ -60,25 +68,23 @@ impl GuestMemfd {
         // 4. Shared to private: the exact reference check. Host mappings
         //    hold no counted references (a fast-path pin's "PTE" is the
         //    MAPPED bit, cleared here), so they are changed after it passes.
-        if to == Attribute::Private {
-            state.check_unreferenced(pages.clone(), offset)?;
-        }
-        // 4b. Hide (or show) the runs that change, in every host mapping.
-        //     Still undoable: a failure puts every mapping back.
-        let changing = || {
-            attrs
-                .runs_in(pages.clone())
-                .filter(|run| run.attr != to)
-                .map(|run| run.range())
+        //    4b. Then hide (or show) the runs that change, in every host
+        //    mapping; still undoable: a failure puts every mapping back.
+        let checked = match to {
+            Attribute::Private => state.check_unreferenced(pages.clone(), offset),
+            Attribute::Shared => Ok(()),
         };
-        mappings
-            .apply(state, changing, to)
-            .map_err(|failure| mapping_error(failure, offset))?;
+        let changed = checked.and_then(|()| {
+            mappings
+                .apply(state, changing, to)
+                .map_err(|failure| mapping_error(failure, offset))
+        });
+        mappings.settle(state, changed.is_ok().then_some(fallback_cost));
+        changed?;
+        drop(mappings);
         // 5. Point of no return: store the new state. (Guest mappings are
         //    KVM's and stay valid: on a software-protected VM both states are
         //    mapped for the guest.)
-        charge.commit();
-        drop(mappings);
         attrs.set(pages.clone(), to);
         state.refs.reshape(pages, |range| attrs.is_uniform(range));
         Counters::bump(match to {

@@ -11,67 +11,107 @@ use crate::{
 };
 
 const P: u64 = PAGE_SIZE;
-const PAGES: u64 = 8;
 
-/// A 16-page file whose pages 1, 3 and 5 are private, with two mappings
-/// hiding by `hiding` (the second one shorter than the file).
-fn fragmented(hiding: Hiding) -> (GuestMemfd, [HostMapping; 2]) {
+/// A file, its private runs, the conversion under test and the pages whose
+/// raw accesses are checked.
+struct Layout {
+    pages: u64,
+    private: &'static [std::ops::Range<u64>],
+    convert: std::ops::Range<u64>,
+    probes: &'static [u64],
+}
+
+/// Pages 1, 3 and 5 of 16 private; pages 0..8 converted.
+const SMALL: Layout = Layout {
+    pages: 16,
+    private: &[1..2, 3..4, 5..6],
+    convert: 0..8,
+    probes: &[0, 1, 2, 3, 4, 5, 6, 7],
+};
+
+/// With a run of 2 MiB and more, which guard-marker mappings remap: pages 1
+/// and 600..1200 of 2048 private; pages 0..1300 converted (to private: the
+/// 598 pages 2..600 and 1200..1300; to shared: 1 and 600..1200).
+const LARGE: Layout = Layout {
+    pages: 2048,
+    private: &[1..2, 600..1200],
+    convert: 0..1300,
+    probes: &[0, 1, 2, 599, 600, 900, 1199, 1200, 1299, 1300],
+};
+
+/// The layout's file, with two mappings hiding by `hiding` (the second one
+/// shorter than the file).
+fn fragmented(layout: &Layout, hiding: Hiding) -> (GuestMemfd, [HostMapping; 2]) {
     let options = Options {
         hiding: Some(hiding),
         ..Default::default()
     };
-    let mem = GuestMemfd::with_options(16 * P, Flags::MMAP | Flags::INIT_SHARED, options).unwrap();
-    for page in [1, 3, 5] {
-        mem.set_attributes(page * P, P, Attribute::Private).unwrap();
+    let flags = Flags::MMAP | Flags::INIT_SHARED;
+    let mem = GuestMemfd::with_options(layout.pages * P, flags, options).unwrap();
+    for run in layout.private {
+        let (offset, len) = (run.start * P, (run.end - run.start) * P);
+        mem.set_attributes(offset, len, Attribute::Private).unwrap();
     }
-    let maps = [mem.mmap().unwrap(), mem.mmap_len(6 * P).unwrap()];
+    let short = (layout.pages / 2 + 1) * P;
+    let maps = [mem.mmap().unwrap(), mem.mmap_len(short).unwrap()];
     assert!(maps.iter().all(|map| map.hiding() == hiding));
     (mem, maps)
 }
 
-fn states(mem: &GuestMemfd) -> Vec<Attribute> {
-    (0..PAGES).map(|p| mem.attribute(p * P).unwrap()).collect()
+fn states(mem: &GuestMemfd, layout: &Layout) -> Vec<Attribute> {
+    let page = |p: &u64| mem.attribute(p * P).unwrap();
+    layout.probes.iter().map(page).collect()
 }
 
-/// Every page a mapping covers faults on a raw access exactly when private.
-fn assert_mapping_follows_state(mem: &GuestMemfd, map: &HostMapping) {
-    let fault = match map.hiding() {
-        Hiding::GuardMarkers => libc::SIGSEGV,
-        Hiding::EmptyFileRemap => libc::SIGBUS,
-    };
-    for page in 0..PAGES.min(map.len() / P) {
-        let want = match mem.attribute(page * P).unwrap() {
-            Attribute::Shared => ProbeOutcome::Completed,
-            Attribute::Private => ProbeOutcome::Signal(fault),
-        };
-        assert_eq!(map.probe(page * P, false).unwrap(), want, "page {page}");
+/// Every probed page a mapping covers faults on a raw access exactly when
+/// private (`SIGSEGV` for guards, `SIGBUS` for a remapped run).
+fn assert_mapping_follows_state(mem: &GuestMemfd, map: &HostMapping, layout: &Layout) {
+    for &page in layout.probes.iter().filter(|p| **p < map.len() / P) {
+        let outcome = map.probe(page * P, false).unwrap();
+        let faulted = matches!(outcome, ProbeOutcome::Signal(libc::SIGSEGV | libc::SIGBUS));
+        let private = mem.attribute(page * P).unwrap() == Attribute::Private;
+        assert!(
+            faulted == private && (faulted || outcome == ProbeOutcome::Completed),
+            "page {page}: {outcome:?}"
+        );
     }
 }
 
-/// Fails the nth hide/show call of a conversion of pages 0..8 to `to`, for
+/// Fails the nth hide/show call of the layout's conversion to `to`, for
 /// every n until the conversion makes fewer calls than n: only that call
 /// (the undo then succeeds), or every call from it on (an undo fails too).
-fn fail_each_call(hiding: Hiding, to: Attribute) {
+fn fail_each_call(layout: &Layout, hiding: Hiding, to: Attribute) {
     let (mut undone, mut poisoned_seen) = (0, 0);
+    let (offset, len) = (
+        layout.convert.start * P,
+        (layout.convert.end - layout.convert.start) * P,
+    );
     for (nth, persistent) in (0..).flat_map(|nth| [(nth, false), (nth, true)]) {
-        let (mem, maps) = fragmented(hiding);
-        let before = states(&mem);
+        let (mem, maps) = fragmented(layout, hiding);
+        let before = states(&mem, layout);
+        let spent = mem.stats().vmas_spent;
         faults::fail_nth(nth, Errno::NOMEM, persistent);
-        let result = mem.set_attributes(0, PAGES * P, to);
+        let result = mem.set_attributes(offset, len, to);
         let calls = faults::stop();
         let Err(err) = result else {
             assert!(calls <= nth, "call {nth} of {calls} failed unnoticed");
             // Both kinds of failure were met: a forward call (undone) and
             // an undo call (poisoned).
             assert!(undone > 0 && poisoned_seen > 0, "{undone} {poisoned_seen}");
-            assert!(states(&mem).iter().all(|s| *s == to));
+            let converted = |p: &&u64| layout.convert.contains(*p);
+            let probes = layout.probes.iter().filter(converted);
+            assert!(
+                probes
+                    .map(|p| mem.attribute(p * P).unwrap())
+                    .all(|s| s == to)
+            );
             maps.iter()
-                .for_each(|map| assert_mapping_follows_state(&mem, map));
+                .for_each(|map| assert_mapping_follows_state(&mem, map, layout));
             return;
         };
         assert_eq!(err.errno(), libc::ENOMEM, "{err}");
         assert_eq!(
-            states(&mem),
+            states(&mem, layout),
             before,
             "failure at call {nth} changed the state"
         );
@@ -93,41 +133,58 @@ fn fail_each_call(hiding: Hiding, to: Attribute) {
             2 - poisoned.len() as u64,
             "a poisoned mapping stays unregistered"
         );
+        if poisoned.is_empty() {
+            assert_eq!(
+                mem.stats().vmas_spent,
+                spent,
+                "an undone change is charged as before"
+            );
+        }
         for map in &maps {
             if map.is_poisoned() {
                 let err = map.read(0, &mut [0u8; 1]).unwrap_err();
                 assert_eq!(err, Error::MappingPoisoned);
                 assert_eq!(err.errno(), libc::EIO);
             } else {
-                assert_mapping_follows_state(&mem, map);
+                assert_mapping_follows_state(&mem, map, layout);
             }
         }
         // Nothing is left half-done: the same conversion now succeeds.
-        mem.set_attributes(0, PAGES * P, to).unwrap();
+        mem.set_attributes(offset, len, to).unwrap();
         maps.iter()
             .filter(|map| !map.is_poisoned())
-            .for_each(|map| assert_mapping_follows_state(&mem, map));
+            .for_each(|map| assert_mapping_follows_state(&mem, map, layout));
     }
 }
 
 #[test]
 fn guard_markers_to_private() {
-    fail_each_call(Hiding::GuardMarkers, Attribute::Private);
+    fail_each_call(&SMALL, Hiding::GuardMarkers, Attribute::Private);
 }
 
 #[test]
 fn guard_markers_to_shared() {
-    fail_each_call(Hiding::GuardMarkers, Attribute::Shared);
+    fail_each_call(&SMALL, Hiding::GuardMarkers, Attribute::Shared);
+}
+
+#[test]
+fn guard_markers_with_large_runs_to_private() {
+    fail_each_call(&LARGE, Hiding::GuardMarkers, Attribute::Private);
+}
+
+#[test]
+fn guard_markers_with_large_runs_to_shared() {
+    fail_each_call(&LARGE, Hiding::GuardMarkers, Attribute::Shared);
 }
 
 #[test]
 fn remap_fallback_to_private() {
-    fail_each_call(Hiding::EmptyFileRemap, Attribute::Private);
+    fail_each_call(&SMALL, Hiding::EmptyFileRemap, Attribute::Private);
 }
 
 #[test]
 fn remap_fallback_to_shared() {
-    fail_each_call(Hiding::EmptyFileRemap, Attribute::Shared);
+    fail_each_call(&SMALL, Hiding::EmptyFileRemap, Attribute::Shared);
 }
 
 /// A new mapping whose private runs cannot be hidden is not made, and
@@ -135,7 +192,7 @@ fn remap_fallback_to_shared() {
 #[test]
 fn a_mapping_that_cannot_hide_is_not_made() {
     for hiding in [Hiding::GuardMarkers, Hiding::EmptyFileRemap] {
-        let (mem, maps) = fragmented(hiding);
+        let (mem, maps) = fragmented(&SMALL, hiding);
         let spent = mem.stats().vmas_spent;
         faults::fail_nth(0, Errno::NOMEM, false);
         let err = mem.mmap().unwrap_err();

@@ -7,7 +7,10 @@
 //! * [`Hiding::GuardMarkers`]: `MADV_GUARD_INSTALL` over the page (Linux
 //!   6.15+ on shared file mappings). No VMA is split however many runs there
 //!   are; a raw access raises `SIGSEGV`; the runs of one conversion go to the
-//!   kernel in batches of 1024 through `process_madvise`.
+//!   kernel in batches of 1024 through `process_madvise`. Guards need a page
+//!   table entry for every page they mark, so a run of 2 MiB or more is
+//!   hidden by the remap below instead, while the VMA budget gives the 2
+//!   VMAs it may take (else by guards too).
 //! * [`Hiding::EmptyFileRemap`], the fallback where the kernel refuses guards
 //!   (mlocked mappings, older kernels): an empty file mapped over the run, so
 //!   a raw access raises `SIGBUS`. Each run is a VMA, so these mappings spend
@@ -20,6 +23,7 @@
 //! undo fails too is poisoned: unregistered (no conversion touches it
 //! again), its checked accessors fail, and the conversion says so.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rustix::io::Errno;
 
 use crate::attributes::{Attribute, AttributeMap};
-use crate::budget::{self, Charge, OverBudget};
+use crate::budget::{self, OverBudget};
 use crate::file::{FileState, page_range};
 use crate::sys::{MappedRegion, ProbeOutcome};
 use crate::{Error, PAGE_SHIFT};
@@ -37,7 +41,9 @@ use crate::{Error, PAGE_SHIFT};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Hiding {
     /// Guard markers (`MADV_GUARD_INSTALL`): no VMA per run; a raw access to
-    /// a private page raises `SIGSEGV`.
+    /// a private page raises `SIGSEGV`. Runs of 2 MiB and more are remapped
+    /// to an empty file while the VMA budget allows (`SIGBUS` there): guards
+    /// would cost a page table entry a page.
     GuardMarkers,
     /// An empty file mapped over each private run: one VMA per run, within
     /// the file's VMA budget; a raw access to a private page raises `SIGBUS`.
@@ -48,8 +54,9 @@ pub enum Hiding {
 /// 0. Dropping it unmaps it.
 ///
 /// Raw accesses through [`as_ptr`](Self::as_ptr) to a private page fault
-/// (`SIGSEGV` under [`Hiding::GuardMarkers`], `SIGBUS` under
-/// [`Hiding::EmptyFileRemap`]), and past the end of the file raise `SIGBUS`;
+/// (`SIGSEGV` under [`Hiding::GuardMarkers`], or `SIGBUS` in a run of 2 MiB
+/// or more; `SIGBUS` under [`Hiding::EmptyFileRemap`]), and past the end of
+/// the file raise `SIGBUS`;
 /// [`read`](Self::read) and [`write`](Self::write) check the state first and
 /// fail with `EFAULT`.
 #[derive(Debug)]
@@ -67,7 +74,17 @@ pub(crate) struct LiveMapping {
     pages: u64,
     /// Set once an undo failed: the mapping no longer matches the state.
     poisoned: AtomicBool,
+    /// In a guard-marker mapping, the runs of at least `LARGE_RUN` pages
+    /// hidden by the remap instead (start page to end page), each charged
+    /// 2 VMAs. Changed under the registry lock.
+    remapped: Mutex<BTreeMap<u64, u64>>,
 }
+
+/// Runs of this many pages (2 MiB) and more are hidden by the remap in
+/// guard-marker mappings too, where the VMA budget allows: guards would need
+/// a page table for every page of them (0.2% of the run), and take time in
+/// proportion; a remap takes one VMA whatever the length.
+const LARGE_RUN: u64 = 512;
 
 impl HostMapping {
     pub(crate) fn new(file: &Arc<FileState>, len: u64) -> Result<HostMapping, Error> {
@@ -86,23 +103,24 @@ impl HostMapping {
             hiding,
             pages: (len.min(file.size)) >> PAGE_SHIFT,
             poisoned: AtomicBool::new(false),
+            remapped: Mutex::default(),
         });
         let mut registry = file.mappings.lock();
-        let charge = registry
-            .reserve(file, || attrs.private_runs(), Some(hiding))
+        let fallback_cost = registry
+            .take_for_mapping(file, hiding, || attrs.private_runs())
             .map_err(|OverBudget { needed, budget }| Error::VmaBudget { needed, budget })?;
         // Freshly mapped shared throughout: hide the private runs.
         let private = || private_runs(&attrs, 0..live.pages);
-        if let Err((call, errno)) = live.apply(file, private, Attribute::Private) {
+        let hidden = live.apply(file, private, Attribute::Private);
+        if hidden.is_ok() {
+            registry.live.push(live.clone());
+        } else if live.hiding == Hiding::EmptyFileRemap || !live.remapped().is_empty() {
             // The region is dropped unregistered; a remap that failed
             // may have left a gap, which `forsake` keeps us out of.
-            if live.hiding == Hiding::EmptyFileRemap {
-                live.region.forsake();
-            }
-            return Err(Error::Os { call, errno });
+            live.region.forsake();
         }
-        charge.commit();
-        registry.register(live.clone());
+        registry.settle(file, hidden.is_ok().then_some(fallback_cost));
+        hidden.map_err(|(call, errno)| Error::Os { call, errno })?;
         Ok(HostMapping {
             file: file.clone(),
             live,
@@ -229,25 +247,118 @@ impl LiveMapping {
         runs: impl Fn() -> I,
         to: Attribute,
     ) -> Result<(), (&'static str, Errno)> {
-        let covered = runs().filter_map(|run| {
-            let run = run.start..run.end.min(self.pages);
-            (!run.is_empty()).then_some((run.start << PAGE_SHIFT)..(run.end << PAGE_SHIFT))
-        });
-        match self.hiding {
-            Hiding::GuardMarkers => self
-                .region
-                .set_guards(covered, to == Attribute::Private)
-                .map_err(|errno| ("process_madvise(MADV_GUARD_*)", errno)),
-            Hiding::EmptyFileRemap => covered
-                .into_iter()
-                .try_for_each(|bytes| {
-                    let (start, len) = (bytes.start, bytes.end - bytes.start);
-                    match to {
-                        Attribute::Shared => self.region.remap(start, len, file.backing.as_fd()),
-                        Attribute::Private => self.region.remap(start, len, file.hole.as_fd()),
+        let covered = || {
+            runs().filter_map(|run| {
+                let run = run.start..run.end.min(self.pages);
+                (!run.is_empty()).then_some(run)
+            })
+        };
+        match (self.hiding, to) {
+            (Hiding::EmptyFileRemap, _) => covered().try_for_each(|run| self.remap(file, run, to)),
+            (Hiding::GuardMarkers, Attribute::Private) => self.hide_guarded(file, covered),
+            (Hiding::GuardMarkers, Attribute::Shared) => self.show_guarded(file, covered),
+        }
+    }
+
+    /// Hides `runs` in a guard-marker mapping: each run of `LARGE_RUN` pages
+    /// or more by the remap while the file's VMA budget gives 2 VMAs for it,
+    /// the others with guard markers in batches.
+    fn hide_guarded<I: Iterator<Item = Range<u64>>>(
+        &self,
+        file: &FileState,
+        runs: impl Fn() -> I,
+    ) -> Result<(), (&'static str, Errno)> {
+        let mut remapped = self.remapped();
+        for run in runs().filter(|run| run.end - run.start >= LARGE_RUN) {
+            if file.vma_budget.take(2).is_ok() {
+                self.remap(file, run.clone(), Attribute::Private)?;
+                remapped.insert(run.start, run.end);
+            }
+        }
+        let guarded = runs().filter(|run| remapped.get(&run.start) != Some(&run.end));
+        self.set_guards(guarded, true)
+    }
+
+    /// Shows `runs` in a guard-marker mapping: the remapped parts are mapped
+    /// to the file again (a remapped run cut in two stays charged for both
+    /// halves: the caller took the VMAs first), then the guards go.
+    fn show_guarded<I: Iterator<Item = Range<u64>>>(
+        &self,
+        file: &FileState,
+        runs: impl Fn() -> I,
+    ) -> Result<(), (&'static str, Errno)> {
+        let mut remapped = self.remapped();
+        if !remapped.is_empty() {
+            for run in runs() {
+                while let Some((start, end)) = overlapping(&remapped, &run) {
+                    let shown = start.max(run.start)..end.min(run.end);
+                    self.remap(file, shown.clone(), Attribute::Shared)?;
+                    remapped.remove(&start);
+                    if start < shown.start {
+                        remapped.insert(start, shown.start);
                     }
-                })
-                .map_err(|errno| ("mmap(MAP_FIXED)", errno)),
+                    if shown.end < end {
+                        remapped.insert(shown.end, end);
+                    }
+                }
+            }
+        }
+        // Where there are no guards (a run that was remapped), the walk finds
+        // no page table and costs little.
+        self.set_guards(runs(), false)
+    }
+
+    /// How many remapped runs of this mapping one of `runs` would cut in two.
+    fn cuts<I: Iterator<Item = Range<u64>>>(&self, runs: impl Fn() -> I) -> u64 {
+        let remapped = self.remapped();
+        if remapped.is_empty() {
+            return 0;
+        }
+        let cut = |run: &Range<u64>| {
+            overlapping(&remapped, run)
+                .is_some_and(|(start, end)| start < run.start && run.end < end)
+        };
+        runs().filter(cut).count() as u64
+    }
+
+    /// Maps the pages `run` as `to` says: the file, or the empty file.
+    fn remap(
+        &self,
+        file: &FileState,
+        run: Range<u64>,
+        to: Attribute,
+    ) -> Result<(), (&'static str, Errno)> {
+        let (start, len) = (run.start << PAGE_SHIFT, (run.end - run.start) << PAGE_SHIFT);
+        let fd = match to {
+            Attribute::Shared => file.backing.as_fd(),
+            Attribute::Private => file.hole.as_fd(),
+        };
+        self.region
+            .remap(start, len, fd)
+            .map_err(|errno| ("mmap(MAP_FIXED)", errno))
+    }
+
+    /// Installs or removes guard markers over page runs.
+    fn set_guards(
+        &self,
+        runs: impl Iterator<Item = Range<u64>>,
+        install: bool,
+    ) -> Result<(), (&'static str, Errno)> {
+        let bytes = runs.map(|run| (run.start << PAGE_SHIFT)..(run.end << PAGE_SHIFT));
+        self.region
+            .set_guards(bytes, install)
+            .map_err(|errno| ("process_madvise(MADV_GUARD_*)", errno))
+    }
+
+    fn remapped(&self) -> MutexGuard<'_, BTreeMap<u64, u64>> {
+        self.remapped.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The VMAs this mapping is charged, given what a fallback mapping costs.
+    fn charge(&self, fallback_cost: u64) -> u64 {
+        match self.hiding {
+            Hiding::EmptyFileRemap => fallback_cost,
+            Hiding::GuardMarkers => 2 * self.remapped().len() as u64,
         }
     }
 
@@ -255,10 +366,18 @@ impl LiveMapping {
     fn poison(&self) {
         // Release pairs with the Acquire in `HostMapping::is_poisoned`.
         self.poisoned.store(true, Ordering::Release);
-        if self.hiding == Hiding::EmptyFileRemap {
+        if self.hiding == Hiding::EmptyFileRemap || !self.remapped().is_empty() {
             self.region.forsake();
         }
     }
+}
+
+/// The last remapped run that overlaps `run`, if any: of the disjoint
+/// remapped runs, the last one starting before `run` ends, if it ends after
+/// `run` starts.
+fn overlapping(remapped: &BTreeMap<u64, u64>, run: &Range<u64>) -> Option<(u64, u64)> {
+    let (&start, &end) = remapped.range(..run.end).next_back()?;
+    (end > run.start).then_some((start, end))
 }
 
 /// The private runs of `pages`, as page ranges.
@@ -281,25 +400,48 @@ pub(crate) struct MappingFailure {
 /// The live host mappings of one file.
 #[derive(Debug, Default)]
 pub(crate) struct Mappings {
-    live: Mutex<Vec<Arc<LiveMapping>>>,
+    state: Mutex<RegistryState>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct RegistryState {
+    live: Vec<Arc<LiveMapping>>,
+    /// What each fallback mapping is charged: `2 * private runs + 1` at the
+    /// last change (kept only while there are fallback mappings).
+    fallback_cost: u64,
 }
 
 /// The registry, locked: a conversion holds it from its budget check to its
 /// commit, so the set of mappings it changes is the set it charged for.
 pub(crate) struct Registry<'a> {
-    live: MutexGuard<'a, Vec<Arc<LiveMapping>>>,
+    state: MutexGuard<'a, RegistryState>,
+}
+
+impl std::ops::Deref for Registry<'_> {
+    type Target = RegistryState;
+
+    fn deref(&self) -> &RegistryState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Registry<'_> {
+    fn deref_mut(&mut self) -> &mut RegistryState {
+        &mut self.state
+    }
 }
 
 impl Mappings {
     pub(crate) fn lock(&self) -> Registry<'_> {
         Registry {
-            live: self.live.lock().unwrap_or_else(|e| e.into_inner()),
+            state: self.state.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
 
     fn unregister(&self, file: &FileState, mapping: &Arc<LiveMapping>) {
         let mut registry = self.lock();
-        registry.remove(file, |other| Arc::ptr_eq(other, mapping));
+        registry.live.retain(|other| !Arc::ptr_eq(other, mapping));
+        registry.settle(file, None);
     }
 
     /// (guard-marker mappings, fallback mappings).
@@ -320,22 +462,67 @@ impl Registry<'_> {
         remapped.count() as u64
     }
 
-    /// Reserves the VMA budget that the fallback mappings need once the file
-    /// has `private_runs()` private runs (asked only if there are fallback
-    /// mappings), with one more fallback mapping if `adding` one. Commit it
-    /// once the change is made.
-    pub(crate) fn reserve<'f>(
+    /// Takes the VMAs a new mapping hiding by `hiding` needs before it
+    /// hides anything: a fallback mapping's cost for `private_runs()` runs.
+    /// (A guard-marker mapping takes its remapped runs' VMAs as it goes.)
+    /// Returns what a fallback mapping costs from now on.
+    fn take_for_mapping(
         &self,
-        file: &'f FileState,
+        file: &FileState,
+        hiding: Hiding,
         private_runs: impl FnOnce() -> u64,
-        adding: Option<Hiding>,
-    ) -> Result<Charge<'f>, OverBudget> {
-        let remapped = self.remapped() + u64::from(adding == Some(Hiding::EmptyFileRemap));
-        let needed = match remapped {
-            0 => 0,
-            n => n.saturating_mul(budget::mapping_cost(private_runs())),
+    ) -> Result<u64, OverBudget> {
+        if hiding == Hiding::GuardMarkers {
+            return Ok(self.fallback_cost);
+        }
+        let cost = budget::mapping_cost(private_runs());
+        // Fallback mappings already charged are at `cost` (no conversion
+        // since their last change); the new one comes on top.
+        file.vma_budget.take(cost)?;
+        Ok(cost)
+    }
+
+    /// Takes the VMAs changing `runs` to `to` may need, before anything
+    /// changes: the fallback mappings' growth once the file has
+    /// `private_runs_after()` private runs (asked only if there are any),
+    /// and 2 for each remapped run of a guard-marker mapping that a run to
+    /// show cuts in two. Returns what a fallback mapping will cost; settle
+    /// with it once the change is made.
+    pub(crate) fn take_for_change<I: Iterator<Item = Range<u64>>>(
+        &self,
+        file: &FileState,
+        runs: impl Fn() -> I,
+        to: Attribute,
+        private_runs_after: impl FnOnce() -> u64,
+    ) -> Result<u64, OverBudget> {
+        let fallbacks = self.remapped();
+        let cost = match fallbacks {
+            0 => self.fallback_cost,
+            _ => budget::mapping_cost(private_runs_after()),
         };
-        file.vma_budget.reserve(needed)
+        let mut needed = fallbacks * cost.saturating_sub(self.fallback_cost);
+        if to == Attribute::Shared {
+            let guarded = self
+                .live
+                .iter()
+                .filter(|m| m.hiding == Hiding::GuardMarkers);
+            needed += guarded.map(|mapping| 2 * mapping.cuts(&runs)).sum::<u64>();
+        }
+        if needed > 0 {
+            file.vma_budget.take(needed)?;
+        }
+        Ok(cost)
+    }
+
+    /// Makes the file's charge what its mappings need now, with fallback
+    /// mappings at `fallback_cost` (`None`: as before, the change failed).
+    pub(crate) fn settle(&mut self, file: &FileState, fallback_cost: Option<u64>) {
+        if let Some(cost) = fallback_cost {
+            self.fallback_cost = cost;
+        }
+        let cost = self.fallback_cost;
+        let charge = self.live.iter().map(|mapping| mapping.charge(cost)).sum();
+        file.vma_budget.settle(charge);
     }
 
     /// Changes the runs `runs` to `to` in every live mapping. On failure,
@@ -353,7 +540,8 @@ impl Registry<'_> {
                 continue;
             };
             // Put back every mapping changed so far, the failed one
-            // included (advice and remaps are idempotent).
+            // included (advice and remaps are idempotent, and a run shown
+            // or hidden by halves is whole again after the other way).
             let mut poisoned = false;
             for mapping in &self.live[..=done] {
                 if let Err((call, errno)) = mapping.apply(file, &runs, back) {
@@ -363,7 +551,8 @@ impl Registry<'_> {
                 }
             }
             // Relaxed: set by this thread just above.
-            self.remove(file, |mapping| mapping.poisoned.load(Ordering::Relaxed));
+            self.live
+                .retain(|mapping| !mapping.poisoned.load(Ordering::Relaxed));
             return Err(MappingFailure {
                 call,
                 errno,
@@ -371,25 +560,5 @@ impl Registry<'_> {
             });
         }
         Ok(())
-    }
-
-    /// Registers a new mapping (its charge was committed under this lock).
-    fn register(&mut self, mapping: Arc<LiveMapping>) {
-        self.live.push(mapping);
-    }
-
-    /// Unregisters the mappings `gone` selects, and gives back the budget
-    /// of the fallback mappings among them.
-    fn remove(&mut self, file: &FileState, gone: impl Fn(&Arc<LiveMapping>) -> bool) {
-        let before = self.remapped();
-        self.live.retain(|mapping| !gone(mapping));
-        let now = self.remapped();
-        if now < before {
-            // Each fallback mapping is charged the same (module `budget`).
-            let per_mapping = file.vma_budget.spent() / before;
-            if let Ok(charge) = file.vma_budget.reserve(per_mapping * now) {
-                charge.commit();
-            }
-        }
     }
 }

@@ -253,3 +253,89 @@ fn a_punched_private_page_stays_hidden() {
         assert_eq!(buf, [0; 6]);
     }
 }
+
+/// The VMAs inside `map`'s address range.
+fn vmas_in(map: &gmem::HostMapping) -> usize {
+    let (start, end) = (map.as_ptr() as u64, map.as_ptr() as u64 + map.len());
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let range = |line: &str| {
+        let (from, to) = line.split_whitespace().next()?.split_once('-')?;
+        Some((
+            u64::from_str_radix(from, 16).ok()?,
+            u64::from_str_radix(to, 16).ok()?,
+        ))
+    };
+    let inside = |(from, to): (u64, u64)| from >= start && to <= end;
+    maps.lines()
+        .filter_map(range)
+        .filter(|r| inside(*r))
+        .count()
+}
+
+/// A large file created private (as a confidential guest's memory starts):
+/// mapping it hides the one run with a remap (no page table per page), and
+/// the guest sharing a page inside cuts that run in two, charged 2 VMAs more.
+#[test]
+fn a_large_private_file_is_hidden_by_one_remap_and_cut_by_shares() {
+    const GIB: u64 = 1 << 30;
+    let mem = GuestMemfd::new(GIB, Flags::MMAP).unwrap();
+    let map = mem.mmap().unwrap();
+    assert_eq!(map.hiding(), Hiding::GuardMarkers);
+    assert_eq!(mem.stats().vmas_spent, 2, "one remapped run");
+    assert_eq!(vmas_in(&map), 1, "one VMA for the whole file");
+    assert_eq!(read_fault(&map, GIB / 2), Some(libc::SIGBUS));
+
+    let page = GIB / 2;
+    mem.set_attributes(page, P, Attribute::Shared).unwrap();
+    assert_eq!(mem.stats().vmas_spent, 4, "the run cut in two");
+    assert_eq!(vmas_in(&map), 3);
+    map.write(page, b"shared").unwrap();
+    assert!(reads_ok(&map, page));
+    assert!(!reads_ok(&map, page - P) && !reads_ok(&map, page + P));
+    assert!(!reads_ok(&map, 0) && !reads_ok(&map, GIB - P));
+
+    mem.set_attributes(page, P, Attribute::Private).unwrap();
+    assert_eq!(
+        read_fault(&map, page),
+        Some(libc::SIGSEGV),
+        "a small run: guards"
+    );
+    mem.set_attributes(0, GIB, Attribute::Shared).unwrap();
+    assert_eq!(mem.stats().vmas_spent, 0);
+    let mut buf = [0u8; 6];
+    map.read(page, &mut buf).unwrap();
+    assert_eq!(&buf, b"shared");
+    assert!(reads_ok(&map, 0) && reads_ok(&map, GIB - P));
+}
+
+/// A guard-marker mapping whose VMA budget is spent hides further large runs
+/// with guards instead, and refuses (ENOMEM, nothing changed) only a share
+/// that would cut a remapped run in two.
+#[test]
+fn a_guard_mapping_out_of_budget_falls_back_to_guards() {
+    const RUN: u64 = 600;
+    let mem = file(4 * RUN, Flags::MMAP | Flags::INIT_SHARED, None, Some(4));
+    let map = mem.mmap().unwrap();
+    for run in [0, 2] {
+        mem.set_attributes(run * RUN * P, RUN * P, Attribute::Private)
+            .unwrap();
+    }
+    assert_eq!(mem.stats().vmas_spent, 4, "two remapped runs: the budget");
+    mem.set_attributes(RUN * P + P, RUN * P - 2 * P, Attribute::Private)
+        .unwrap();
+    assert_eq!(mem.stats().vmas_spent, 4, "the third large run has guards");
+    assert_eq!(read_fault(&map, RUN * P + 2 * P), Some(libc::SIGSEGV));
+    assert_eq!(read_fault(&map, 10 * P), Some(libc::SIGBUS));
+
+    let err = mem
+        .set_attributes(10 * P, P, Attribute::Shared)
+        .unwrap_err();
+    assert!(matches!(err, ConversionError::VmaBudget { .. }), "{err}");
+    assert_eq!(err.errno(), libc::ENOMEM);
+    assert_eq!(mem.attribute(10 * P).unwrap(), Attribute::Private);
+    assert!(!reads_ok(&map, 10 * P));
+    // Sharing the end of a remapped run needs no new VMA.
+    mem.set_attributes(0, P, Attribute::Shared).unwrap();
+    assert!(reads_ok(&map, 0) && !reads_ok(&map, P));
+    assert_eq!(mem.stats().vmas_spent, 4);
+}

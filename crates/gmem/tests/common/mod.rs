@@ -3,7 +3,8 @@
 
 use gmem::{Hiding, HostMapping, ProbeOutcome};
 
-/// The signal a raw access to a private page of `mapping` raises.
+/// The signal a raw access to a private page of `mapping` raises, in a run
+/// shorter than 2 MiB (guard-marker mappings remap longer runs: `SIGBUS`).
 pub fn private_fault(mapping: &HostMapping) -> i32 {
     match mapping.hiding() {
         Hiding::GuardMarkers => libc::SIGSEGV,
