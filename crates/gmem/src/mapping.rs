@@ -78,6 +78,10 @@ pub(crate) struct LiveMapping {
     /// hidden by the remap instead (start page to end page), each charged
     /// 2 VMAs. Changed under the registry lock.
     remapped: Mutex<BTreeMap<u64, u64>>,
+    /// Whether `remapped` has any run, so that the common path (small runs,
+    /// none remapped) takes no lock. Relaxed: changed and read under the
+    /// registry lock, which orders them.
+    any_remapped: AtomicBool,
 }
 
 /// Runs of this many pages (2 MiB) and more are hidden by the remap in
@@ -104,6 +108,7 @@ impl HostMapping {
             pages: (len.min(file.size)) >> PAGE_SHIFT,
             poisoned: AtomicBool::new(false),
             remapped: Mutex::default(),
+            any_remapped: AtomicBool::new(false),
         });
         let mut registry = file.mappings.lock();
         let fallback_cost = registry
@@ -114,7 +119,8 @@ impl HostMapping {
         let hidden = live.apply(file, private, Attribute::Private);
         if hidden.is_ok() {
             registry.live.push(live.clone());
-        } else if live.hiding == Hiding::EmptyFileRemap || !live.remapped().is_empty() {
+        } else if live.hiding == Hiding::EmptyFileRemap || live.any_remapped.load(Ordering::Relaxed)
+        {
             // The region is dropped unregistered; a remap that failed
             // may have left a gap, which `forsake` keeps us out of.
             live.region.forsake();
@@ -268,11 +274,16 @@ impl LiveMapping {
         file: &FileState,
         runs: impl Fn() -> I,
     ) -> Result<(), (&'static str, Errno)> {
+        let large = |run: &Range<u64>| run.end - run.start >= LARGE_RUN;
+        if !runs().any(|run| large(&run)) {
+            return self.set_guards(runs(), true);
+        }
         let mut remapped = self.remapped();
-        for run in runs().filter(|run| run.end - run.start >= LARGE_RUN) {
+        for run in runs().filter(large) {
             if file.vma_budget.take(2).is_ok() {
                 self.remap(file, run.clone(), Attribute::Private)?;
                 remapped.insert(run.start, run.end);
+                self.any_remapped.store(true, Ordering::Relaxed);
             }
         }
         let guarded = runs().filter(|run| remapped.get(&run.start) != Some(&run.end));
@@ -287,8 +298,8 @@ impl LiveMapping {
         file: &FileState,
         runs: impl Fn() -> I,
     ) -> Result<(), (&'static str, Errno)> {
-        let mut remapped = self.remapped();
-        if !remapped.is_empty() {
+        if self.any_remapped.load(Ordering::Relaxed) {
+            let mut remapped = self.remapped();
             for run in runs() {
                 while let Some((start, end)) = overlapping(&remapped, &run) {
                     let shown = start.max(run.start)..end.min(run.end);
@@ -302,6 +313,8 @@ impl LiveMapping {
                     }
                 }
             }
+            self.any_remapped
+                .store(!remapped.is_empty(), Ordering::Relaxed);
         }
         // Where there are no guards (a run that was remapped), the walk finds
         // no page table and costs little.
@@ -310,10 +323,10 @@ impl LiveMapping {
 
     /// How many remapped runs of this mapping one of `runs` would cut in two.
     fn cuts<I: Iterator<Item = Range<u64>>>(&self, runs: impl Fn() -> I) -> u64 {
-        let remapped = self.remapped();
-        if remapped.is_empty() {
+        if !self.any_remapped.load(Ordering::Relaxed) {
             return 0;
         }
+        let remapped = self.remapped();
         let cut = |run: &Range<u64>| {
             overlapping(&remapped, run)
                 .is_some_and(|(start, end)| start < run.start && run.end < end)
@@ -358,6 +371,7 @@ impl LiveMapping {
     fn charge(&self, fallback_cost: u64) -> u64 {
         match self.hiding {
             Hiding::EmptyFileRemap => fallback_cost,
+            Hiding::GuardMarkers if !self.any_remapped.load(Ordering::Relaxed) => 0,
             Hiding::GuardMarkers => 2 * self.remapped().len() as u64,
         }
     }
@@ -366,7 +380,7 @@ impl LiveMapping {
     fn poison(&self) {
         // Release pairs with the Acquire in `HostMapping::is_poisoned`.
         self.poisoned.store(true, Ordering::Release);
-        if self.hiding == Hiding::EmptyFileRemap || !self.remapped().is_empty() {
+        if self.hiding == Hiding::EmptyFileRemap || self.any_remapped.load(Ordering::Relaxed) {
             self.region.forsake();
         }
     }
@@ -519,6 +533,10 @@ impl Registry<'_> {
     pub(crate) fn settle(&mut self, file: &FileState, fallback_cost: Option<u64>) {
         if let Some(cost) = fallback_cost {
             self.fallback_cost = cost;
+        }
+        if file.vma_budget.spent() == 0 {
+            // Nothing taken, nothing to give back.
+            return;
         }
         let cost = self.fallback_cost;
         let charge = self.live.iter().map(|mapping| mapping.charge(cost)).sum();
