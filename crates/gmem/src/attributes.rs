@@ -110,6 +110,8 @@ const MAX_PAGES: u64 = 1 << 52;
 const SPARSE: usize = 4;
 /// Nodes an arena may hold beyond [`SPARSE`] times the packed need.
 const SLACK: usize = 16;
+/// How often `prepare` checks whether the tree became sparse.
+const SPARSE_CHECK_EVERY: u32 = 64;
 
 /// Where a run starts, with the run's state in the low bit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -456,6 +458,8 @@ pub(crate) struct AttributeMap<const L: usize = LEAF_BOUNDARIES, const B: usize 
     /// invalidate lock, so only lookups under the shared lock race to store
     /// it, each storing a live place, and a lookup checks what it loads.
     finger: AtomicUsize,
+    /// `prepare` calls, for checking sparseness now and then.
+    prepares: u32,
 }
 
 /// The packing of a cursor into the finger: the leaf above `SHIFT` bits of
@@ -512,6 +516,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             runs: RunCount::of(iter::once(first)),
             private_pages: if private { pages } else { 0 },
             finger: AtomicUsize::new(Finger::NONE),
+            prepares: 0,
         }
     }
 
@@ -670,7 +675,11 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
     /// Reserves what one [`set`](Self::set) may need, so that it cannot fail
     /// or allocate; first compacts the tree if it is sparse.
     pub(crate) fn prepare(&mut self) -> Result<(), TryReserveError> {
-        if self.is_sparse() {
+        // Sparseness is checked every `SPARSE_CHECK_EVERY` prepares: memory
+        // still follows the runs (a map left sparse is compacted within that
+        // many sets), and most prepares cost a few compares.
+        self.prepares = self.prepares.wrapping_add(1);
+        if self.prepares % SPARSE_CHECK_EVERY == 0 && self.is_sparse() {
             self.compact();
         }
         let need = Shape::one_set(self.depth());
@@ -682,7 +691,11 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
     /// Does not allocate after a successful [`prepare`](Self::prepare).
     pub(crate) fn set(&mut self, pages: Range<u64>, attr: Attribute) {
         debug_assert!(!pages.is_empty() && pages.end <= self.pages);
-        let leaf = self.leaf_for(pages.start);
+        // The leaf holding the run of `pages.start`, through the finger: a
+        // splice there keeps every boundary between two the leaf already
+        // holds (or in the last leaf), so inside its bounds; inserts that
+        // split nodes go from the root.
+        let leaf = self.floor(pages.start).leaf;
         let edit = self.plan(leaf, &pages, attr);
         if !self.splice_in_leaf(leaf, &pages, edit.added()) {
             self.remove_boundaries(leaf, pages.start..=pages.end);
@@ -951,6 +964,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             runs: self.runs,
             private_pages: self.private_pages,
             finger: AtomicUsize::new(Finger::NONE),
+            prepares: 0,
         };
         packed.push_leaves(self.runs_from(Some(self.floor(0))));
         let mut level = 0..shape.leaves;
@@ -1319,8 +1333,10 @@ mod tests {
         map.set(0..PAGES, Private);
         assert_eq!(capacities(&map), reserved, "set allocated after prepare");
         assert_eq!(map.run_count(), 1);
-        // The next prepare gives the memory back.
-        map.prepare().unwrap();
+        // Prepares give the memory back within `SPARSE_CHECK_EVERY`.
+        for _ in 0..SPARSE_CHECK_EVERY {
+            map.prepare().unwrap();
+        }
         check_against_model(&map, &vec![Private; PAGES as usize]);
         let uniform = footprint(&map);
         assert!(uniform <= 8 * small, "{uniform} bytes left of {fragmented}");

@@ -275,8 +275,16 @@ impl LiveMapping {
         runs: impl Fn() -> I,
     ) -> Result<(), (&'static str, Errno)> {
         let large = |run: &Range<u64>| run.end - run.start >= LARGE_RUN;
-        if !runs().any(|run| large(&run)) {
-            return self.set_guards(runs(), true);
+        // The small runs get guards in one walk, which notes any large one.
+        let saw_large = std::cell::Cell::new(false);
+        let small = runs().filter(|run| {
+            let is_large = large(run);
+            saw_large.set(saw_large.get() || is_large);
+            !is_large
+        });
+        self.set_guards(small, true)?;
+        if !saw_large.get() {
+            return Ok(());
         }
         let mut remapped = self.remapped();
         for run in runs().filter(large) {
@@ -284,10 +292,11 @@ impl LiveMapping {
                 self.remap(file, run.clone(), Attribute::Private)?;
                 remapped.insert(run.start, run.end);
                 self.any_remapped.store(true, Ordering::Relaxed);
+            } else {
+                self.set_guards(std::iter::once(run), true)?;
             }
         }
-        let guarded = runs().filter(|run| remapped.get(&run.start) != Some(&run.end));
-        self.set_guards(guarded, true)
+        Ok(())
     }
 
     /// Shows `runs` in a guard-marker mapping: the remapped parts are mapped
