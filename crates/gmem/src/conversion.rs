@@ -3,8 +3,9 @@
 
 use std::ops::Range;
 
-use crate::attributes::Attribute;
+use crate::attributes::{Attribute, AttributeMap};
 use crate::file::{FileState, GuestMemfd};
+use crate::listener::{self, Refusal};
 use crate::mapping::MappingFailure;
 use crate::stats::Counters;
 use crate::{ConversionError, PAGE_SHIFT, PAGE_SIZE};
@@ -21,7 +22,8 @@ impl GuestMemfd {
     /// invisible to raw host accesses.
     ///
     /// Errors: `EINVAL` for a malformed range; `EAGAIN` with the offset of a
-    /// page still referenced; `EBUSY` if a listener refused; `ENOMEM` (no
+    /// page still referenced; `EBUSY` if a listener refused (before, or in
+    /// the commit phase); `EDEADLK` from a listener's callback of this file; `ENOMEM` (no
     /// memory, or over the VMA budget of the remap fallback); the errno of a
     /// failed `madvise`/`mmap`, which may also have poisoned a mapping
     /// ([`ConversionError::MappingPoisoned`]).
@@ -33,6 +35,13 @@ impl GuestMemfd {
     ) -> Result<(), ConversionError> {
         let pages = self.conversion_pages(offset, len)?;
         let state = &*self.state;
+        let file = state.refs.id();
+        if listener::is_held(file) {
+            // A listener's callback of this file: the lock is this thread's.
+            return Err(ConversionError::WouldDeadlock {
+                error_offset: offset,
+            });
+        }
         // 1. The invalidate lock, exclusively: no fault, new mapping or
         //    slow-path pin runs until we are done.
         let mut attrs = state.write_attrs();
@@ -45,43 +54,14 @@ impl GuestMemfd {
             error_offset: offset,
         })?;
         if to == Attribute::Private {
-            state.ask_listeners(offset, len)?;
+            listener::with_held(file, &attrs, || state.ask_listeners(offset, len))?;
         }
-        // The registry stays locked to the commit: the mappings changed are
-        // the mappings charged for.
-        let mut mappings = state.mappings.lock();
-        let changing = || {
-            attrs
-                .runs_in(pages.clone())
-                .filter(|run| run.attr != to)
-                .map(|run| run.range())
-        };
-        let fallback_cost = mappings
-            .take_for_change(state, changing, to, || {
-                attrs.private_runs_after(pages.clone(), to)
-            })
-            .map_err(|over| ConversionError::VmaBudget {
-                error_offset: offset,
-                needed: over.needed,
-                budget: over.budget,
-            })?;
-        // 4. Shared to private: the exact reference check. Host mappings
-        //    hold no counted references (a fast-path pin's "PTE" is the
-        //    MAPPED bit, cleared here), so they are changed after it passes.
-        //    4b. Then hide (or show) the runs that change, in every host
-        //    mapping; still undoable: a failure puts every mapping back.
-        let checked = match to {
-            Attribute::Private => state.check_unreferenced(pages.clone(), offset),
-            Attribute::Shared => Ok(()),
-        };
-        let changed = checked.and_then(|()| {
-            mappings
-                .apply(state, changing, to)
-                .map_err(|failure| mapping_error(failure, offset))
-        });
-        mappings.settle(state, changed.is_ok().then_some(fallback_cost));
-        changed?;
-        drop(mappings);
+        // 4. The reference check, then the host mappings; then the
+        //    listeners' commit phase, which may still undo it all.
+        let old_cost = state.change_mappings(&attrs, pages.clone(), to, offset)?;
+        listener::with_held(file, &attrs, || {
+            state.commit_phase(&attrs, pages.clone(), to, offset, old_cost)
+        })?;
         // 5. Point of no return: store the new state. (Guest mappings are
         //    KVM's and stay valid: on a software-protected VM both states are
         //    mapped for the guest.)
@@ -91,7 +71,9 @@ impl GuestMemfd {
             Attribute::Private => &state.counters.to_private,
             Attribute::Shared => &state.counters.to_shared,
         });
-        state.listeners.converted(offset, len, to);
+        listener::with_held(file, &attrs, || {
+            state.listeners.converted(file, offset, len, to);
+        });
         // 7. The lock is released on return.
         Ok(())
     }
@@ -122,16 +104,80 @@ impl FileState {
     /// Asks the listeners whether `[offset, offset + len)` may become
     /// private; the first refusal fails the conversion with `EBUSY`.
     fn ask_listeners(&self, offset: u64, len: u64) -> Result<(), ConversionError> {
-        self.listeners
-            .before_private(offset, len)
-            .map_err(|refusal| {
-                Counters::bump(&self.counters.refused);
-                tracing::debug!(offset, len, %refusal, "conversion refused by a listener");
-                ConversionError::Refused {
-                    error_offset: offset,
-                    reason: refusal.reason,
-                }
-            })
+        let file = self.refs.id();
+        let asked = self.listeners.before_private(file, offset, len);
+        asked.map_err(|refusal| self.refused(offset, len, refusal))
+    }
+
+    fn refused(&self, offset: u64, len: u64, refusal: Refusal) -> ConversionError {
+        Counters::bump(&self.counters.refused);
+        tracing::debug!(offset, len, %refusal, "conversion refused by a listener");
+        ConversionError::Refused {
+            error_offset: offset,
+            reason: refusal.reason,
+        }
+    }
+
+    /// Step 4: for shared to private, the exact reference check; then the
+    /// runs of `pages` not in state `to` are hidden (or shown) in every host
+    /// mapping, with the VMA budget taken first. Host mappings hold no
+    /// counted references (a fast-path pin's "PTE" is the MAPPED bit, cleared
+    /// by the check), so they change only after it passes. On error nothing
+    /// changed. Returns what a fallback mapping cost before, for an undo.
+    fn change_mappings(
+        &self,
+        attrs: &AttributeMap,
+        pages: Range<u64>,
+        to: Attribute,
+        offset: u64,
+    ) -> Result<u64, ConversionError> {
+        // The registry stays locked to the end: the mappings changed are
+        // the mappings charged for.
+        let mut mappings = self.mappings.lock();
+        let old_cost = mappings.fallback_cost();
+        let changing = || changing_runs(attrs, pages.clone(), to);
+        let private_runs_after = || attrs.private_runs_after(pages.clone(), to);
+        let cost = mappings
+            .take_for_change(self, changing, to, private_runs_after)
+            .map_err(|over| ConversionError::VmaBudget {
+                error_offset: offset,
+                needed: over.needed,
+                budget: over.budget,
+            })?;
+        let checked = match to {
+            Attribute::Private => self.check_unreferenced(pages.clone(), offset),
+            Attribute::Shared => Ok(()),
+        };
+        let changed = checked.and_then(|()| {
+            mappings
+                .apply(self, changing, to)
+                .map_err(|failure| mapping_error(failure, offset))
+        });
+        mappings.settle(self, changed.is_ok().then_some(cost));
+        changed.map(|()| old_cost)
+    }
+
+    /// Step 4c: the listeners' commit phase. A refusal undoes the host
+    /// mappings' change (poisoning a mapping that cannot be put back) and
+    /// fails with `EBUSY`.
+    fn commit_phase(
+        &self,
+        attrs: &AttributeMap,
+        pages: Range<u64>,
+        to: Attribute,
+        offset: u64,
+        old_cost: u64,
+    ) -> Result<(), ConversionError> {
+        let len = (pages.end - pages.start) << PAGE_SHIFT;
+        let file = self.refs.id();
+        let Err(refusal) = self.listeners.commit(file, offset, len, to) else {
+            return Ok(());
+        };
+        let mut mappings = self.mappings.lock();
+        let undone = mappings.undo(self, || changing_runs(attrs, pages.clone(), to), to.other());
+        mappings.settle(self, Some(old_cost));
+        undone.map_err(|failure| mapping_error(failure, offset))?;
+        Err(self.refused(offset, len, refusal))
     }
 
     /// Step 4 of a shared to private conversion: remove the pages from the
@@ -150,6 +196,17 @@ impl FileState {
         tracing::debug!(offset, error_offset, "conversion failed: page referenced");
         Err(ConversionError::Again { error_offset })
     }
+}
+
+/// The runs of `pages` not in state `to`: those a conversion changes.
+fn changing_runs(
+    attrs: &AttributeMap,
+    pages: Range<u64>,
+    to: Attribute,
+) -> impl Iterator<Item = Range<u64>> + '_ {
+    let runs = attrs.runs_in(pages);
+    runs.filter(move |run| run.attr != to)
+        .map(|run| run.range())
 }
 
 /// The conversion error for a failed change of the host mappings.

@@ -97,6 +97,10 @@ pub enum Error {
     /// change here, so it no longer follows the file's state.
     #[error("the host mapping is poisoned: a failed conversion could not restore it")]
     MappingPoisoned,
+    /// Called from a conversion listener's callback on the file being
+    /// converted, where it would deadlock (`EDEADLK`): punching or mapping.
+    #[error("called from a conversion listener of the same file: it would deadlock")]
+    WouldDeadlock,
     /// A system call failed.
     #[error("{call} failed: {errno}")]
     Os {
@@ -119,6 +123,7 @@ impl Error {
             | Error::GuardsRefused => Errno::INVAL,
             Error::VmaBudget { .. } => Errno::NOMEM,
             Error::MappingPoisoned => Errno::IO,
+            Error::WouldDeadlock => Errno::DEADLK,
             Error::MmapNotSupported => Errno::NODEV,
             Error::FileTooBig { .. } => Errno::FBIG,
             Error::UnsupportedMode { .. } => Errno::OPNOTSUPP,
@@ -161,7 +166,15 @@ pub enum ConversionError {
         /// The first page of the referenced folio, clamped to the request.
         error_offset: u64,
     },
-    /// A conversion listener refused a shared to private conversion (`EBUSY`).
+    /// Called from a conversion listener's callback on the same file, where
+    /// it would deadlock (`EDEADLK`); nothing changed.
+    #[error("conversion at {error_offset:#x} asked from a listener of the same file")]
+    WouldDeadlock {
+        /// The start of the request.
+        error_offset: u64,
+    },
+    /// A conversion listener refused the conversion (`EBUSY`): before a
+    /// shared to private one, or in the commit phase of either.
     #[error("a conversion listener refused the range starting at {error_offset:#x}: {reason}")]
     Refused {
         /// The start of the request.
@@ -221,6 +234,7 @@ impl ConversionError {
             ConversionError::Invalid { .. } => Errno::INVAL,
             ConversionError::Again { .. } => Errno::AGAIN,
             ConversionError::Refused { .. } => Errno::BUSY,
+            ConversionError::WouldDeadlock { .. } => Errno::DEADLK,
             ConversionError::NoMemory { .. } | ConversionError::VmaBudget { .. } => Errno::NOMEM,
             ConversionError::Os { errno, .. } | ConversionError::MappingPoisoned { errno, .. } => {
                 *errno
@@ -238,6 +252,7 @@ impl ConversionError {
             ConversionError::Again { error_offset }
             | ConversionError::Refused { error_offset, .. }
             | ConversionError::NoMemory { error_offset }
+            | ConversionError::WouldDeadlock { error_offset }
             | ConversionError::VmaBudget { error_offset, .. }
             | ConversionError::Os { error_offset, .. }
             | ConversionError::MappingPoisoned { error_offset, .. } => *error_offset,

@@ -241,7 +241,9 @@ impl GuestMemfd {
                 limit: self.size(),
             });
         }
-        Ok(self.state.read_attrs().get(offset >> PAGE_SHIFT))
+        Ok(self
+            .state
+            .with_attrs(|attrs| attrs.get(offset >> PAGE_SHIFT)))
     }
 
     /// Maps the whole file into the host.
@@ -313,8 +315,9 @@ impl GuestMemfd {
                 limit: self.size(),
             })
         } else {
-            let _faults = self.state.read_attrs();
-            self.state.backing.allocate(offset, len)
+            // A fault: under the invalidate lock, apart from punches.
+            self.state
+                .with_attrs(|_| self.state.backing.allocate(offset, len))
         }
     }
 
@@ -343,9 +346,33 @@ impl GuestMemfd {
         self.state.listeners.add(listener)
     }
 
-    /// Removes a listener; false if it was not registered.
+    /// Registers a listener and, before any conversion can run, tells it of
+    /// every shared run as if just converted to shared: what a listener
+    /// added to a running VM (an IOMMU mapping shared memory) needs.
+    pub fn add_listener_replaying(&self, listener: Arc<dyn ConversionListener>) -> ListenerId {
+        let state = &self.state;
+        state.with_attrs(|attrs| {
+            let id = state.listeners.add(listener.clone());
+            let shared = || shared_runs(attrs, state.size);
+            crate::listener::with_held(state.refs.id(), attrs, || {
+                Listeners::replay(&*listener, shared());
+            });
+            id
+        })
+    }
+
+    /// The shared runs of the file, as byte ranges in order.
+    pub fn shared_runs(&self) -> Vec<Range<u64>> {
+        let state = &self.state;
+        state.with_attrs(|attrs| shared_runs(attrs, state.size).collect())
+    }
+
+    /// Removes a listener; false if it was not registered. Once this
+    /// returns, the listener is never called again: calls under way on other
+    /// threads are waited for (a listener may remove itself from its own
+    /// callback).
     pub fn remove_listener(&self, id: ListenerId) -> bool {
-        self.state.listeners.remove(id)
+        self.state.listeners.remove(self.state.refs.id(), id)
     }
 
     /// Flushes every thread's batch of released pins, as a conversion's drain
@@ -357,13 +384,12 @@ impl GuestMemfd {
     /// A snapshot of the file's counters and state.
     pub fn stats(&self) -> Stats {
         let state = &self.state;
-        let (pages_private, pages_shared) = {
-            let attrs = state.read_attrs();
+        let (pages_private, pages_shared) = state.with_attrs(|attrs| {
             (
                 attrs.count(Attribute::Private),
                 attrs.count(Attribute::Shared),
             )
-        };
+        });
         let (huge_folios, folio_splits, folio_merges) = state.refs.folio_counts();
         let (mappings_guarded, mappings_remapped) = state.mappings.counts();
         Stats {
@@ -389,6 +415,17 @@ impl GuestMemfd {
 }
 
 impl FileState {
+    /// Runs `f` on the attribute map under the invalidate lock held shared
+    /// (a fault), or, in a conversion listener's callback on this thread,
+    /// on the map its conversion holds.
+    pub(crate) fn with_attrs<R>(&self, f: impl FnOnce(&AttributeMap) -> R) -> R {
+        let file = self.refs.id();
+        if crate::listener::is_held(file) {
+            return crate::listener::held(file, f).expect("held by this thread");
+        }
+        f(&self.read_attrs())
+    }
+
     /// Takes the invalidate lock shared (a fault).
     pub(crate) fn read_attrs(&self) -> RwLockReadGuard<'_, AttributeMap> {
         // A panic while holding the lock cannot leave the map half-updated
@@ -406,6 +443,9 @@ impl FileState {
         if offset >= end {
             return Ok(());
         }
+        if crate::listener::is_held(self.refs.id()) {
+            return Err(Error::WouldDeadlock);
+        }
         let pages = page_range(offset, end);
         let attrs = self.write_attrs();
         self.refs.unmap(pages.clone());
@@ -421,6 +461,13 @@ impl FileState {
         self.refs.reshape(pages, |range| attrs.is_uniform(range));
         Ok(())
     }
+}
+
+/// The shared runs of a file of `size` bytes, as byte ranges.
+fn shared_runs(attrs: &AttributeMap, size: u64) -> impl Iterator<Item = Range<u64>> + '_ {
+    let runs = attrs.runs_in(0..size >> PAGE_SHIFT);
+    runs.filter(|run| run.attr == Attribute::Shared)
+        .map(|run| (run.pages.0 << PAGE_SHIFT)..(run.pages.1 << PAGE_SHIFT))
 }
 
 /// The pages covering bytes `[offset, end)`.

@@ -205,3 +205,36 @@ fn a_mapping_that_cannot_hide_is_not_made() {
         assert_eq!(mem.stats().vmas_spent, 0);
     }
 }
+
+/// Refuses every conversion in the commit phase.
+struct RefusingCommits;
+
+impl crate::ConversionListener for RefusingCommits {
+    fn commit(&self, _: u64, _: u64, _: Attribute) -> Result<(), crate::Refusal> {
+        Err(crate::Refusal::new("refused"))
+    }
+}
+
+/// A commit refused by a listener undoes the host mappings' change; if that
+/// undo fails, the mapping is poisoned and the error says so.
+#[test]
+fn a_refused_commit_whose_undo_fails_poisons() {
+    for to in [Attribute::Private, Attribute::Shared] {
+        let (mem, maps) = fragmented(&SMALL, Hiding::GuardMarkers);
+        mem.add_listener(std::sync::Arc::new(RefusingCommits));
+        let before = states(&mem, &SMALL);
+        // The change: one batch a mapping; then the undo fails.
+        faults::fail_nth(2, Errno::NOMEM, true);
+        let err = mem.set_attributes(0, 8 * P, to).unwrap_err();
+        faults::stop();
+        assert!(
+            matches!(err, ConversionError::MappingPoisoned { .. }),
+            "{err}"
+        );
+        assert_eq!(states(&mem, &SMALL), before);
+        assert!(maps.iter().all(HostMapping::is_poisoned));
+        let stats = mem.stats();
+        assert_eq!(stats.mappings_guarded + stats.mappings_remapped, 0);
+        assert_eq!(stats.refused, 0, "not counted as a refusal: it failed");
+    }
+}

@@ -92,6 +92,10 @@ const LARGE_RUN: u64 = 512;
 
 impl HostMapping {
     pub(crate) fn new(file: &Arc<FileState>, len: u64) -> Result<HostMapping, Error> {
+        // A listener's callback: its conversion is changing the mappings.
+        if crate::listener::is_held(file.refs.id()) {
+            return Err(Error::WouldDeadlock);
+        }
         // A fault: the state cannot change while the mapping is set up.
         let attrs = file.read_attrs();
         let region = MappedRegion::map_shared(file.backing.as_fd(), len as usize)
@@ -198,43 +202,41 @@ impl HostMapping {
     /// `EFAULT` with the offset of the first private page; `EIO` if the
     /// mapping is poisoned.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
-        let _faults = self.check_shared(offset, buf.len() as u64)?;
-        self.live.region.read(offset, buf);
-        Ok(())
+        self.while_shared(offset, buf.len() as u64, || {
+            self.live.region.read(offset, buf)
+        })
     }
 
     /// Copies `data` to file offset `offset`; errors as [`read`](Self::read).
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
-        let _faults = self.check_shared(offset, data.len() as u64)?;
-        self.live.region.write(offset, data);
-        Ok(())
+        self.while_shared(offset, data.len() as u64, || {
+            self.live.region.write(offset, data)
+        })
     }
 
-    /// Checks the range and takes the invalidate lock shared, so that no page
-    /// of it turns private during the copy.
-    fn check_shared(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> Result<std::sync::RwLockReadGuard<'_, AttributeMap>, Error> {
+    /// Checks the range and runs `copy` under the invalidate lock held
+    /// shared, so that no page of it turns private during the copy.
+    fn while_shared(&self, offset: u64, len: u64, copy: impl FnOnce()) -> Result<(), Error> {
         let limit = self.len().min(self.file.size);
         if offset.checked_add(len).is_none_or(|end| end > limit) {
             return Err(Error::OutOfRange { offset, len, limit });
         }
-        let attrs = self.file.read_attrs();
-        // Checked under the lock: a conversion poisons with it held.
-        if self.is_poisoned() {
-            return Err(Error::MappingPoisoned);
-        }
-        if len > 0 {
-            let pages = page_range(offset, offset + len);
-            if let Some(page) = attrs.first_not(pages, Attribute::Shared) {
-                return Err(Error::Private {
-                    offset: page << PAGE_SHIFT,
-                });
+        self.file.with_attrs(|attrs| {
+            // Checked under the lock: a conversion poisons with it held.
+            if self.is_poisoned() {
+                return Err(Error::MappingPoisoned);
             }
-        }
-        Ok(attrs)
+            if len > 0 {
+                let pages = page_range(offset, offset + len);
+                if let Some(page) = attrs.first_not(pages, Attribute::Shared) {
+                    return Err(Error::Private {
+                        offset: page << PAGE_SHIFT,
+                    });
+                }
+            }
+            copy();
+            Ok(())
+        })
     }
 }
 
@@ -535,6 +537,40 @@ impl Registry<'_> {
             file.vma_budget.take(needed)?;
         }
         Ok(cost)
+    }
+
+    /// What a fallback mapping is charged now.
+    pub(crate) fn fallback_cost(&self) -> u64 {
+        self.fallback_cost
+    }
+
+    /// Puts back a change the listeners refused: applies `to` to `runs` in
+    /// every mapping; one where that fails is poisoned and unregistered.
+    pub(crate) fn undo<I: Iterator<Item = Range<u64>>>(
+        &mut self,
+        file: &FileState,
+        runs: impl Fn() -> I,
+        to: Attribute,
+    ) -> Result<(), MappingFailure> {
+        let mut failed = None;
+        for mapping in &self.live {
+            if let Err((call, errno)) = mapping.apply(file, &runs, to) {
+                tracing::error!(call, %errno, "undoing a host mapping change failed; the mapping is poisoned");
+                mapping.poison();
+                failed.get_or_insert((call, errno));
+            }
+        }
+        // Relaxed: set by this thread just above.
+        self.live
+            .retain(|mapping| !mapping.poisoned.load(Ordering::Relaxed));
+        match failed {
+            None => Ok(()),
+            Some((call, errno)) => Err(MappingFailure {
+                call,
+                errno,
+                poisoned: true,
+            }),
+        }
     }
 
     /// Makes the file's charge what its mappings need now, with fallback

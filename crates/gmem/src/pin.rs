@@ -63,7 +63,16 @@ impl GuestMemfd {
     /// state, allocate, and map the pages for the fast path.
     fn pin_slow(&self, pages: Range<u64>) -> Result<(), Error> {
         let state = &self.state;
-        let attrs = state.read_attrs();
+        state.with_attrs(|attrs| self.pin_mapped(pages, attrs))
+    }
+
+    /// The slow path's work, under the invalidate lock.
+    fn pin_mapped(
+        &self,
+        pages: Range<u64>,
+        attrs: &crate::attributes::AttributeMap,
+    ) -> Result<(), Error> {
+        let state = &self.state;
         if let Some(page) = attrs.first_not(pages.clone(), Attribute::Shared) {
             return Err(Error::Private {
                 offset: page << PAGE_SHIFT,
