@@ -131,6 +131,14 @@ pub(super) fn expect_range(
     Ok(())
 }
 
+/// Expects the guest to have written to no unknown port, and its
+/// conversions to have returned `results` (address and result of each).
+fn expect_results(record: &Record, results: &[(u32, u32)]) -> Check {
+    expect_quiet(record)?;
+    ensure_eq("conversion results", &record.results[..], results)?;
+    Ok(())
+}
+
 pub(super) fn expect_quiet(record: &Record) -> Check {
     ensure!(
         record.unknown.is_empty(),
@@ -158,8 +166,7 @@ pub(super) fn host_writes_guest_reads_after_private() -> Check {
         },
         Command::Read { gpa: gpa(1) },
     ])?;
-    expect_quiet(&record)?;
-    ensure_eq("conversion results", record.results, vec![(gpa(0), 0)])?;
+    expect_results(&record, &[(gpa(0), 0)])?;
     ensure_eq("check results", record.checks, vec![(gpa(0), 4, 0)])?;
     ensure_eq(
         "dword read by the guest",
@@ -218,12 +225,7 @@ pub(super) fn guest_writes_host_reads_after_shared() -> Check {
             to: Attribute::Shared,
         },
     ])?;
-    expect_quiet(&record)?;
-    ensure_eq(
-        "conversion results",
-        record.results,
-        vec![(gpa(0), 0), (gpa(0), 0)],
-    )?;
+    expect_results(&record, &[(gpa(0), 0), (gpa(0), 0)])?;
     expect_range(
         &machine.mem,
         0,
@@ -288,12 +290,7 @@ pub(super) fn punched_page_reads_zero_keeps_state() -> Check {
             },
         ],
     )?;
-    expect_quiet(&record)?;
-    ensure_eq(
-        "conversion results",
-        record.results,
-        vec![(gpa(0), 0), (gpa(0), 0)],
-    )?;
+    expect_results(&record, &[(gpa(0), 0), (gpa(0), 0)])?;
     ensure_eq(
         "dwords read by the guest",
         record.reads,
@@ -397,12 +394,7 @@ pub(super) fn conversion_touches_only_requested_pages() -> Check {
             },
         ],
     )?;
-    expect_quiet(&record)?;
-    ensure_eq(
-        "conversion results",
-        record.results,
-        vec![(gpa(K + 1), 0), (gpa(K + 2), 0), (gpa(K), 0)],
-    )?;
+    expect_results(&record, &[(gpa(K + 1), 0), (gpa(K + 2), 0), (gpa(K), 0)])?;
     ensure_eq("notifications served", record.notifies.len(), 4)?;
     let stats = mem.stats();
     ensure_eq("pages private at the end", stats.pages_private, 5)?;
@@ -490,12 +482,7 @@ pub(super) fn conversion_waits_for_device_pins() -> Check {
         .join()
         .map_err(|_| fail("the device thread panicked"))?;
     let record = record?;
-    expect_quiet(&record)?;
-    ensure_eq(
-        "conversion results",
-        record.results.clone(),
-        vec![(gpa(0), 0), (gpa(0), 0)],
-    )?;
+    expect_results(&record, &[(gpa(0), 0), (gpa(0), 0)])?;
     let requests = device.map_err(fail)?;
     ensure!(requests >= 1, "the device was never asked to let go");
     let (request, outcome) = record

@@ -1,12 +1,12 @@
 //! Kernel-parity scenarios: what `gmem selftest` runs.
 //!
-//! Host-side scenarios ([`host`]) are the specification's host rules, the
+//! Host-side scenarios (`host`) are the specification's host rules, the
 //! table of [`gmem::conformance`], on both backings: a sealed memfd
 //! (`host/memfd/<rule>`) and a kernel guest_memfd (`host/kvm/<rule>`).
 //! Guest-side scenarios (`guest/<rule>`) run the interpreter of
 //! [`crate::guest`] on a [`Machine`](crate::machine::Machine) and check what
 //! the guest and the host see around conversions: with one vCPU
-//! ([`guest`]) or several at once ([`multi_vcpu`]).
+//! (`guest`) or several at once (`multi_vcpu`).
 //!
 //! Every scenario catches its own panics and reports them as
 //! [`Outcome::Fail`]; scenarios that need KVM report [`Outcome::Skip`] where
@@ -58,7 +58,7 @@ enum Runner {
     /// A rule of the conformance table on a backing.
     Host(&'static Rule, BackingKind),
     /// A guest-side scenario.
-    Guest(fn() -> Check),
+    Guest(GuestScenario),
 }
 
 impl Scenario {
@@ -70,6 +70,37 @@ impl Scenario {
         }
     }
 }
+
+/// A guest-side scenario.
+type GuestScenario = fn() -> Check;
+
+/// The guest-side scenarios, named `guest/<name>`.
+const GUEST: &[(&str, GuestScenario)] = &[
+    (
+        "host-writes-guest-reads-after-private",
+        guest::host_writes_guest_reads_after_private,
+    ),
+    (
+        "guest-writes-host-reads-after-shared",
+        guest::guest_writes_host_reads_after_shared,
+    ),
+    (
+        "punched-page-reads-zero-keeps-state",
+        guest::punched_page_reads_zero_keeps_state,
+    ),
+    (
+        "conversion-touches-only-requested-pages",
+        guest::conversion_touches_only_requested_pages,
+    ),
+    (
+        "conversion-waits-for-device-pins",
+        guest::conversion_waits_for_device_pins,
+    ),
+    (
+        "vcpus-convert-own-regions",
+        multi_vcpu::vcpus_convert_own_regions,
+    ),
+];
 
 /// Every scenario, host side first (each rule on the memfd backing, then on
 /// the kernel guest_memfd backing), then the guest side.
@@ -84,33 +115,7 @@ pub fn all() -> Vec<Scenario> {
             });
         }
     }
-    let guest: [(&str, fn() -> Check); 6] = [
-        (
-            "host-writes-guest-reads-after-private",
-            guest::host_writes_guest_reads_after_private,
-        ),
-        (
-            "guest-writes-host-reads-after-shared",
-            guest::guest_writes_host_reads_after_shared,
-        ),
-        (
-            "punched-page-reads-zero-keeps-state",
-            guest::punched_page_reads_zero_keeps_state,
-        ),
-        (
-            "conversion-touches-only-requested-pages",
-            guest::conversion_touches_only_requested_pages,
-        ),
-        (
-            "conversion-waits-for-device-pins",
-            guest::conversion_waits_for_device_pins,
-        ),
-        (
-            "vcpus-convert-own-regions",
-            multi_vcpu::vcpus_convert_own_regions,
-        ),
-    ];
-    for (name, scenario) in guest {
+    for &(name, scenario) in GUEST {
         list.push(Scenario {
             name: format!("guest/{name}"),
             side: Side::Guest,

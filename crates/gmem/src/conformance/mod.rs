@@ -85,20 +85,11 @@ impl Display for Failure {
 
 impl std::error::Error for Failure {}
 
-impl From<Error> for Failure {
-    fn from(e: Error) -> Failure {
+/// An error where the rule needed success.
+impl<E: HasErrno + Display> From<E> for Failure {
+    fn from(e: E) -> Failure {
         Failure::new(
             "an operation the rule needs",
-            "success",
-            format_args!("{e} (errno {})", e.errno()),
-        )
-    }
-}
-
-impl From<ConversionError> for Failure {
-    fn from(e: ConversionError) -> Failure {
-        Failure::new(
-            "a conversion the rule needs",
             "success",
             format_args!("{e} (errno {})", e.errno()),
         )
@@ -345,6 +336,19 @@ pub fn raw_access(map: &HostMapping, offset: u64) -> Result<String, Failure> {
         ProbeOutcome::Signal(libc::SIGSEGV) => "SIGSEGV".to_owned(),
         ProbeOutcome::Signal(other) => format!("signal {other}"),
     })
+}
+
+/// Expects raw reads at the offsets of `map` (in forked children) to end as
+/// given: `completed`, `SIGBUS` or `SIGSEGV`; `which` names the mapping.
+pub fn expect_raw(map: &HostMapping, which: &str, expected: &[(u64, &str)]) -> Result<(), Failure> {
+    for &(offset, want) in expected {
+        ensure_eq(
+            format_args!("raw access at {offset:#x} of {which}"),
+            raw_access(map, offset)?,
+            want.to_owned(),
+        )?;
+    }
+    Ok(())
 }
 
 /// The fault a raw access to a private page of `map` raises, as text, in a

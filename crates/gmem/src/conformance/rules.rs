@@ -3,93 +3,79 @@
 use libc::{EAGAIN, EBUSY, EFAULT, EFBIG, EINVAL, ENODEV, ENOMEM, EOPNOTSUPP};
 
 use super::{
-    Backing, Failure, Rule, ensure, ensure_eq, error_offset, expect_all, expect_errno,
-    private_fault, raw_access, read_vec,
+    Backing, Failure, Rule, ensure, ensure_eq, error_offset, expect_all, expect_errno, expect_raw,
+    private_fault, read_vec,
 };
 use crate::falloc::{KEEP_SIZE, PUNCH_HOLE};
-use crate::{Attribute, BackingKind, Flags, GuestMemfd, Hiding, Options, PAGE_SIZE};
+use crate::{Attribute, BackingKind, Flags, GuestMemfd, Hiding, HostMapping, Options, PAGE_SIZE};
 
 const P: u64 = PAGE_SIZE;
 
 type Check = Result<(), Failure>;
 
-/// Every host rule, in the order of the specification.
-pub static RULES: &[Rule] = &[
-    // 3. Creation and file operations.
-    rule("create-size-einval", "3", create_size_einval),
-    rule(
-        "create-unknown-flag-einval",
-        "3",
-        create_unknown_flag_einval,
-    ),
-    rule(
-        "create-size-past-address-space",
-        "3",
-        create_size_past_address_space,
-    ),
-    rule("initial-state", "3", initial_state),
-    rule("mmap-without-flag-enodev", "3", mmap_without_flag_enodev),
-    rule("mmap-past-end", "3", mmap_past_end),
-    rule("past-end-sigbus", "3", past_end_sigbus),
-    rule("fallocate-mode-eopnotsupp", "3", fallocate_mode_eopnotsupp),
-    rule(
-        "fallocate-unaligned-einval",
-        "3",
-        fallocate_unaligned_einval,
-    ),
-    rule(
-        "fallocate-past-largest-offset-efbig",
-        "3",
-        fallocate_past_largest_offset_efbig,
-    ),
-    rule("allocate-past-end-einval", "3", allocate_past_end_einval),
-    rule("punch-past-end-noop", "3", punch_past_end_noop),
-    rule("allocate-and-punch-count", "3", allocate_and_punch_count),
-    rule("punch-zeroes-keeps-state", "3", punch_zeroes_keeps_state),
-    // 4. Conversion.
-    rule("convert-invalid-einval", "4", convert_invalid_einval),
-    rule("convert-nothing-to-change", "4", convert_nothing_to_change),
-    rule("convert-pinned-eagain", "4", convert_pinned_eagain),
-    rule(
-        "convert-dropped-pin-one-drain",
-        "4",
-        convert_dropped_pin_one_drain,
-    ),
-    rule(
-        "convert-to-shared-no-check",
-        "4",
-        convert_to_shared_no_check,
-    ),
-    rule("convert-keeps-contents", "4", convert_keeps_contents),
-    // 5. References, and gmem's EBUSY, EFAULT and faults (section 8).
-    rule("punch-pinned-ebusy", "8", punch_pinned_ebusy),
-    rule("private-page-efault", "8", private_page_efault),
-    rule(
-        "pin-allocates-copies-within-range",
-        "5",
-        pin_allocates_copies_within_range,
-    ),
-    rule("private-page-faults", "8", private_page_faults),
-    rule(
-        "private-page-faults-fallback",
-        "8",
-        private_page_faults_fallback,
-    ),
-];
-
-const fn rule(name: &'static str, section: &'static str, check: fn(&dyn Backing) -> Check) -> Rule {
-    Rule {
-        name,
-        section,
-        check,
-    }
+/// The table: a rule a line, `"section" "name" check,`.
+macro_rules! rules {
+    ($($section:literal $name:literal $check:ident,)*) => {
+        &[$(Rule { name: $name, section: $section, check: $check },)*]
+    };
 }
+
+/// Every host rule, in the order of the specification.
+pub static RULES: &[Rule] = rules! {
+    // 3. Creation and file operations.
+    "3" "create-size-einval" create_size_einval,
+    "3" "create-unknown-flag-einval" create_unknown_flag_einval,
+    "3" "create-size-past-address-space" create_size_past_address_space,
+    "3" "initial-state" initial_state,
+    "3" "mmap-without-flag-enodev" mmap_without_flag_enodev,
+    "3" "mmap-past-end" mmap_past_end,
+    "3" "past-end-sigbus" past_end_sigbus,
+    "3" "fallocate-mode-eopnotsupp" fallocate_mode_eopnotsupp,
+    "3" "fallocate-unaligned-einval" fallocate_unaligned_einval,
+    "3" "fallocate-past-largest-offset-efbig" fallocate_past_largest_offset_efbig,
+    "3" "allocate-past-end-einval" allocate_past_end_einval,
+    "3" "punch-past-end-noop" punch_past_end_noop,
+    "3" "allocate-and-punch-count" allocate_and_punch_count,
+    "3" "punch-zeroes-keeps-state" punch_zeroes_keeps_state,
+    // 4. Conversion.
+    "4" "convert-invalid-einval" convert_invalid_einval,
+    "4" "convert-nothing-to-change" convert_nothing_to_change,
+    "4" "convert-pinned-eagain" convert_pinned_eagain,
+    "4" "convert-dropped-pin-one-drain" convert_dropped_pin_one_drain,
+    "4" "convert-to-shared-no-check" convert_to_shared_no_check,
+    "4" "convert-keeps-contents" convert_keeps_contents,
+    // 5. References, and gmem's EBUSY, EFAULT and faults (section 8).
+    "8" "punch-pinned-ebusy" punch_pinned_ebusy,
+    "8" "private-page-efault" private_page_efault,
+    "5" "pin-allocates-copies-within-range" pin_allocates_copies_within_range,
+    "8" "private-page-faults" private_page_faults,
+    "8" "private-page-faults-fallback" private_page_faults_fallback,
+};
 
 /// A recognisable, page-varying byte pattern.
 fn bytes(len: u64, salt: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i.wrapping_mul(7) % 251) as u8 ^ salt)
         .collect()
+}
+
+/// Expects `want` at `offset` of `map`, read through the mapping.
+fn expect_bytes(map: &HostMapping, offset: u64, want: &[u8], when: &str) -> Check {
+    let seen = read_vec(map, offset, want.len() as u64)?;
+    ensure_eq(format_args!("bytes at {offset:#x} {when}"), &seen[..], want)
+}
+
+/// Expects every byte of `[offset, offset + len)` of `map` to be `byte`.
+fn expect_filled(map: &HostMapping, offset: u64, len: u64, byte: u8, what: &str) -> Check {
+    let seen = read_vec(map, offset, len)?;
+    match seen.iter().position(|b| *b != byte) {
+        None => Ok(()),
+        Some(at) => Err(Failure::new(
+            what,
+            format_args!("every byte {byte:#x}"),
+            format_args!("{:#x} at {:#x}", seen[at], offset + at as u64),
+        )),
+    }
 }
 
 /// Expects `pages` pages allocated in `mem`, where its backing counts them
@@ -195,11 +181,7 @@ fn mmap_past_end(backing: &dyn Backing) -> Check {
     let map = mem.mmap_len(4 * P - 100)?;
     ensure_eq("mapping length, rounded up to pages", map.len(), 4 * P)?;
     map.write(P, b"inside")?;
-    ensure_eq(
-        "bytes inside the file",
-        read_vec(&map, P, 6)?,
-        b"inside".to_vec(),
-    )?;
+    expect_bytes(&map, P, b"inside", "inside the file")?;
     expect_errno(
         "copy from the end of the file",
         map.read(2 * P, &mut [0u8; 6]),
@@ -210,11 +192,7 @@ fn mmap_past_end(backing: &dyn Backing) -> Check {
         map.write(2 * P - 3, b"abcd"),
         EINVAL,
     )?;
-    ensure_eq(
-        "bytes inside after failed copies",
-        read_vec(&map, P, 6)?,
-        b"inside".to_vec(),
-    )
+    expect_bytes(&map, P, b"inside", "after failed copies")
 }
 
 /// A raw access at or past the end of the file raises `SIGBUS` and does not
@@ -223,31 +201,17 @@ fn past_end_sigbus(backing: &dyn Backing) -> Check {
     let mem = backing.shared(2)?;
     let map = mem.mmap_len(4 * P)?;
     map.write(P, b"inside")?;
-    ensure_eq(
-        "raw access inside the file",
-        raw_access(&map, 2 * P - 1)?,
-        "completed".to_owned(),
+    expect_raw(
+        &map,
+        "a mapping twice as long as the file",
+        &[
+            (2 * P - 1, "completed"),
+            (2 * P, "SIGBUS"),
+            (4 * P - 1, "SIGBUS"),
+            (P, "completed"),
+        ],
     )?;
-    ensure_eq(
-        "raw access at the end of the file",
-        raw_access(&map, 2 * P)?,
-        "SIGBUS".to_owned(),
-    )?;
-    ensure_eq(
-        "raw access past the end",
-        raw_access(&map, 4 * P - 1)?,
-        "SIGBUS".to_owned(),
-    )?;
-    ensure_eq(
-        "raw access inside the file after the faults",
-        raw_access(&map, P)?,
-        "completed".to_owned(),
-    )?;
-    ensure_eq(
-        "bytes inside after the faults",
-        read_vec(&map, P, 6)?,
-        b"inside".to_vec(),
-    )
+    expect_bytes(&map, P, b"inside", "after the faults")
 }
 
 fn fallocate_mode_eopnotsupp(backing: &dyn Backing) -> Check {
@@ -351,11 +315,12 @@ fn punch_past_end_noop(backing: &dyn Backing) -> Check {
         "unchanged",
         "changed",
     )?;
-    ensure(
-        read_vec(&map, 3 * P, P)?.iter().all(|b| *b == 0),
+    expect_filled(
+        &map,
+        3 * P,
+        P,
+        0,
         "the page inside a punch straddling the end",
-        "zeros",
-        "other bytes",
     )
 }
 
@@ -391,25 +356,10 @@ fn punch_zeroes_keeps_state(backing: &dyn Backing) -> Check {
         map.read(P, &mut [0u8; 1]),
         EFAULT,
     )?;
-    ensure(
-        read_vec(&map, 0, P)?.iter().all(|b| *b == 0),
-        "the punched shared page",
-        "zeros",
-        "other bytes",
-    )?;
-    ensure(
-        read_vec(&map, 2 * P, P)?.iter().all(|b| *b == 7),
-        "the page after the punch",
-        "unchanged",
-        "changed",
-    )?;
+    expect_filled(&map, 0, P, 0, "the punched shared page")?;
+    expect_filled(&map, 2 * P, P, 7, "the page after the punch")?;
     mem.set_attributes(P, P, Attribute::Shared)?;
-    ensure(
-        read_vec(&map, P, P)?.iter().all(|b| *b == 0),
-        "the punched private page once shared",
-        "zeros",
-        "other bytes",
-    )
+    expect_filled(&map, P, P, 0, "the punched private page once shared")
 }
 
 fn convert_invalid_einval(backing: &dyn Backing) -> Check {
@@ -482,13 +432,11 @@ fn convert_pinned_eagain(backing: &dyn Backing) -> Check {
     ensure_eq("error_offset of the EAGAIN", err.error_offset(), 5 * P)?;
     // All or nothing: every page is still shared and mapped.
     expect_all(&mem, 8, Attribute::Shared, "after the EAGAIN")?;
-    for offset in [2 * P, 5 * P] {
-        ensure_eq(
-            format_args!("raw access at {offset:#x} after the EAGAIN"),
-            raw_access(&map, offset)?,
-            "completed".to_owned(),
-        )?;
-    }
+    expect_raw(
+        &map,
+        "the mapping after the EAGAIN",
+        &[(2 * P, "completed"), (5 * P, "completed")],
+    )?;
     ensure_eq(
         "host read after the EAGAIN",
         read_vec(&map, 2 * P, 16)?,
@@ -623,19 +571,15 @@ fn punch_pinned_ebusy(backing: &dyn Backing) -> Check {
     let pin = mem.pin(2 * P, 1)?;
     let err = expect_errno("punch over a pinned page", mem.punch_hole(0, 4 * P), EBUSY)?;
     ensure_eq("offset of the EBUSY", error_offset(&err), Some(2 * P))?;
-    ensure(
-        read_vec(&map, 0, 4 * P)?.iter().all(|b| *b == 3),
-        "contents after a failed punch",
-        "unchanged",
-        "some freed",
-    )?;
+    expect_filled(&map, 0, 4 * P, 3, "contents after a failed punch")?;
     drop(pin);
     mem.punch_hole(0, 4 * P)?;
-    ensure(
-        read_vec(&map, 0, 4 * P)?.iter().all(|b| *b == 0),
+    expect_filled(
+        &map,
+        0,
+        4 * P,
+        0,
         "contents after the punch once the pin is dropped",
-        "zeros",
-        "other bytes",
     )
 }
 
@@ -728,13 +672,8 @@ fn private_page_faults_fallback(backing: &dyn Backing) -> Check {
 fn raw_access_follows_state(mem: GuestMemfd) -> Check {
     let early = mem.mmap()?;
     let longer = mem.mmap_len(8 * P)?;
-    for (which, map) in [("a mapping", &early), ("a longer mapping", &longer)] {
-        ensure_eq(
-            format_args!("raw access to a shared page in {which}"),
-            raw_access(map, P)?,
-            "completed".to_owned(),
-        )?;
-    }
+    expect_raw(&early, "a mapping", &[(P, "completed")])?;
+    expect_raw(&longer, "a longer mapping", &[(P, "completed")])?;
     mem.set_attributes(P, 2 * P, Attribute::Private)?;
     let late = mem.mmap()?;
     let maps = [
@@ -743,28 +682,23 @@ fn raw_access_follows_state(mem: GuestMemfd) -> Check {
         ("a mapping made after", &late),
     ];
     for (which, map) in maps {
-        for (offset, want) in [
+        let fault = private_fault(map);
+        let expected = [
             (0, "completed"),
-            (P, private_fault(map)),
-            (3 * P - 1, private_fault(map)),
+            (P, fault),
+            (3 * P - 1, fault),
             (3 * P, "completed"),
-        ] {
-            ensure_eq(
-                format_args!("raw access at {offset:#x} in {which}"),
-                raw_access(map, offset)?,
-                want.to_owned(),
-            )?;
-        }
+        ];
+        expect_raw(map, which, &expected)?;
     }
     mem.set_attributes(P, 2 * P, Attribute::Shared)?;
     for (which, map) in maps {
-        for offset in [P, 2 * P] {
-            ensure_eq(
-                format_args!("raw access at {offset:#x} in {which} after the conversion back"),
-                raw_access(map, offset)?,
-                "completed".to_owned(),
-            )?;
-        }
+        let expected = [(P, "completed"), (2 * P, "completed")];
+        expect_raw(
+            map,
+            &format!("{which}, after the conversion back"),
+            &expected,
+        )?;
     }
     Ok(())
 }
