@@ -234,7 +234,7 @@ fn selftest(filter: Option<&str>) -> anyhow::Result<ExitCode> {
     }
     for (number, scenario) in scenarios.iter().enumerate() {
         let number = number + 1;
-        match (scenario.run)() {
+        match scenario.run() {
             Outcome::Pass => {
                 passed += 1;
                 println!("ok {number} - {}", scenario.name);

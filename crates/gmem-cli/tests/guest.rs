@@ -13,7 +13,7 @@ fn run(name: &str) {
         .unwrap_or_else(|| panic!("no scenario named {name}"));
     assert_eq!(scenario.side, Side::Guest, "{name} is not a guest scenario");
     let start = std::time::Instant::now();
-    let outcome = (scenario.run)();
+    let outcome = scenario.run();
     eprintln!("{name}: {outcome:?} in {:?}", start.elapsed());
     match outcome {
         Outcome::Pass => {}
@@ -71,7 +71,7 @@ fn every_guest_scenario_has_a_test() {
     for scenario in scenarios::all() {
         if scenario.side == Side::Guest {
             assert!(
-                tested.contains(&scenario.name),
+                tested.contains(&scenario.name.as_str()),
                 "{} has no test here",
                 scenario.name
             );

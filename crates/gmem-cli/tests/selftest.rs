@@ -18,7 +18,7 @@ fn every_host_scenario_passes() {
         .filter(|s| s.side == Side::Host)
     {
         let start = Instant::now();
-        let outcome = (scenario.run)();
+        let outcome = scenario.run();
         eprintln!("{} {:?} in {:?}", scenario.name, outcome, start.elapsed());
         ran += 1;
         match outcome {
@@ -44,7 +44,11 @@ fn scenario_names_are_unique_kebab_case_and_cover_both_backings() {
     let all = scenarios::all();
     let mut names = HashSet::new();
     for scenario in &all {
-        assert!(names.insert(scenario.name), "{} twice", scenario.name);
+        assert!(
+            names.insert(scenario.name.as_str()),
+            "{} twice",
+            scenario.name
+        );
         assert!(
             scenario
                 .name

@@ -61,6 +61,9 @@ mod attributes;
 mod backing;
 mod batch;
 mod budget;
+#[cfg(feature = "conformance")]
+#[doc(hidden)]
+pub mod conformance;
 mod conversion;
 mod error;
 mod file;
