@@ -40,8 +40,24 @@ enum Command {
         #[arg(long)]
         markdown: bool,
         /// Run only cases whose name contains this.
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", conflicts_with = "study")]
         only: Option<String>,
+        /// Exit with 1 (after printing everything) when a measured goal is
+        /// missed. Timings are noisy: re-run before reading a miss.
+        #[arg(long, conflicts_with = "study")]
+        check: bool,
+        /// Run the conversion-latency study instead: median and p99 by size
+        /// and case, beside the floor; writes `study.json` and `study.svg`
+        /// into `--out` and prints the table.
+        #[arg(long, conflicts_with = "json")]
+        study: bool,
+        /// Print the table (and `--check`) of the rows of an earlier
+        /// `--json` run from this file instead of measuring.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["study", "only"])]
+        from: Option<std::path::PathBuf>,
+        /// Where `--study` writes its files.
+        #[arg(long, value_name = "DIR", default_value = ".", requires = "study")]
+        out: std::path::PathBuf,
     },
     /// Show what this host's KVM supports.
     Info {
@@ -105,7 +121,17 @@ fn main() -> ExitCode {
             json,
             markdown,
             only,
-        } => bench(json, markdown, only.as_deref()),
+            check,
+            study,
+            from,
+            out,
+        } => {
+            if study {
+                bench_study(markdown, &out)
+            } else {
+                bench(json, markdown, only.as_deref(), check, from.as_deref())
+            }
+        }
         Command::Selftest { filter } => selftest(filter.as_deref()),
     };
     match result {
@@ -257,21 +283,69 @@ fn selftest(filter: Option<&str>) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn bench(json: bool, markdown: bool, only: Option<&str>) -> anyhow::Result<ExitCode> {
-    let mut progress = |name: &str| {
-        if !json {
-            eprintln!("measuring {name} ...");
+fn bench(
+    json: bool,
+    markdown: bool,
+    only: Option<&str>,
+    check: bool,
+    from: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    use gmem_cli::bench::{CaseResult, table};
+    let results = match from {
+        Some(path) => {
+            #[derive(serde::Deserialize)]
+            struct Rows {
+                cases: Vec<CaseResult>,
+            }
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str::<Rows>(&text)
+                .with_context(|| {
+                    format!("{}: not the JSON of `gmem bench --json`", path.display())
+                })?
+                .cases
+        }
+        None => {
+            let mut progress = |name: &str| {
+                if !json {
+                    eprintln!("measuring {name} ...");
+                }
+            };
+            gmem_cli::bench::run_all(&mut progress, only)
         }
     };
-    let results = gmem_cli::bench::run_all(&mut progress, only);
     if json {
         let cases = serde_json::json!({ "cases": results });
         println!("{}", serde_json::to_string_pretty(&cases)?);
     } else if markdown {
-        gmem_cli::bench::print_markdown(&results);
+        print!("{}", table::markdown_table(&results));
     } else {
-        gmem_cli::bench::print_table(&results);
+        print!("{}", table::terminal_table(&results));
     }
+    let missed = table::missed(&results);
+    if check && !missed.is_empty() {
+        let names: Vec<_> = missed.iter().map(|r| r.name.as_str()).collect();
+        eprintln!("gmem: goals missed: {}", names.join(", "));
+    }
+    Ok(ExitCode::from(table::exit_status(&results, check)))
+}
+
+fn bench_study(markdown: bool, out: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use gmem_cli::bench::study;
+    let study = study::run(&mut |line: &str| eprintln!("{line}"))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = out.join("study.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&study)? + "\n")
+        .with_context(|| format!("writing {}", json.display()))?;
+    let svg = out.join("study.svg");
+    std::fs::write(&svg, study::plot(&study)?)
+        .with_context(|| format!("writing {}", svg.display()))?;
+    if markdown {
+        print!("{}", study::markdown_table(&study));
+    } else {
+        print!("{}", study::terminal_table(&study));
+    }
+    eprintln!("wrote {} and {}", json.display(), svg.display());
     Ok(ExitCode::SUCCESS)
 }
 

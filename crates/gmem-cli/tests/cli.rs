@@ -273,3 +273,62 @@ fn run_with_many_device_threads_stays_clean() {
         assert_clean_run(&["--device-threads", threads]);
     }
 }
+
+/// `gmem bench --check` exits 1 after printing the whole table when a
+/// measured goal is missed, and 0 when none is (a skipped case is no miss);
+/// the rows come from an earlier `--json` run, so nothing is measured.
+#[test]
+fn bench_check_exits_1_on_a_missed_goal() {
+    let dir = std::env::temp_dir().join(format!("gmem-bench-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let row = |name: &str, ratio: f64, met: bool| {
+        serde_json::json!({
+            "name": name, "ours_ns": 2000.0 * ratio, "floor_ns": 2000.0,
+            "ratio": ratio, "compared_with": "floor: guard install+remove",
+            "goal": "<= 1.5x", "met": met,
+        })
+    };
+    let skipped = serde_json::json!({
+        "name": "kvm-guest-round-trip-4k", "ours_ns": null, "floor_ns": null,
+        "ratio": null, "goal": "<= 1.3x", "met": false, "skipped": "no /dev/kvm",
+    });
+    let write = |name: &str, rows: Vec<serde_json::Value>| {
+        let path = dir.join(name);
+        std::fs::write(&path, serde_json::json!({ "cases": rows }).to_string()).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let missed = write(
+        "missed.json",
+        vec![
+            row("round-trip-4k", 1.1, true),
+            row("round-trip-2m", 1.9, false),
+            skipped.clone(),
+        ],
+    );
+    let met = write("met.json", vec![row("round-trip-4k", 1.1, true), skipped]);
+
+    let (code, stdout, stderr) = gmem_full(&["bench", "--check", "--from", &missed], &[]);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stdout.contains("compared with"), "{stdout}");
+    assert!(
+        stdout.contains("round-trip-2m") && stdout.contains("NO"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("kvm-guest-round-trip-4k"),
+        "every row printed: {stdout}"
+    );
+    assert!(stderr.contains("goals missed: round-trip-2m"), "{stderr}");
+
+    let (code, stdout, _) = gmem_full(&["bench", "--from", &missed], &[]);
+    assert_eq!(code, Some(0), "no --check, no failure: {stdout}");
+    let (code, stdout, _) = gmem_full(&["bench", "--check", "--from", &met], &[]);
+    assert_eq!(code, Some(0), "{stdout}");
+    let (code, stdout, _) = gmem_full(&["bench", "--markdown", "--from", &met], &[]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.contains("| round-trip-4k | 2.20 us | 2.00 us (floor: guard install+remove) | 1.10x | <= 1.5x | yes |"),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

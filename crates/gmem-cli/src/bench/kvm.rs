@@ -114,7 +114,13 @@ fn measure() -> anyhow::Result<(f64, f64)> {
 /// The case; skipped with the reason where KVM cannot run guests.
 pub fn guest_round_trip() -> CaseResult {
     match measure() {
-        Ok((ours, floor)) => timed(NAME, ours, Some(floor), GOAL),
+        Ok((ours, floor)) => timed(
+            NAME,
+            ours,
+            Some(floor),
+            GOAL,
+            "floor: null port I/O + guards",
+        ),
         Err(e) => skipped(NAME, GOAL, format!("{e:#}")),
     }
 }

@@ -15,10 +15,12 @@ use std::sync::{Arc, Barrier, mpsc};
 use std::time::{Duration, Instant};
 
 use gmem::{Attribute, Flags, GuestMemfd, PAGE_SIZE};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub mod fixtures;
 pub mod kvm;
+pub mod study;
+pub mod table;
 
 pub use fixtures::{Copies, Fragmented, PinUnpin, RoundTrip};
 
@@ -41,23 +43,29 @@ pub enum Goal {
     SpeedupAtLeast(f64),
     /// Our time at most this many nanoseconds.
     NanosAtMost(f64),
-    /// A value (bytes, or a fraction) at most this.
-    ValueAtMost(f64),
+    /// A size in bytes at most this.
+    BytesAtMost(f64),
+    /// A fraction (of the file's memory) at most this.
+    FractionAtMost(f64),
 }
 
 impl Goal {
+    /// The goal in words, in the unit its row's value is shown in.
     fn describe(&self) -> String {
+        use table::{format_kib, format_percent, format_ratio, format_speedup, trim};
         match self {
-            Goal::RatioAtMost(r) => format!("ratio <= {}", (r * 1000.0).round() / 1000.0),
-            Goal::SpeedupAtLeast(r) => format!("speedup >= {r}"),
-            Goal::NanosAtMost(ns) => format!("<= {} ms", ns / 1e6),
-            Goal::ValueAtMost(v) => format!("<= {v}"),
+            Goal::RatioAtMost(r) => format!("<= {}", format_ratio(*r, 3)),
+            Goal::SpeedupAtLeast(r) => format!(">= {}", format_speedup(*r, 3)),
+            Goal::NanosAtMost(ns) => format!("<= {}", trim(&table::format_ns(*ns))),
+            Goal::BytesAtMost(b) => format!("<= {}", format_kib(*b)),
+            Goal::FractionAtMost(f) => format!("<= {}", format_percent(*f, 2)),
         }
     }
 }
 
-/// One row of the results.
-#[derive(Debug, Clone, Serialize)]
+/// One row of the results (`gmem bench --json` writes them, `--from` reads
+/// them back).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaseResult {
     /// The case.
     pub name: String,
@@ -67,6 +75,13 @@ pub struct CaseResult {
     pub floor_ns: Option<f64>,
     /// `ours / floor`, or `floor / ours` for speed-up goals.
     pub ratio: Option<f64>,
+    /// Whether `ratio` is `floor / ours` (a speed-up).
+    #[serde(default)]
+    pub speedup: bool,
+    /// What `floor_ns` measures: the floor (the raw work gmem cannot avoid)
+    /// or the reference the case is compared with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compared_with: Option<String>,
     /// The goal, in words.
     pub goal: Option<String>,
     /// Whether the goal was met.
@@ -76,7 +91,7 @@ pub struct CaseResult {
     pub value: Option<f64>,
     /// Its unit.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub unit: Option<&'static str>,
+    pub unit: Option<String>,
     /// Why the case did not run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
@@ -109,6 +124,8 @@ impl CaseResult {
             ours_ns: Some(ours),
             floor_ns: floor,
             ratio,
+            speedup: matches!(goal, Goal::SpeedupAtLeast(_)),
+            compared_with: None,
             goal: Some(goal.describe()),
             met,
             value: None,
@@ -139,6 +156,12 @@ impl CaseResult {
         self
     }
 
+    /// Names what `floor_ns` measures.
+    fn against(mut self, what: &str) -> CaseResult {
+        self.compared_with = Some(what.into());
+        self
+    }
+
     /// The samples each side had (a slow case).
     fn with_samples(mut self, samples: usize) -> CaseResult {
         self.samples = Some(samples);
@@ -146,7 +169,7 @@ impl CaseResult {
     }
 
     /// The VMA counts and samples in words, for the tables.
-    fn note(&self) -> String {
+    pub(crate) fn note(&self) -> String {
         let mut notes = Vec::new();
         if let (Some(before), Some(after)) = (self.vmas_before, self.vmas_after) {
             notes.push(format!("VMAs {before} -> {after}"));
@@ -162,16 +185,24 @@ impl CaseResult {
         }
     }
 
-    fn value(name: &str, value: f64, unit: &'static str, max: f64) -> CaseResult {
+    /// A memory case: `value` in bytes or as a fraction, as `goal` says.
+    fn value(name: &str, value: f64, goal: Goal) -> CaseResult {
+        let (unit, max) = match goal {
+            Goal::BytesAtMost(max) => ("bytes", max),
+            Goal::FractionAtMost(max) => ("fraction of memory", max),
+            _ => unreachable!("a memory case's goal is a size or a fraction"),
+        };
         CaseResult {
             name: name.into(),
             ours_ns: None,
             floor_ns: None,
             ratio: None,
-            goal: Some(Goal::ValueAtMost(max).describe()),
+            speedup: false,
+            compared_with: None,
+            goal: Some(goal.describe()),
             met: value <= max,
             value: Some(value),
-            unit: Some(unit),
+            unit: Some(unit.into()),
             skipped: None,
             vmas_before: None,
             vmas_after: None,
@@ -185,6 +216,8 @@ impl CaseResult {
             ours_ns: None,
             floor_ns: None,
             ratio: None,
+            speedup: false,
+            compared_with: None,
             goal: Some(goal.describe()),
             met: false,
             value: None,
@@ -306,7 +339,7 @@ fn round_trip(name: &str, len: u64) -> CaseResult {
         return CaseResult::skipped(name, goal, "gmem's mapping has no guard markers".into());
     }
     let (o, f) = measure_round_trip(&fixture);
-    CaseResult::timed(name, o, Some(f), goal)
+    CaseResult::timed(name, o, Some(f), goal).against("floor: guard install+remove")
 }
 
 /// As [`round_trip`] on a file that hides private pages by remapping them
@@ -317,7 +350,7 @@ fn round_trip_remap(name: &str, len: u64) -> CaseResult {
     let fixture = RoundTrip::remap(len);
     assert_eq!(fixture.hiding(), gmem::Hiding::EmptyFileRemap);
     let (o, f) = measure_round_trip(&fixture);
-    CaseResult::timed(name, o, Some(f), goal)
+    CaseResult::timed(name, o, Some(f), goal).against("floor: two remaps")
 }
 
 fn measure_round_trip(fixture: &RoundTrip) -> (f64, f64) {
@@ -427,6 +460,7 @@ fn fragmented(fixture: &Fragmented) -> CaseResult {
         &mut || {},
     );
     CaseResult::timed(name, o, Some(f), goal)
+        .against("floor: per-page guards")
         .with_vmas(before, after)
         .with_samples(samples)
 }
@@ -444,7 +478,9 @@ fn fragmented_scattered(fixture: &Fragmented) -> CaseResult {
         &mut || fixture.ours(false),
         &mut || {},
     );
-    CaseResult::timed(name, o, Some(f), goal).with_samples(samples)
+    CaseResult::timed(name, o, Some(f), goal)
+        .against("same in order")
+        .with_samples(samples)
 }
 
 /// A 1 GiB file whose pages alternate private and shared (prepared untimed,
@@ -476,7 +512,9 @@ fn fragmented_batch(fixture: &Fragmented) -> CaseResult {
         &mut || fixture.prepare_batch_floor(),
     );
     fixture.reset();
-    CaseResult::timed(name, o, Some(f), goal).with_samples(samples)
+    CaseResult::timed(name, o, Some(f), goal)
+        .against("floor: batched guards")
+        .with_samples(samples)
 }
 
 /// Pin + unpin of one page on one thread, against an atomic increment and
@@ -492,10 +530,14 @@ fn pin_unpin() -> Vec<CaseResult> {
         Some(&mut || fixture.atomic_16()),
     );
     vec![
-        CaseResult::timed("pin-unpin", o, f, Goal::RatioAtMost(1.5)),
-        CaseResult::reference("pin-unpin-vs-mutex", o2, m.expect("a floor")),
-        CaseResult::timed("pin-unpin-16", o16, f16, Goal::RatioAtMost(1.5)),
-        CaseResult::timed("pin-unpin-16-huge", h16, g16, Goal::RatioAtMost(0.2)),
+        CaseResult::timed("pin-unpin", o, f, Goal::RatioAtMost(1.5))
+            .against("floor: atomic add+sub"),
+        CaseResult::reference("pin-unpin-vs-mutex", o2, m.expect("a floor"))
+            .against("mutex design"),
+        CaseResult::timed("pin-unpin-16", o16, f16, Goal::RatioAtMost(1.5))
+            .against("floor: 16 atomic add+sub"),
+        CaseResult::timed("pin-unpin-16-huge", h16, g16, Goal::RatioAtMost(0.2))
+            .against("floor: 16 atomic add+sub"),
     ]
 }
 
@@ -549,8 +591,10 @@ fn pin_unpin_two_threads() -> Vec<CaseResult> {
             two,
             Some(median(one)),
             Goal::SpeedupAtLeast(1.9),
-        ),
-        CaseResult::reference("pin-unpin-2-threads-vs-mutex", two, median(two_locked)),
+        )
+        .against("one thread"),
+        CaseResult::reference("pin-unpin-2-threads-vs-mutex", two, median(two_locked))
+            .against("mutex design, 2 threads"),
     ]
 }
 
@@ -579,7 +623,9 @@ fn copies() -> Vec<CaseResult> {
             Some(&mut || floor(&mut fixture.borrow_mut())),
         );
         // Bandwidth at least 0.9 of the floor's: time at most 1/0.9 of it.
-        results.push(CaseResult::timed(name, o, f, Goal::RatioAtMost(1.0 / 0.9)));
+        results.push(
+            CaseResult::timed(name, o, f, Goal::RatioAtMost(1.0 / 0.9)).against("floor: memcpy"),
+        );
     }
     results
 }
@@ -618,8 +664,8 @@ fn metadata_64g() -> Vec<CaseResult> {
     let touched = mem.stats().metadata_bytes as f64 / size as f64;
     mem.punch_hole(0, size).expect("punch");
     vec![
-        CaseResult::value("metadata-64g-idle", idle, "bytes", MIB as f64),
-        CaseResult::value("metadata-64g-touched", touched, "fraction of memory", 0.002),
+        CaseResult::value("metadata-64g-idle", idle, Goal::BytesAtMost(MIB as f64)),
+        CaseResult::value("metadata-64g-touched", touched, Goal::FractionAtMost(0.002)),
     ]
 }
 
@@ -654,7 +700,7 @@ fn huge_folio_check() -> CaseResult {
         32,
         "the huge file kept its folios"
     );
-    CaseResult::timed("huge-folio-check-64m", o, f, Goal::RatioAtMost(1.0))
+    CaseResult::timed("huge-folio-check-64m", o, f, Goal::RatioAtMost(1.0)).against("small folios")
 }
 
 /// A round trip whose check meets two other threads' parked releases in
@@ -709,90 +755,18 @@ fn drain_path() -> CaseResult {
         Some(median(floor)),
         Goal::RatioAtMost(2.0),
     )
-}
-
-/// Prints the table.
-pub fn print_table(results: &[CaseResult]) {
-    println!(
-        "{:<26} {:>14} {:>14} {:>8}  {:<16} met",
-        "case", "gmem", "floor", "ratio", "goal"
-    );
-    for r in results {
-        let time = |ns: Option<f64>| ns.map_or("-".into(), format_ns);
-        let (ours, floor) = match (r.value, &r.skipped) {
-            (_, Some(_)) => ("skipped".into(), "-".into()),
-            (Some(v), _) if r.unit == Some("bytes") => {
-                (format!("{:.0} KiB", v / 1024.0), "-".into())
-            }
-            (Some(v), _) => (format!("{:.4}%", v * 100.0), "-".into()),
-            _ => (time(r.ours_ns), time(r.floor_ns)),
-        };
-        let ratio = r.ratio.map_or("-".into(), |r| format!("{r:.2}"));
-        let met = match &r.skipped {
-            Some(why) => format!("skipped: {why}"),
-            None if r.goal.is_none() => "-".into(),
-            None if r.met => format!("yes{}", r.note()),
-            None => format!("NO{}", r.note()),
-        };
-        println!(
-            "{:<26} {:>14} {:>14} {:>8}  {:<16} {}",
-            r.name,
-            ours,
-            floor,
-            ratio,
-            r.goal.as_deref().unwrap_or("-"),
-            met
-        );
-    }
-}
-
-/// Prints the table as Markdown, for `BENCHMARKS.md`.
-pub fn print_markdown(results: &[CaseResult]) {
-    println!("| case | gmem | floor | ratio | goal | met |");
-    println!("|---|---|---|---|---|---|");
-    for r in results {
-        let (ours, floor) = cells(r);
-        let ratio = r.ratio.map_or("-".into(), |r| format!("{r:.2}"));
-        let met = match &r.skipped {
-            Some(why) => format!("skipped: {why}"),
-            None if r.goal.is_none() => "-".into(),
-            None if r.met => format!("yes{}", r.note()),
-            None => format!("**no**{}", r.note()),
-        };
-        let goal = r.goal.as_deref().unwrap_or("-");
-        println!(
-            "| {} | {ours} | {floor} | {ratio} | {goal} | {met} |",
-            r.name
-        );
-    }
-}
-
-/// The "gmem" and "floor" cells of a row.
-fn cells(r: &CaseResult) -> (String, String) {
-    let time = |ns: Option<f64>| ns.map_or("-".into(), format_ns);
-    match (r.value, &r.skipped) {
-        (_, Some(_)) => ("skipped".into(), "-".into()),
-        (Some(v), _) if r.unit == Some("bytes") => (format!("{:.0} KiB", v / 1024.0), "-".into()),
-        (Some(v), _) => (format!("{:.4}%", v * 100.0), "-".into()),
-        _ => (time(r.ours_ns), time(r.floor_ns)),
-    }
-}
-
-fn format_ns(ns: f64) -> String {
-    if ns >= 1e9 {
-        format!("{:.2} s", ns / 1e9)
-    } else if ns >= 1e6 {
-        format!("{:.2} ms", ns / 1e6)
-    } else if ns >= 1e3 {
-        format!("{:.2} us", ns / 1e3)
-    } else {
-        format!("{ns:.1} ns")
-    }
+    .against("no drain")
 }
 
 /// Exposed for `bench_kvm`.
-pub(crate) fn timed(name: &str, ours: f64, floor: Option<f64>, goal: Goal) -> CaseResult {
-    CaseResult::timed(name, ours, floor, goal)
+pub(crate) fn timed(
+    name: &str,
+    ours: f64,
+    floor: Option<f64>,
+    goal: Goal,
+    against: &str,
+) -> CaseResult {
+    CaseResult::timed(name, ours, floor, goal).against(against)
 }
 
 /// Exposed for `bench_kvm`.
@@ -809,7 +783,7 @@ mod tests {
     fn rows_have_the_documented_fields() {
         let timed = CaseResult::timed("t", 2.0, Some(1.0), Goal::RatioAtMost(1.5));
         let absolute = CaseResult::timed("a", 5.0, None, Goal::NanosAtMost(10.0));
-        let value = CaseResult::value("v", 3.0, "bytes", 2.0);
+        let value = CaseResult::value("v", 3.0, Goal::BytesAtMost(2.0));
         let json = serde_json::to_value([&timed, &absolute, &value]).unwrap();
         for row in json.as_array().unwrap() {
             for field in ["name", "ours_ns", "floor_ns", "ratio", "goal", "met"] {
