@@ -303,33 +303,41 @@ impl LiveMapping {
 
     /// Shows `runs` in a guard-marker mapping: the remapped parts are mapped
     /// to the file again (a remapped run cut in two stays charged for both
-    /// halves: the caller took the VMAs first), then the guards go.
+    /// halves: the caller took the VMAs first), then the guards go from the
+    /// runs not wholly remapped (the walk over a large run costs as much as
+    /// the remap).
     fn show_guarded<I: Iterator<Item = Range<u64>>>(
         &self,
         file: &FileState,
         runs: impl Fn() -> I,
     ) -> Result<(), (&'static str, Errno)> {
-        if self.any_remapped.load(Ordering::Relaxed) {
-            let mut remapped = self.remapped();
-            for run in runs() {
-                while let Some((start, end)) = overlapping(&remapped, &run) {
-                    let shown = start.max(run.start)..end.min(run.end);
-                    self.remap(file, shown.clone(), Attribute::Shared)?;
-                    remapped.remove(&start);
-                    if start < shown.start {
-                        remapped.insert(start, shown.start);
-                    }
-                    if shown.end < end {
-                        remapped.insert(shown.end, end);
-                    }
+        if !self.any_remapped.load(Ordering::Relaxed) {
+            return self.set_guards(runs(), false);
+        }
+        let mut remapped = self.remapped();
+        // The runs wholly shown by remaps, by their start.
+        let mut wholly = std::collections::BTreeSet::new();
+        for run in runs() {
+            let mut shown_pages = 0;
+            while let Some((start, end)) = overlapping(&remapped, &run) {
+                let shown = start.max(run.start)..end.min(run.end);
+                self.remap(file, shown.clone(), Attribute::Shared)?;
+                shown_pages += shown.end - shown.start;
+                remapped.remove(&start);
+                if start < shown.start {
+                    remapped.insert(start, shown.start);
+                }
+                if shown.end < end {
+                    remapped.insert(shown.end, end);
                 }
             }
-            self.any_remapped
-                .store(!remapped.is_empty(), Ordering::Relaxed);
+            if shown_pages == run.end - run.start {
+                wholly.insert(run.start);
+            }
         }
-        // Where there are no guards (a run that was remapped), the walk finds
-        // no page table and costs little.
-        self.set_guards(runs(), false)
+        self.any_remapped
+            .store(!remapped.is_empty(), Ordering::Relaxed);
+        self.set_guards(runs().filter(|run| !wholly.contains(&run.start)), false)
     }
 
     /// How many remapped runs of this mapping one of `runs` would cut in two.
