@@ -53,6 +53,12 @@ pub enum Hiding {
 /// A `MAP_SHARED` mapping of a [`GuestMemfd`](crate::GuestMemfd) from offset
 /// 0. Dropping it unmaps it.
 ///
+/// It is the VMM's own view, for its own accesses: never give its address to
+/// KVM (as a memslot's `userspace_addr`) or to a device. Its private pages
+/// are hidden, so KVM would turn the guest's accesses to them into MMIO
+/// exits; `gmem::kvm::Vm::bind` passes gmem's own mapping of
+/// the whole file instead.
+///
 /// Raw accesses through [`as_ptr`](Self::as_ptr) to a private page fault
 /// (`SIGSEGV` under [`Hiding::GuardMarkers`], or `SIGBUS` in a run of 2 MiB
 /// or more; `SIGBUS` under [`Hiding::EmptyFileRemap`]), and past the end of
