@@ -204,13 +204,11 @@ fn loom_two_page_fast_pin_races_a_conversion() {
                         "two-page pin live over a conversion"
                     );
                     pages.iter().for_each(|page| page.put(1));
-                    true
                 }
                 Err((taken, outcome)) => {
                     assert_eq!(outcome, TryGet::NotMapped);
                     // `undo_fast`: drop what was taken.
                     pages[..taken].iter().for_each(|page| page.put(1));
-                    false
                 }
             })
         };
@@ -219,8 +217,7 @@ fn loom_two_page_fast_pin_races_a_conversion() {
         if pages.iter().all(|page| page.count() == 0) {
             converted.store(true, Ordering::Release);
         }
-        let pinned = pinner.join().unwrap();
-        assert!(!(pinned && converted.load(Ordering::Relaxed)));
+        pinner.join().unwrap();
         for page in pages.iter() {
             assert_eq!(page.count(), 0, "a reference left behind");
         }
