@@ -1,5 +1,5 @@
 //! The library behind the `gmem` command: the guest program, test machines,
-//! the bundled workload, the self-test scenarios and the benchmarks.
+//! the bundled workload, the self-test scenarios, the stress torture and the benchmarks.
 
 pub mod bench;
 pub mod floor;
@@ -7,4 +7,5 @@ pub mod guest;
 pub mod machine;
 pub mod progress;
 pub mod scenarios;
+pub mod stress;
 pub mod workload;

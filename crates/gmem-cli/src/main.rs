@@ -59,6 +59,9 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = ".", requires = "study")]
         out: std::path::PathBuf,
     },
+    /// Torture one file from many threads against a shadow model: pins,
+    /// conversions, punches and copies; exit 1 on any violation.
+    Stress(StressArgs),
     /// Show what this host's KVM supports.
     Info {
         /// Print one JSON object.
@@ -101,6 +104,29 @@ struct RunArgs {
     json: bool,
 }
 
+/// The flags of `gmem stress`. The ranges in the help are those of
+/// `StressFlags::validate`.
+#[derive(clap::Args)]
+struct StressArgs {
+    /// Worker threads: 1 to 64 (each owns a stripe of the file's pages).
+    #[arg(long, default_value_t = 5)]
+    threads: u64,
+    /// How long to run: 1 to 86400 seconds.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// File size in MiB: 1 to 65536, and no more than this machine has
+    /// available.
+    #[arg(long, default_value_t = 16)]
+    size_mib: u64,
+    /// Count references per 2 MiB huge folio where a range is uniform.
+    #[arg(long)]
+    huge_folios: bool,
+    /// Print one JSON object instead of the summary (progress lines still go
+    /// to stderr every few seconds).
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // gmem's own events (conversions refused, EAGAINs, failed restores) go to
@@ -133,6 +159,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Selftest { filter } => selftest(filter.as_deref()),
+        Command::Stress(args) => stress(args),
     };
     match result {
         Ok(code) => code,
@@ -176,6 +203,54 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         print_summary(&summary);
+    }
+    Ok(if summary.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn stress(args: StressArgs) -> anyhow::Result<ExitCode> {
+    use gmem_cli::stress::{self, StressFlags};
+    let flags = StressFlags {
+        threads: args.threads,
+        seconds: args.seconds,
+        size_mib: args.size_mib,
+        huge_folios: args.huge_folios,
+    }
+    .validate(workload::available_memory())?;
+    // A bar on a terminal; elsewhere (or with --json) a line every few
+    // seconds.
+    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = ProgressBar::new(flags.seconds);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {bar:20} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    });
+    let every = if bar.is_some() {
+        std::time::Duration::from_millis(500)
+    } else {
+        progress::INTERVAL
+    };
+    let summary = stress::run(&flags, every, |elapsed, live| match &bar {
+        Some(bar) => {
+            bar.set_position(elapsed.as_secs());
+            bar.set_message(live.line());
+        }
+        None => eprintln!("gmem stress: {} s: {}", elapsed.as_secs(), live.line()),
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let summary = summary?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        summary.print();
     }
     Ok(if summary.ok {
         ExitCode::SUCCESS

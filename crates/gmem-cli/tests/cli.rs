@@ -331,4 +331,56 @@ fn bench_check_exits_1_on_a_missed_goal() {
         "{stdout}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+/// `gmem stress` needs no KVM: a short run holds every invariant and says so.
+#[test]
+fn stress_runs_clean_for_two_seconds() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .args([
+            "stress",
+            "--seconds",
+            "2",
+            "--threads",
+            "3",
+            "--size-mib",
+            "4",
+        ])
+        .output()
+        .expect("gmem runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("invariants       all held"), "{stdout}");
+    let out = Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .args(["stress", "--seconds", "1", "--huge-folios", "--json"])
+        .output()
+        .expect("gmem runs");
+    assert!(out.status.success());
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(summary["violations"], 0);
+    assert!(summary["ops"]["pins"].as_u64().unwrap() > 0);
+}
+
+/// Each flag out of range: one line naming it, exit 2.
+#[test]
+fn stress_flags_out_of_range_exit_2() {
+    for (args, want) in [
+        (&["--threads", "0"][..], "--threads 0 is outside 1 to 64"),
+        (&["--threads", "65"][..], "--threads 65 is outside"),
+        (&["--seconds", "0"][..], "--seconds 0 is outside"),
+        (&["--size-mib", "0"][..], "--size-mib 0 is outside"),
+        (&["--size-mib", "65537"][..], "--size-mib 65537 is outside"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_gmem"))
+            .arg("stress")
+            .args(args)
+            .output()
+            .expect("gmem runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with(&format!("gmem: {want}")), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
 }

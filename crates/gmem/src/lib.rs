@@ -80,6 +80,9 @@ mod stats;
 mod sync;
 #[allow(unsafe_code)] // The one leaf module for memfd, mmap and raw copies.
 mod sys;
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing;
 
 #[cfg(feature = "kvm")]
 #[allow(unsafe_code)] // KVM ioctls: the kernel keeps pointers, and kvm_run unions.

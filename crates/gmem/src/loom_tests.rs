@@ -8,7 +8,7 @@ use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::thread;
 
 use crate::batch::{BATCH_SLOTS, PinBatch};
-use crate::refs::{PageRef, TryGet};
+use crate::refs::{PageRef, TryGet, try_get_run};
 
 /// A mapped page with no references.
 fn mapped_page() -> Arc<PageRef> {
@@ -179,5 +179,87 @@ fn loom_exit_retire_and_reuse_race_a_drain() {
         exiting.join().unwrap();
         assert_eq!(first.count(), 0, "released exactly once");
         assert_eq!(other.count(), 1, "the other file's release is still parked");
+    });
+}
+
+/// A fast pin of two pages (the real per-page loop of `try_pin_fast`, and its
+/// back-off) racing a conversion's unmap and check of both: either the pin
+/// holds both pages and the check sees it, or the pin backs off holding
+/// nothing. A conversion that passes its check never has a pin live.
+#[test]
+fn loom_two_page_fast_pin_races_a_conversion() {
+    loom::model(|| {
+        let pages = Arc::new([PageRef::new(), PageRef::new()]);
+        for page in pages.iter() {
+            assert!(page.get_mapped());
+            page.put(1);
+        }
+        let converted = Arc::new(AtomicBool::new(false));
+        let pinner = {
+            let (pages, converted) = (pages.clone(), converted.clone());
+            thread::spawn(move || match try_get_run(&pages[..]) {
+                Ok(()) => {
+                    assert!(
+                        !converted.load(Ordering::Acquire),
+                        "two-page pin live over a conversion"
+                    );
+                    pages.iter().for_each(|page| page.put(1));
+                }
+                Err((taken, outcome)) => {
+                    assert_eq!(outcome, TryGet::NotMapped);
+                    // `undo_fast`: drop what was taken.
+                    pages[..taken].iter().for_each(|page| page.put(1));
+                }
+            })
+        };
+        // The conversion's step 4: unmap every page, then check each.
+        pages.iter().for_each(PageRef::unmap);
+        if pages.iter().all(|page| page.count() == 0) {
+            converted.store(true, Ordering::Release);
+        }
+        pinner.join().unwrap();
+        for page in pages.iter() {
+            assert_eq!(page.count(), 0, "a reference left behind");
+        }
+    });
+}
+
+/// A thread's last releases (the third one flushes its full batch) and its
+/// exit (flush, retire from the registry, make spare) racing another
+/// thread's drain of every registered batch: each parked release is
+/// released exactly once, and the spare batch starts empty.
+#[test]
+fn loom_exit_flush_and_retire_race_a_drain() {
+    loom::model(|| {
+        let page = mapped_page();
+        let pins = BATCH_SLOTS as u64 + 1;
+        for _ in 0..pins {
+            assert_eq!(page.try_get(), TryGet::Got);
+        }
+        let batch = Arc::new(PinBatch::new());
+        let registry = Arc::new(loom::sync::Mutex::new(vec![batch.clone()]));
+        let owner = {
+            let (page, batch, registry) = (page.clone(), batch.clone(), registry.clone());
+            thread::spawn(move || {
+                let put = |pages: std::ops::Range<u64>, times: u64| {
+                    page.put((pages.end - pages.start) * times)
+                };
+                for _ in 0..pins {
+                    batch.push(0..1, put);
+                }
+                // `LocalBatches::drop`: flush, retire, make spare.
+                batch.drain(put);
+                registry.lock().unwrap().retain(|b| !Arc::ptr_eq(b, &batch));
+                batch.drain(|_, _| panic!("a retired batch held a release"));
+                batch.reset();
+            })
+        };
+        // `References::drain_all`: every registered batch, under the lock.
+        for b in registry.lock().unwrap().iter() {
+            b.drain(|pages, times| page.put((pages.end - pages.start) * times));
+        }
+        owner.join().unwrap();
+        assert_eq!(page.count(), 0, "released exactly once");
+        batch.drain(|_, _| panic!("the spare batch is not empty"));
     });
 }

@@ -250,13 +250,9 @@ impl References {
                 if outcome != TryGet::Got {
                     return Err(self.undo_fast(pages.start..page, outcome, page));
                 }
-            } else {
-                for (at, page_ref) in (page..end).zip(chunk.pages(page..end)) {
-                    let outcome = page_ref.try_get();
-                    if outcome != TryGet::Got {
-                        return Err(self.undo_fast(pages.start..at, outcome, at));
-                    }
-                }
+            } else if let Err((taken, outcome)) = try_get_run(chunk.pages(page..end)) {
+                let at = page + taken as u64;
+                return Err(self.undo_fast(pages.start..at, outcome, at));
             }
             page = end;
         }
@@ -590,6 +586,20 @@ impl References {
     pub(crate) fn footprint(&self) -> u64 {
         self.table.footprint()
     }
+}
+
+/// The fast path over a run of small folios: a speculative reference on
+/// each in turn. On the first that fails, returns how many were taken (the
+/// caller drops them) and the outcome.
+#[inline(always)]
+pub(crate) fn try_get_run(pages: &[PageRef]) -> Result<(), (usize, TryGet)> {
+    for (taken, page) in pages.iter().enumerate() {
+        let outcome = page.try_get();
+        if outcome != TryGet::Got {
+            return Err((taken, outcome));
+        }
+    }
+    Ok(())
 }
 
 fn miss(outcome: TryGet, page: u64) -> PinMiss {
