@@ -331,6 +331,8 @@ fn bench_check_exits_1_on_a_missed_goal() {
         "{stdout}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `gmem stress` needs no KVM: a short run holds every invariant and says so.
 #[test]
 fn stress_runs_clean_for_two_seconds() {
