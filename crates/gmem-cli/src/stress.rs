@@ -1131,7 +1131,12 @@ mod tests {
             )
             .unwrap();
             assert!(summary.ok, "{:?}", summary.violation_list);
-            assert!(summary.ops["pins"] > 0 && summary.ops["to_private"] > 0);
+            // Attempted, not won: with huge folios on a small file nearly
+            // every conversion to private meets a pin (EAGAIN), by design.
+            let ops = &summary.ops;
+            let to_private =
+                ops["to_private"] + ops["to_private_eagain"] + ops["to_private_refused"];
+            assert!(ops["pins"] > 0 && to_private > 0, "{ops:?}");
         }
     }
 }
