@@ -59,9 +59,12 @@ impl GuestMemfd {
         // 4. The reference check, then the host mappings; then the
         //    listeners' commit phase, which may still undo it all.
         let old_cost = state.change_mappings(&attrs, pages.clone(), to, offset)?;
-        listener::with_held(file, &attrs, || {
-            state.commit_phase(&attrs, pages.clone(), to, offset, old_cost)
-        })?;
+        let listening = state.listeners.any();
+        if listening {
+            listener::with_held(file, &attrs, || {
+                state.commit_phase(&attrs, pages.clone(), to, offset, old_cost)
+            })?;
+        }
         // 5. Point of no return: store the new state. (Guest mappings are
         //    KVM's and stay valid: on a software-protected VM both states are
         //    mapped for the guest.)
@@ -71,9 +74,11 @@ impl GuestMemfd {
             Attribute::Private => &state.counters.to_private,
             Attribute::Shared => &state.counters.to_shared,
         });
-        listener::with_held(file, &attrs, || {
-            state.listeners.converted(file, offset, len, to);
-        });
+        if listening {
+            listener::with_held(file, &attrs, || {
+                state.listeners.converted(file, offset, len, to);
+            });
+        }
         // 7. The lock is released on return.
         Ok(())
     }

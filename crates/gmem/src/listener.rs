@@ -168,7 +168,7 @@ impl Listeners {
 
     /// Whether any listener is registered: a conversion with none takes no
     /// lock and makes no snapshot.
-    fn any(&self) -> bool {
+    pub(crate) fn any(&self) -> bool {
         // Acquire pairs with the Release in `add` and `remove`.
         self.count.load(Ordering::Acquire) != 0
     }
