@@ -227,9 +227,9 @@ fn advise_batch(
     if counted {
         faults::injected()?;
     }
+    let initialised = batch as *const [MaybeUninit<libc::iovec>] as *const [libc::iovec];
     // SAFETY: the caller initialised every element of `batch`.
-    let batch: &[libc::iovec] =
-        unsafe { &*(batch as *const [MaybeUninit<libc::iovec>] as *const [libc::iovec]) };
+    let batch: &[libc::iovec] = unsafe { &*initialised };
     match batch {
         [one] => madvise(one, advice),
         _ => process_madvise_all(batch, advice),

@@ -23,8 +23,9 @@ fn vma_counts() -> (usize, usize) {
 /// In a forked child: 64 MiB of memory, a thread, another file and its
 /// mapping. Returns whether the child managed all of it.
 fn process_is_healthy() -> bool {
-    // SAFETY: this binary runs one test, so no other thread holds a lock the
-    // child needs; the child exits without returning.
+    // This binary runs one test, so no other thread holds a lock the child
+    // needs; the child exits without returning.
+    // SAFETY: fork in a process whose other threads hold no lock (above).
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
@@ -37,9 +38,9 @@ fn process_is_healthy() -> bool {
             map.write(0, b"alive").unwrap();
             sum == 64 << 20
         });
-        // SAFETY: leaving the child at once, without running the parent's
-        // exit handlers.
-        unsafe { libc::_exit(if matches!(healthy, Ok(true)) { 0 } else { 1 }) };
+        let code = if matches!(healthy, Ok(true)) { 0 } else { 1 };
+        // SAFETY: leaving the child at once, without the parent's exit handlers.
+        unsafe { libc::_exit(code) };
     }
     let mut status = 0;
     // SAFETY: waiting for our own child with a valid status pointer.
