@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use gmem::testing::Rng;
 use gmem::{
     Attribute, ConversionError, ConversionListener, Error, Flags, GuestMemfd, HostMapping, Options,
     PAGE_SIZE, Pin, Refusal,
@@ -229,26 +230,6 @@ impl ConversionListener for Checker {
                 ));
             }
         }
-    }
-}
-
-/// A small xorshift generator.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
     }
 }
 
@@ -849,7 +830,7 @@ pub fn run(
                     // batch flushed and retired) and hands its stripe on.
                     loop {
                         let lifetime = 2_000 + rng.below(40_000);
-                        let worker_seed = rng.next();
+                        let worker_seed = rng.next_u64();
                         let own = stripe.clone();
                         let taken = std::mem::take(&mut stamps);
                         let joined = std::thread::scope(|inner| {

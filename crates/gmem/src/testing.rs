@@ -14,6 +14,31 @@ use crate::{
     ListenerId, Options, PAGE_SIZE, Pin, Refusal,
 };
 
+/// A small xorshift generator: no dependency, reproducible per seed. For
+/// the concurrency tests and `gmem stress`.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed` (any value; never the all-zero state).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n` (0 for an `n` of 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
 /// Pages of the file under test.
 pub const PAGES: u64 = 16;
 /// Bytes of the file under test.
@@ -698,18 +723,16 @@ fn step_once<'m>(
         Op::PinRead { index, offset, len } => {
             if !pins.is_empty() {
                 let index = index % pins.len();
-                let (start, pin_len) = model.pins[index];
                 let mut buf = vec![0xEEu8; len];
                 let result = pins[index].read(offset, &mut buf);
-                if offset
-                    .checked_add(len as u64)
-                    .is_none_or(|end| end > pin_len)
-                {
-                    ensure_eq!(result.map_err(|e| e.errno()), Err(libc::EINVAL), "{desc}");
-                } else {
-                    ensure!(result.is_ok(), "{desc}: {result:?}");
-                    let at = (start + offset) as usize;
-                    ensure!(buf == model.bytes[at..at + len], "{desc}: contents");
+                match in_pin(model.pins[index], offset, len) {
+                    None => {
+                        ensure_eq!(result.map_err(|e| e.errno()), Err(libc::EINVAL), "{desc}")
+                    }
+                    Some(at) => {
+                        ensure!(result.is_ok(), "{desc}: {result:?}");
+                        ensure!(buf == model.bytes[at..at + len], "{desc}: contents");
+                    }
                 }
             }
         }
@@ -721,18 +744,16 @@ fn step_once<'m>(
         } => {
             if !pins.is_empty() {
                 let index = index % pins.len();
-                let (start, pin_len) = model.pins[index];
                 let data = pattern(len, seed);
                 let result = pins[index].write(offset, &data);
-                if offset
-                    .checked_add(len as u64)
-                    .is_none_or(|end| end > pin_len)
-                {
-                    ensure_eq!(result.map_err(|e| e.errno()), Err(libc::EINVAL), "{desc}");
-                } else {
-                    ensure!(result.is_ok(), "{desc}: {result:?}");
-                    let at = (start + offset) as usize;
-                    model.bytes[at..at + len].copy_from_slice(&data);
+                match in_pin(model.pins[index], offset, len) {
+                    None => {
+                        ensure_eq!(result.map_err(|e| e.errno()), Err(libc::EINVAL), "{desc}")
+                    }
+                    Some(at) => {
+                        ensure!(result.is_ok(), "{desc}: {result:?}");
+                        model.bytes[at..at + len].copy_from_slice(&data);
+                    }
                 }
             }
         }
@@ -1028,4 +1049,13 @@ mod arbitrary_ops {
             Ok(Case { init_shared, ops })
         }
     }
+}
+
+/// Where `len` bytes at `offset` within a pin of `(start, pin_len)` begin in
+/// the file, or `None` if they are not inside the pin (`EINVAL`).
+fn in_pin((start, pin_len): (u64, u64), offset: u64, len: usize) -> Option<usize> {
+    let inside = offset
+        .checked_add(len as u64)
+        .is_some_and(|end| end <= pin_len);
+    inside.then_some((start + offset) as usize)
 }

@@ -10,32 +10,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread;
 
+use gmem::testing::Rng;
 use gmem::{Attribute, Error, Flags, GuestMemfd, PAGE_SIZE, Pin};
 
 const P: u64 = PAGE_SIZE;
 
 fn shared(pages: u64) -> GuestMemfd {
     GuestMemfd::new(pages * P, Flags::MMAP | Flags::INIT_SHARED).unwrap()
-}
-
-/// A small xorshift generator: no dependency, reproducible per seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn fault_offset(err: &Error) -> Option<u64> {
