@@ -18,6 +18,15 @@ fn mapped_page() -> Arc<PageRef> {
     page
 }
 
+/// A mapped page holding `pins` fast-path references.
+fn page_with_pins(pins: u64) -> Arc<PageRef> {
+    let page = mapped_page();
+    for _ in 0..pins {
+        assert_eq!(page.try_get(), TryGet::Got);
+    }
+    page
+}
+
 /// The conversion's step 4 on one page: unmap, check, one drain, check.
 fn convert(page: &PageRef, batch: &PinBatch) -> bool {
     page.unmap();
@@ -87,11 +96,8 @@ fn loom_a_parked_release_is_drained() {
 #[test]
 fn loom_flush_and_drain_release_once() {
     loom::model(|| {
-        let page = mapped_page();
         let pins = BATCH_SLOTS as u64 + 1;
-        for _ in 0..pins {
-            assert_eq!(page.try_get(), TryGet::Got);
-        }
+        let page = page_with_pins(pins);
         let batch = Arc::new(PinBatch::new());
         let owner = {
             let (page, batch) = (page.clone(), batch.clone());
@@ -231,11 +237,8 @@ fn loom_two_page_fast_pin_races_a_conversion() {
 #[test]
 fn loom_exit_flush_and_retire_race_a_drain() {
     loom::model(|| {
-        let page = mapped_page();
         let pins = BATCH_SLOTS as u64 + 1;
-        for _ in 0..pins {
-            assert_eq!(page.try_get(), TryGet::Got);
-        }
+        let page = page_with_pins(pins);
         let batch = Arc::new(PinBatch::new());
         let registry = Arc::new(loom::sync::Mutex::new(vec![batch.clone()]));
         let owner = {
