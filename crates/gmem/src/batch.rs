@@ -305,6 +305,19 @@ pub(crate) fn with_local<R>(refs: &Arc<References>, f: impl FnOnce(&PinBatch) ->
     }
 }
 
+/// Counts a pin taken on this thread's batch for `refs`'s file if it is the
+/// cached one; `false` (counting nothing) otherwise.
+#[inline(always)]
+pub(crate) fn count_taken_cached(refs: &References) -> bool {
+    match HOT.with(Cell::get) {
+        (file, Some(batch)) if file == refs.id() => {
+            batch.count_taken();
+            true
+        }
+        _ => false,
+    }
+}
+
 /// The slow lookup: finds or makes this thread's batch for `refs`'s file,
 /// caches it in `HOT`, and runs `f` on it.
 #[cold]

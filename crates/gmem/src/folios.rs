@@ -91,6 +91,25 @@ impl FolioTable {
             .map(|c| &**c)
     }
 
+    /// The small folios of `pages` when they lie in one made chunk of small
+    /// folios: the pin fast path's one lookup. `None` otherwise (the range
+    /// crosses a chunk, the chunk is not made, or it is one huge folio).
+    #[inline(always)]
+    pub(crate) fn small_run(&self, pages: Range<u64>) -> Option<&[PageRef]> {
+        let chunk = self
+            .chunks
+            .get((pages.start / CHUNK_PAGES) as usize)?
+            .get()?;
+        if self.is_huge(chunk) {
+            return None;
+        }
+        let start = (pages.start % CHUNK_PAGES) as usize;
+        // Past the chunk's end, `get` says no: the range crosses chunks.
+        chunk
+            .pages
+            .get(start..start + (pages.end - pages.start) as usize)
+    }
+
     /// The chunk holding `page`, made huge if `huge` says its range allows.
     pub(crate) fn chunk_or_make(&self, page: u64, huge: impl FnOnce(Range<u64>) -> bool) -> &Chunk {
         let index = page / CHUNK_PAGES;

@@ -11,7 +11,7 @@
 //! rows say how many.
 
 use std::hint::black_box;
-use std::sync::{Arc, Barrier, mpsc};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use gmem::{Attribute, Flags, GuestMemfd, PAGE_SIZE};
@@ -542,30 +542,44 @@ fn pin_unpin() -> Vec<CaseResult> {
 }
 
 /// Nanoseconds per operation (aggregate) of `threads` threads each running
-/// `op` on its own page `OPS` times.
+/// `op` on its own page `OPS` times: from the first thread's start to the
+/// last thread's end, as the workers see them (a coordinating thread would
+/// compete with them for the machine's cores and read the clock late). The
+/// workers start together on a spinning barrier: waking a thread blocked in
+/// a futex can take longer, on a nested host, than the run itself.
 fn per_op(threads: usize, op: &(dyn Fn(u64) + Sync)) -> f64 {
-    const OPS: u64 = 1 << 19;
+    const OPS: u64 = 1 << 21;
     // Pages in different 2 MiB chunks: their counts share no cache line.
     let pages = [0, 512];
-    let barrier = Barrier::new(threads + 1);
-    std::thread::scope(|s| {
-        for page in &pages[..threads] {
-            let barrier = &barrier;
-            s.spawn(move || {
-                op(*page);
-                barrier.wait();
-                for _ in 0..OPS {
-                    op(black_box(*page));
-                }
-            });
-        }
-        barrier.wait();
-        // The scope ends when every thread has finished.
-        Instant::now()
-    })
-    .elapsed()
-    .as_nanos() as f64
-        / (OPS * threads as u64) as f64
+    let arrived = std::sync::atomic::AtomicUsize::new(0);
+    let spans: Vec<(Instant, Instant)> = std::thread::scope(|s| {
+        let workers: Vec<_> = pages[..threads]
+            .iter()
+            .map(|page| {
+                let arrived = &arrived;
+                s.spawn(move || {
+                    op(*page);
+                    // Relaxed: only a start signal; no data is handed over.
+                    arrived.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    while arrived.load(std::sync::atomic::Ordering::Relaxed) < threads {
+                        std::hint::spin_loop();
+                    }
+                    let start = Instant::now();
+                    for _ in 0..OPS {
+                        op(black_box(*page));
+                    }
+                    (start, Instant::now())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a benchmark thread panicked"))
+            .collect()
+    });
+    let start = spans.iter().map(|s| s.0).min().expect("a thread");
+    let end = spans.iter().map(|s| s.1).max().expect("a thread");
+    (end - start).as_nanos() as f64 / (OPS * threads as u64) as f64
 }
 
 /// Two threads pinning distinct pages: throughput against one thread; and
