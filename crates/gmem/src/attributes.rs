@@ -667,7 +667,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
     /// How many runs would be private after [`set`](Self::set) of `pages`
     /// (non-empty, inside the file) to `attr`.
     pub(crate) fn private_runs_after(&self, pages: Range<u64>, attr: Attribute) -> u64 {
-        let edit = self.plan(self.leaf_for(pages.start), &pages, attr);
+        let edit = self.plan(self.floor(pages.start), &pages, attr);
         let added = RunCount::of(edit.added().iter().copied());
         self.runs.private - edit.removed.private + added.private
     }
@@ -695,10 +695,10 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
         // splice there keeps every boundary between two the leaf already
         // holds (or in the last leaf), so inside its bounds; inserts that
         // split nodes go from the root.
-        let leaf = self.floor(pages.start).leaf;
-        let edit = self.plan(leaf, &pages, attr);
-        if !self.splice_in_leaf(leaf, &pages, edit.added()) {
-            self.remove_boundaries(leaf, pages.start..=pages.end);
+        let at = self.floor(pages.start);
+        let edit = self.plan(at, &pages, attr);
+        if !self.splice_in_leaf(at, &pages, edit.added()) {
+            self.remove_boundaries(at.leaf, pages.start..=pages.end);
             edit.added()
                 .iter()
                 .for_each(|&boundary| self.insert(boundary));
@@ -714,27 +714,34 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
     }
 
     /// What [`set`](Self::set) of `pages` to `attr` does, in one walk over
-    /// the runs from the one holding `pages.start` to the one holding
-    /// `pages.end`; `leaf` is the leaf for `pages.start`.
-    fn plan(&self, leaf: usize, pages: &Range<u64>, attr: Attribute) -> Edit {
-        let mut runs = self
-            .runs_from(Some(self.floor_from(leaf, pages.start)))
-            .take_while(|run| run.pages.0 <= pages.end)
-            .peekable();
-        let first = *runs.peek().expect("a run holds every page");
+    /// the runs from the one holding `pages.start` (whose boundary is at
+    /// `at`) to the one holding `pages.end`.
+    fn plan(&self, at: Cursor, pages: &Range<u64>, attr: Attribute) -> Edit {
+        let first = self.boundary(at);
         // The state of the page before: the first run's, or the other one if
         // that run starts at `pages.start`.
         let before = match pages.start {
             0 => None,
-            start if first.pages.0 < start => Some(first.attr),
-            _ => Some(first.attr.other()),
+            start if first.start() < start => Some(first.attr()),
+            _ => Some(first.attr().other()),
         };
         let mut edit = Edit::default();
-        let mut last = first;
-        for run in runs {
+        let mut at = at;
+        let last = loop {
+            let boundary = self.boundary(at);
+            let next = self.step(at);
+            let end = next.map_or(self.pages, |next| self.boundary(next).start());
+            let run = Run {
+                pages: (boundary.start(), end),
+                attr: boundary.attr(),
+            };
             edit.count(run, pages);
-            last = run;
-        }
+            match next {
+                // The next run starts at or before `pages.end`: it is one of them.
+                Some(next) if end <= pages.end => at = next,
+                _ => break run,
+            }
+        };
         if before != Some(attr) {
             edit.add(Boundary::new(pages.start, attr));
         }
@@ -745,12 +752,14 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
     }
 
     /// Replaces the boundaries starting in `pages` by `added` if all of
-    /// them are in `leaf`, the leaf for `pages.start`, and the result fits
-    /// and is not empty; returns whether it did.
-    fn splice_in_leaf(&mut self, leaf: usize, pages: &Range<u64>, added: &[Boundary]) -> bool {
-        let node = &mut self.leaves[leaf];
-        let from = node.count_before(pages.start);
-        let to = node.count_up_to(pages.end);
+    /// them are in the leaf of `at` (the boundary of the run holding
+    /// `pages.start`), and the result fits and is not empty; returns whether
+    /// it did.
+    fn splice_in_leaf(&mut self, at: Cursor, pages: &Range<u64>, added: &[Boundary]) -> bool {
+        let node = &mut self.leaves[at.leaf];
+        // The boundary at `at` is the last one at or before `pages.start`.
+        let from = at.index + usize::from(node.boundaries[at.index].start() < pages.start);
+        let to = from + node.boundaries()[from..].partition_point(|b| b.start() <= pages.end);
         // A boundary after `pages.end` in the leaf, or no leaf after it:
         // the leaf holds the boundaries of `pages` and may hold `pages.end`.
         let holds_end = to < node.len || node.next.is_none();
@@ -966,7 +975,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             finger: AtomicUsize::new(Finger::NONE),
             prepares: 0,
         };
-        packed.push_leaves(self.runs_from(Some(self.floor(0))));
+        packed.push_leaves(self, self.floor(0).leaf);
         let mut level = 0..shape.leaves;
         for depth in 0..shape.depth {
             level = packed.push_parents(level, depth == 0);
@@ -979,21 +988,35 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
         Ok(packed)
     }
 
-    /// Pushes full leaves of the boundaries of `runs` into the empty arena.
-    fn push_leaves(&mut self, runs: impl Iterator<Item = Run>) {
-        let mut last = None;
-        for (index, run) in runs.enumerate() {
-            if index % L == 0 {
-                let mut leaf = Leaf::empty();
-                leaf.prev = last;
-                let leaf = self.leaves.alloc(leaf);
-                if let Some(prev) = last {
-                    self.leaves[prev].next = Some(leaf);
-                }
-                last = Some(leaf);
+    /// Pushes full leaves of the boundaries of `old`'s leaves, from `first`
+    /// (its first leaf) on, into the empty arena: slices copied leaf by
+    /// leaf, so a compaction costs a few instructions a boundary.
+    fn push_leaves(&mut self, old: &Self, first: usize) {
+        let mut last: Option<usize> = None;
+        let mut from = Some(first);
+        while let Some(leaf) = from {
+            let mut boundaries = old.leaves[leaf].boundaries();
+            while !boundaries.is_empty() {
+                let target = match last {
+                    Some(target) if self.leaves[target].len < L => target,
+                    _ => {
+                        let mut new = Leaf::empty();
+                        new.prev = last;
+                        let new = self.leaves.alloc(new);
+                        if let Some(prev) = last {
+                            self.leaves[prev].next = Some(new);
+                        }
+                        last = Some(new);
+                        new
+                    }
+                };
+                let node = &mut self.leaves[target];
+                let moved = (L - node.len).min(boundaries.len());
+                node.boundaries[node.len..node.len + moved].copy_from_slice(&boundaries[..moved]);
+                node.len += moved;
+                boundaries = &boundaries[moved..];
             }
-            let leaf = &mut self.leaves[last.expect("a leaf")];
-            leaf.splice(leaf.len..leaf.len, &[Boundary::new(run.pages.0, run.attr)]);
+            from = old.leaves[leaf].next;
         }
     }
 
