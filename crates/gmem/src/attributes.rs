@@ -485,6 +485,31 @@ impl Finger {
     }
 }
 
+/// The runs of a map from a boundary on, in order: a cursor stepped through
+/// the leaves.
+struct Runs<'a, const L: usize, const B: usize> {
+    map: &'a AttributeMap<L, B>,
+    /// The boundary of the next run.
+    at: Option<Cursor>,
+}
+
+impl<const L: usize, const B: usize> Iterator for Runs<'_, L, B> {
+    type Item = Run;
+
+    fn next(&mut self) -> Option<Run> {
+        let at = self.at?;
+        let boundary = self.map.boundary(at);
+        self.at = self.map.step(at);
+        let end = self
+            .at
+            .map_or(self.map.pages, |next| self.map.boundary(next).start());
+        Some(Run {
+            pages: (boundary.start(), end),
+            attr: boundary.attr(),
+        })
+    }
+}
+
 impl AttributeMap {
     /// A map of `pages` pages (at least one), all in state `initial`.
     pub(crate) fn new(pages: u64, initial: Attribute) -> Self {
@@ -607,18 +632,11 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
     }
 
     /// The whole runs from the one whose boundary is at `first` on.
-    fn runs_from(&self, first: Option<Cursor>) -> impl Iterator<Item = Run> + '_ {
-        let mut boundaries = iter::successors(first, |&at| self.step(at))
-            .map(|at| self.boundary(at))
-            .peekable();
-        iter::from_fn(move || {
-            let boundary = boundaries.next()?;
-            let end = boundaries.peek().map_or(self.pages, |next| next.start());
-            Some(Run {
-                pages: (boundary.start(), end),
-                attr: boundary.attr(),
-            })
-        })
+    fn runs_from(&self, first: Option<Cursor>) -> Runs<'_, L, B> {
+        Runs {
+            map: self,
+            at: first,
+        }
     }
 
     /// The state of `page`, which must be inside the file.

@@ -53,7 +53,7 @@ impl GuestMemfd {
         attrs.prepare().map_err(|_| ConversionError::NoMemory {
             error_offset: offset,
         })?;
-        if to == Attribute::Private {
+        if to == Attribute::Private && state.listeners.any() {
             listener::with_held(file, &attrs, || state.ask_listeners(offset, len))?;
         }
         // 4. The reference check, then the host mappings; then the
