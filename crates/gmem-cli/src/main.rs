@@ -127,7 +127,28 @@ struct StressArgs {
     json: bool,
 }
 
+/// `gmem selftest | head` closes the pipe early: end as a program killed by
+/// `SIGPIPE` would (status 141, what shells expect), not with a panic's
+/// message. Rust ignores `SIGPIPE`, so a closed pipe surfaces as a panic in
+/// `println!`.
+fn exit_quietly_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(128 + 13);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
     // gmem's own events (conversions refused, EAGAINs, failed restores) go to
     // stderr at the level `RUST_LOG` asks for; warnings and errors by default.

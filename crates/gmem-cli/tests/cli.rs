@@ -213,6 +213,24 @@ fn run_help_states_the_ranges() {
     }
 }
 
+/// A reader that goes away early (`gmem selftest | head -1`) ends gmem as
+/// `SIGPIPE` would, with no panic message. The pipe is closed before gmem
+/// writes anything, so its first line meets it closed.
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .arg("selftest")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("gmem runs");
+    drop(child.stdout.take().expect("piped"));
+    let out = child.wait_with_output().expect("gmem ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+}
+
 #[test]
 fn selftest_with_no_matching_scenario_fails() {
     let (code, stdout, stderr) = gmem_full(&["selftest", "nosuchname"], &[]);
