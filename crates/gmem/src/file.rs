@@ -230,6 +230,7 @@ impl GuestMemfd {
     }
 
     /// A number naming the file uniquely in this process.
+    #[cfg(feature = "kvm")]
     pub(crate) fn file_id(&self) -> u64 {
         self.state.refs.id()
     }
