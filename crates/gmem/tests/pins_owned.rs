@@ -105,6 +105,13 @@ fn copies_at_every_alignment() {
             );
         }
     }
+    // Long copies (the string copy on x86-64) at odd offsets.
+    let long = mem.pin_owned(0, P).unwrap();
+    let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
+    long.write(3, &data).unwrap();
+    let mut back = vec![0u8; 998];
+    long.read(5, &mut back).unwrap();
+    assert_eq!(back[..], data[2..]);
     assert_eq!(pin.read(250, &mut [0u8; 7]).unwrap_err().errno(), EINVAL);
     assert_eq!(pin.write(u64::MAX, &[0u8; 2]).unwrap_err().errno(), EINVAL);
 }
