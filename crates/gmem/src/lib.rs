@@ -85,7 +85,6 @@ mod sys;
 pub mod testing;
 
 #[cfg(feature = "kvm")]
-#[allow(unsafe_code)] // KVM ioctls: the kernel keeps pointers, and kvm_run unions.
 pub mod kvm;
 
 pub use attributes::Attribute;
