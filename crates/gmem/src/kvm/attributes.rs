@@ -262,6 +262,11 @@ mod tests {
 
     const P: u64 = crate::PAGE_SIZE;
 
+    /// One run, as a slice (clippy reads `&[a..b]` as a mistaken range).
+    fn one(run: Range<u64>) -> Vec<Range<u64>> {
+        vec![run]
+    }
+
     #[test]
     fn the_mode_prefers_in_place_attributes() {
         use AttributeSyncMode::*;
@@ -310,7 +315,7 @@ mod tests {
                 ((2 << 20) + 3 * P, P, private, 0),
             ]
         );
-        let shared = vm_requests(&slots, &[0..P], Attribute::Shared);
+        let shared = vm_requests(&slots, &one(0..P), Attribute::Shared);
         assert_eq!(
             shared,
             vec![kvm_memory_attributes {
@@ -320,7 +325,7 @@ mod tests {
                 flags: 0
             }]
         );
-        assert!(vm_requests(&slots, &[4 * P..8 * P], Attribute::Shared).is_empty());
+        assert!(vm_requests(&slots, &one(4 * P..8 * P), Attribute::Shared).is_empty());
     }
 
     #[test]
@@ -338,7 +343,7 @@ mod tests {
             (0, 0, [0; 11])
         );
         assert_eq!(
-            in_place_requests(&[0..P], Attribute::Shared)[0].attributes,
+            in_place_requests(&one(0..P), Attribute::Shared)[0].attributes,
             0
         );
     }
