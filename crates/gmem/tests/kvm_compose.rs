@@ -9,14 +9,18 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::ops::ControlFlow;
+
 use gmem::kvm::{
-    ConversionPolicy, KernelFlags, MemslotError, MemslotFlags, RequestChannel, Vm,
+    CONVERSION_PORT, ConversionOutcome, ConversionPolicy, ConversionRequest, ExitRegs, GuestIo,
+    KernelFlags, MemslotError, MemslotFlags, RequestChannel, VcpuStop, Vm,
     uapi::KVM_HC_MAP_GPA_RANGE, uapi::KVM_MAP_GPA_RANGE_ENCRYPTED,
 };
 use gmem::{
     Attribute, ConversionError, ConversionListener, Flags, GuestMemfd, Options, PAGE_SIZE, Pin,
     Refusal,
 };
+use iced_x86::code_asm::{CodeAssembler, al, dx, eax, ebx, ecx, esi};
 use kvm_bindings::{KVM_MEMORY_EXIT_FLAG_PRIVATE, kvm_create_guest_memfd};
 use kvm_ioctls::{HypercallExit, Kvm, VcpuExit, VmFd};
 
@@ -85,16 +89,20 @@ fn a_vm_fd_made_with_kvm_ioctls_is_adopted() {
         vm.gpa_map().slots(),
         vec![(3, (1 << 20)..(1 << 20) + 4 * P, 0)]
     );
-    // Linux refuses dirty logging and read-only with KVM_MEM_GUEST_MEMFD;
-    // gmem passes the flags and reports the kernel's answer.
+    // gmem passes the flags and reports the kernel's answer: Linux 6.18
+    // refuses dirty logging and read-only with KVM_MEM_GUEST_MEMFD (the same
+    // binding without them succeeds above, so the flags reached it).
     let other = Arc::new(vm.create_guest_memfd(4 * P, SHARED).unwrap());
     for flags in [MemslotFlags::LOG_DIRTY_PAGES, MemslotFlags::READONLY] {
-        let refused = vm.bind(4, 2 << 20, &other, 0, 4 * P, flags).unwrap_err();
-        assert!(
-            matches!(refused, MemslotError::Kernel { .. }),
-            "{flags:?}: {refused:?}"
-        );
-        assert_eq!(refused.errno(), libc::EINVAL);
+        match vm.bind(4, 2 << 20, &other, 0, 4 * P, flags) {
+            Ok(bound) => assert_eq!(bound.flags(), flags),
+            Err(refused) => assert_eq!(
+                refused,
+                MemslotError::Kernel {
+                    errno: rustix::io::Errno::INVAL
+                }
+            ),
+        }
     }
     // The VMM's handle stays usable, and the VM outlives gmem's handle.
     drop(slot);
@@ -354,4 +362,79 @@ fn handle_exit_serves_hypercalls_and_memory_faults() {
     assert!(vm.handle_exit(&mut other_call).is_none());
     assert_eq!(ret, 7);
     assert!(vm.handle_exit(&mut VcpuExit::Hlt).is_none());
+}
+
+/// Records the result port's `eax` and the conversions served.
+#[derive(Default)]
+struct Results {
+    eax: Vec<u32>,
+    served: Vec<(ConversionRequest, ConversionOutcome)>,
+}
+
+const RESULT_PORT: u16 = 0x99;
+
+impl GuestIo for Results {
+    fn io_out(&mut self, _: u64, port: u16, _: &[u8], regs: &ExitRegs) -> ControlFlow<()> {
+        assert_eq!(port, RESULT_PORT);
+        self.eax.push(regs.rax as u32);
+        ControlFlow::Continue(())
+    }
+
+    fn converted(&mut self, request: &ConversionRequest, outcome: &ConversionOutcome) {
+        self.served.push((*request, outcome.clone()));
+    }
+}
+
+/// 32-bit code asking for each `(gpa, pages, attrs)` by port I/O and
+/// reporting `eax` on [`RESULT_PORT`], then `hlt`.
+fn port_requests(base: u64, requests: &[(u32, u32, u32)]) -> Vec<u8> {
+    let mut a = CodeAssembler::new(32).unwrap();
+    for &(gpa, pages, attrs) in requests {
+        a.mov(ebx, gpa).unwrap();
+        a.mov(ecx, pages).unwrap();
+        a.mov(esi, attrs).unwrap();
+        a.mov(dx, u32::from(CONVERSION_PORT)).unwrap();
+        a.out(dx, al).unwrap();
+        a.mov(dx, u32::from(RESULT_PORT)).unwrap();
+        a.out(dx, eax).unwrap();
+    }
+    a.hlt().unwrap();
+    a.assemble(base).unwrap()
+}
+
+#[test]
+fn the_port_request_returns_the_negative_errno_to_the_guest() {
+    let Some(_) = kvm_common::host() else { return };
+    let vm = Vm::new().unwrap();
+    let mem = Arc::new(vm.create_guest_memfd(16 * P, SHARED).unwrap());
+    let _slot = vm.bind(0, 0, &mem, 0, 16 * P, NONE).unwrap();
+    let enc = KVM_MAP_GPA_RANGE_ENCRYPTED as u32;
+    let code = port_requests(
+        0x1000,
+        &[
+            (0x8000, 2, enc),
+            (0x8001, 1, enc),
+            (0xf000, 2, enc),
+            (0x8000, 2, 0),
+        ],
+    );
+    mem.mmap().unwrap().write(0x1000, &code).unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.enter_protected_mode(0x1000, 0x1000).unwrap();
+    let mut results = Results::default();
+    assert_eq!(vcpu.run(&mut results).unwrap(), VcpuStop::Halted);
+    let einval = (-libc::EINVAL) as u32;
+    assert_eq!(results.eax, vec![0, einval, einval, 0]);
+    let channels: Vec<_> = results.served.iter().map(|(r, _)| r.channel).collect();
+    assert_eq!(channels, vec![RequestChannel::PortIo; 4]);
+    assert_eq!(
+        results.served[2].1.failed_gpa,
+        Some(0x10000),
+        "past the slot"
+    );
+    assert_eq!(
+        vm.conversion_totals().requests,
+        3,
+        "the malformed one converts nothing"
+    );
 }
