@@ -5,22 +5,20 @@
 //! `KVM_SET_MEMORY_ATTRIBUTES` over the guest-physical ranges of every slot
 //! that binds the converted file range; where the guest_memfd takes
 //! attributes in place (`KVM_SET_MEMORY_ATTRIBUTES2`), on the file range
-//! itself. Either is done by a [`ConversionListener`] in the commit phase,
-//! one per bound file, so that a refusal from KVM undoes the conversion (and
-//! the requests already made). The encoding is pure functions, tested
-//! without such a host.
+//! itself. Either is done by a conversion listener in the commit phase, one
+//! per bound file (`memslot.rs` adds it), so that a refusal from KVM undoes
+//! the conversion (and the requests already made). This module is the
+//! encoding, as pure functions tested without such a host.
 
 use std::ops::Range;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use kvm_bindings::kvm_memory_attributes;
 use kvm_ioctls::VmFd;
 use rustix::io::Errno;
 
-use super::gpa_map::{GpaMap, changing_runs};
-use super::ioctl;
 use super::uapi::{KVM_MEMORY_ATTRIBUTE_PRIVATE, KvmMemoryAttributes2};
-use crate::{Attribute, ConversionListener, GuestMemfd, Refusal};
+use crate::Attribute;
 
 /// How conversions keep KVM's own view of private memory in step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,85 +172,35 @@ pub(super) fn apply_all(
     Ok(())
 }
 
-/// Keeps KVM's attributes for one file in step (see the module doc).
-pub(super) struct KvmAttributeListener {
-    pub(super) file: Weak<GuestMemfd>,
-    pub(super) file_id: u64,
-    pub(super) map: Weak<GpaMap>,
-}
-
-impl KvmAttributeListener {
-    /// The requests that set the file ranges `runs` to `to`, for `mem`.
-    pub(super) fn requests(
-        &self,
-        mem: &GuestMemfd,
-        runs: &[Range<u64>],
-        to: Attribute,
-    ) -> Vec<AttributeRequest> {
-        let Some(map) = self.map.upgrade() else {
-            return Vec::new();
-        };
-        match map.sync() {
-            AttributeSync::GmemOnly => Vec::new(),
-            AttributeSync::InPlaceAttributes => in_place_requests(runs, to)
-                .into_iter()
-                .map(AttributeRequest::InPlace)
-                .collect(),
-            AttributeSync::VmAttributes(_) => {
-                let table = map.table();
-                let slots: Vec<_> = table
-                    .entries
-                    .iter()
-                    .filter(|e| e.mem.file_id() == mem.file_id())
-                    .map(|e| SlotRange {
-                        gpa: e.gpa,
-                        offset: e.offset,
-                        len: e.len,
-                    })
-                    .collect();
-                let requests = vm_requests(&slots, runs, to);
-                requests.into_iter().map(AttributeRequest::Vm).collect()
+/// The parts of `range` (file bytes) not in state `to`, given the file's
+/// shared runs in order: what converting `range` to `to` changes.
+pub(super) fn changing_runs(
+    shared: &[Range<u64>],
+    range: Range<u64>,
+    to: Attribute,
+) -> Vec<Range<u64>> {
+    let clipped = shared
+        .iter()
+        .map(|run| run.start.max(range.start)..run.end.min(range.end))
+        .filter(|run| run.start < run.end);
+    match to {
+        // Becoming private changes the shared runs.
+        Attribute::Private => clipped.collect(),
+        // Becoming shared changes the gaps between them.
+        Attribute::Shared => {
+            let mut gaps = Vec::new();
+            let mut at = range.start;
+            for run in clipped {
+                if at < run.start {
+                    gaps.push(at..run.start);
+                }
+                at = run.end;
             }
+            if at < range.end {
+                gaps.push(at..range.end);
+            }
+            gaps
         }
-    }
-
-    /// Makes `requests` on the VM or on `mem`'s guest_memfd.
-    pub(super) fn apply(
-        &self,
-        mem: &GuestMemfd,
-        requests: &[AttributeRequest],
-    ) -> Result<(), (usize, Errno, Option<Errno>)> {
-        let Some(map) = self.map.upgrade() else {
-            return Ok(());
-        };
-        apply_all(requests, |request| match (request, map.sync()) {
-            (AttributeRequest::Vm(r), AttributeSync::VmAttributes(vm)) => vm
-                .set_memory_attributes(*r)
-                .map_err(|e| Errno::from_raw_os_error(e.errno())),
-            (AttributeRequest::InPlace(r), _) => ioctl::set_memory_attributes2(mem.as_fd(), *r),
-            _ => Ok(()),
-        })
-    }
-}
-
-impl ConversionListener for KvmAttributeListener {
-    fn commit(&self, offset: u64, len: u64, to: Attribute) -> Result<(), Refusal> {
-        let Some(mem) = self.file.upgrade() else {
-            return Ok(());
-        };
-        debug_assert_eq!(mem.file_id(), self.file_id);
-        // Served from the map the conversion holds: the state before it.
-        let shared = mem.shared_runs();
-        let runs = changing_runs(&shared, offset..offset + len, to);
-        let requests = self.requests(&mem, &runs, to);
-        self.apply(&mem, &requests).map_err(|(index, errno, undo)| {
-            Refusal::new(match undo {
-                None => format!("KVM refused memory attribute request {index}: {errno}"),
-                Some(undo) => format!(
-                    "KVM refused memory attribute request {index}: {errno}; undoing the earlier ones failed too ({undo}): KVM's attributes may differ from gmem's"
-                ),
-            })
-        })
     }
 }
 
@@ -265,6 +213,25 @@ mod tests {
     /// One run, as a slice (clippy reads `&[a..b]` as a mistaken range).
     fn one(run: Range<u64>) -> Vec<Range<u64>> {
         vec![run]
+    }
+
+    #[test]
+    fn changing_runs_clip_to_the_range() {
+        let shared = [0..4, 8..12, 20..24];
+        assert_eq!(
+            changing_runs(&shared, 2..22, Attribute::Private),
+            vec![2..4, 8..12, 20..22]
+        );
+        assert_eq!(
+            changing_runs(&shared, 2..22, Attribute::Shared),
+            vec![4..8, 12..20]
+        );
+        assert_eq!(
+            changing_runs(&shared, 12..20, Attribute::Shared),
+            vec![12..20]
+        );
+        assert_eq!(changing_runs(&shared, 12..20, Attribute::Private), vec![]);
+        assert_eq!(changing_runs(&[], 0..8, Attribute::Shared), vec![0..8]);
     }
 
     #[test]

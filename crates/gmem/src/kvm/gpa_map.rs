@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::attributes::AttributeSync;
+use super::attributes::{AttributeSync, changing_runs};
 use crate::{Attribute, ConversionError, GuestMemfd, ListenerId, PAGE_SIZE};
 
 /// How the VMM retries a guest conversion that failed with `EAGAIN`.
@@ -404,38 +404,6 @@ impl GpaMap {
     }
 }
 
-/// The parts of `range` (file bytes) not in state `to`, given the file's
-/// shared runs in order: what converting `range` to `to` changes.
-pub(super) fn changing_runs(
-    shared: &[Range<u64>],
-    range: Range<u64>,
-    to: Attribute,
-) -> Vec<Range<u64>> {
-    let clipped = shared
-        .iter()
-        .map(|run| run.start.max(range.start)..run.end.min(range.end))
-        .filter(|run| run.start < run.end);
-    match to {
-        // Becoming private changes the shared runs.
-        Attribute::Private => clipped.collect(),
-        // Becoming shared changes the gaps between them.
-        Attribute::Shared => {
-            let mut gaps = Vec::new();
-            let mut at = range.start;
-            for run in clipped {
-                if at < run.start {
-                    gaps.push(at..run.start);
-                }
-                at = run.end;
-            }
-            if at < range.end {
-                gaps.push(at..range.end);
-            }
-            gaps
-        }
-    }
-}
-
 /// The file range whose pins must go for a conversion of `[offset, offset +
 /// len)` that failed at `error_offset`: the request, widened to the folio of
 /// the failing page (a pin anywhere in a huge folio blocks it).
@@ -455,25 +423,6 @@ pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn changing_runs_clip_to_the_range() {
-        let shared = [0..4, 8..12, 20..24];
-        assert_eq!(
-            changing_runs(&shared, 2..22, Attribute::Private),
-            vec![2..4, 8..12, 20..22]
-        );
-        assert_eq!(
-            changing_runs(&shared, 2..22, Attribute::Shared),
-            vec![4..8, 12..20]
-        );
-        assert_eq!(
-            changing_runs(&shared, 12..20, Attribute::Shared),
-            vec![12..20]
-        );
-        assert_eq!(changing_runs(&shared, 12..20, Attribute::Private), vec![]);
-        assert_eq!(changing_runs(&[], 0..8, Attribute::Shared), vec![0..8]);
-    }
 
     #[test]
     fn guest_ret_is_the_negative_errno() {

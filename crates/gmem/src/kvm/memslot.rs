@@ -2,15 +2,22 @@
 //! the kernel's checks, an entry in the VM's [`GpaMap`], and the listener
 //! that keeps KVM's own memory attributes for the file in step.
 
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Weak};
 
 use kvm_ioctls::VmFd;
+use rustix::io::Errno;
 
-use super::attributes::{AttributeRequest, AttributeSync, KvmAttributeListener};
-use super::gpa_map::{GpaMap, SlotEntry, SlotTable, changing_runs};
-use super::ioctl::{BoundRegion, RegionSpec};
+use super::attributes::{
+    AttributeRequest, AttributeSync, SlotRange, apply_all, changing_runs, in_place_requests,
+    vm_requests,
+};
+use super::gpa_map::{GpaMap, SlotEntry, SlotTable};
+use super::ioctl::{self, BoundRegion, RegionSpec};
 use super::{MemslotError, MemslotFlags};
-use crate::{Attribute, BackingKind, GuestMemfd, ListenerId, PAGE_SIZE};
+use crate::{
+    Attribute, BackingKind, ConversionListener, GuestMemfd, ListenerId, PAGE_SIZE, Refusal,
+};
 
 /// A memslot: `[gpa, gpa + len)` of the guest is `[offset, offset + len)` of
 /// a gmem file. Dropping it deletes the slot, then releases the file.
@@ -112,7 +119,7 @@ impl Memslot {
     /// The listener added at bind keeps them in step from here.
     fn sync_attributes(&self, mem: &GuestMemfd, spec: RegionSpec) -> Result<(), MemslotError> {
         let listener = KvmAttributeListener {
-            file: std::sync::Weak::new(),
+            file: Weak::new(),
             file_id: mem.file_id(),
             map: Arc::downgrade(&self.map),
         };
@@ -231,4 +238,86 @@ impl Drop for Memslot {
 fn take_listener(table: &mut SlotTable, file: u64) -> Option<ListenerId> {
     let index = table.syncing.iter().position(|(id, _)| *id == file)?;
     Some(table.syncing.swap_remove(index).1)
+}
+
+/// Keeps KVM's attributes for one file in step (see the module doc).
+struct KvmAttributeListener {
+    file: Weak<GuestMemfd>,
+    file_id: u64,
+    map: Weak<GpaMap>,
+}
+
+impl KvmAttributeListener {
+    /// The requests that set the file ranges `runs` to `to`, for `mem`.
+    fn requests(
+        &self,
+        mem: &GuestMemfd,
+        runs: &[Range<u64>],
+        to: Attribute,
+    ) -> Vec<AttributeRequest> {
+        let Some(map) = self.map.upgrade() else {
+            return Vec::new();
+        };
+        match map.sync() {
+            AttributeSync::GmemOnly => Vec::new(),
+            AttributeSync::InPlaceAttributes => in_place_requests(runs, to)
+                .into_iter()
+                .map(AttributeRequest::InPlace)
+                .collect(),
+            AttributeSync::VmAttributes(_) => {
+                let table = map.table();
+                let slots: Vec<_> = table
+                    .entries
+                    .iter()
+                    .filter(|e| e.mem.file_id() == mem.file_id())
+                    .map(|e| SlotRange {
+                        gpa: e.gpa,
+                        offset: e.offset,
+                        len: e.len,
+                    })
+                    .collect();
+                let requests = vm_requests(&slots, runs, to);
+                requests.into_iter().map(AttributeRequest::Vm).collect()
+            }
+        }
+    }
+
+    /// Makes `requests` on the VM or on `mem`'s guest_memfd.
+    fn apply(
+        &self,
+        mem: &GuestMemfd,
+        requests: &[AttributeRequest],
+    ) -> Result<(), (usize, Errno, Option<Errno>)> {
+        let Some(map) = self.map.upgrade() else {
+            return Ok(());
+        };
+        apply_all(requests, |request| match (request, map.sync()) {
+            (AttributeRequest::Vm(r), AttributeSync::VmAttributes(vm)) => vm
+                .set_memory_attributes(*r)
+                .map_err(|e| Errno::from_raw_os_error(e.errno())),
+            (AttributeRequest::InPlace(r), _) => ioctl::set_memory_attributes2(mem.as_fd(), *r),
+            _ => Ok(()),
+        })
+    }
+}
+
+impl ConversionListener for KvmAttributeListener {
+    fn commit(&self, offset: u64, len: u64, to: Attribute) -> Result<(), Refusal> {
+        let Some(mem) = self.file.upgrade() else {
+            return Ok(());
+        };
+        debug_assert_eq!(mem.file_id(), self.file_id);
+        // Served from the map the conversion holds: the state before it.
+        let shared = mem.shared_runs();
+        let runs = changing_runs(&shared, offset..offset + len, to);
+        let requests = self.requests(&mem, &runs, to);
+        self.apply(&mem, &requests).map_err(|(index, errno, undo)| {
+            Refusal::new(match undo {
+                None => format!("KVM refused memory attribute request {index}: {errno}"),
+                Some(undo) => format!(
+                    "KVM refused memory attribute request {index}: {errno}; undoing the earlier ones failed too ({undo}): KVM's attributes may differ from gmem's"
+                ),
+            })
+        })
+    }
 }
