@@ -15,7 +15,7 @@ use iced_x86::code_asm::*;
 pub const CODE_GPA: u64 = 0x1000;
 /// Where each vCPU's stack ends (`STACK_TOP - vcpu * 0x1000`).
 pub const STACK_TOP: u64 = 0x8000;
-/// The port of a conversion's result: `eax` = 0 or errno, `ebx` = gpa.
+/// The port of a conversion's result: `eax` = 0 or the negative errno, `ebx` = gpa.
 pub const RESULT_PORT: u16 = 0x4d50;
 /// The port of a check's result: `eax` = mismatches, `ebx` = gpa, `ecx` = pages.
 pub const CHECK_PORT: u16 = 0x4d51;

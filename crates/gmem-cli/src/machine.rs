@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use gmem::kvm::{
-    ConversionOutcome, ConversionRequest, ExitRegs, GuestIo, HostSupport, Memslot, Vcpu, VcpuStop,
-    Vm,
+    ConversionOutcome, ConversionRequest, ExitRegs, GuestIo, HostSupport, Memslot, MemslotFlags,
+    Vcpu, VcpuStop, Vm,
 };
 use gmem::{Attribute, Flags, GuestMemfd, HostMapping, Options};
 
@@ -80,7 +80,7 @@ impl Machine {
         mem.set_attributes(0, FIRMWARE_SIZE, Attribute::Shared)
             .context("sharing the firmware area")?;
         let slot = vm
-            .bind(0, 0, &mem, 0, size)
+            .bind(0, 0, &mem, 0, size, MemslotFlags::empty())
             .context("binding guest memory")?;
         let map = mem.mmap().context("mapping guest memory")?;
         map.write(
@@ -172,6 +172,7 @@ impl GuestIo for Record {
     fn io_out(&mut self, _vcpu: u64, port: u16, _data: &[u8], regs: &ExitRegs) -> ControlFlow<()> {
         let (a, b, c) = (regs.rbx as u32, regs.rcx as u32, regs.rsi as u32);
         match port {
+            // 0, or the negative errno in the guest's 32 bits.
             RESULT_PORT => self.results.push((a, regs.rax as u32)),
             CHECK_PORT => self.checks.push((a, b, regs.rax as u32)),
             REPORT_PORT => self.reads.push((a, regs.rax as u32)),

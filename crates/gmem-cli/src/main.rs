@@ -565,6 +565,7 @@ fn info_json(support: &gmem::kvm::HostSupport, hiding: &HidingInfo) -> serde_jso
         "exit_hypercall_mask": support.exit_hypercall,
         "hypercall_exit_delivered": support.hypercall_exit_delivered,
         "per_page_attributes": support.per_page_attributes,
+        "attribute_sync": format!("{:?}", support.attribute_sync()),
         "recommended_vcpus": support.recommended_vcpus,
     })
 }
@@ -593,11 +594,17 @@ fn print_info(support: &gmem::kvm::HostSupport) {
         yes(support.hypercall_exit_delivered)
     );
     let per_page = if support.per_page_attributes {
-        "yes (KVM_SET_MEMORY_ATTRIBUTES2 on guest_memfd; gmem keeps its own map for now)"
+        "yes (KVM_SET_MEMORY_ATTRIBUTES2 on guest_memfd)"
     } else {
         "no (gmem's attribute map decides what the host may touch)"
     };
     println!("per-page attributes          {per_page}");
+    let in_step = match support.attribute_sync() {
+        gmem::kvm::AttributeSyncMode::GmemOnly => "none (gmem's map alone)",
+        gmem::kvm::AttributeSyncMode::VmAttributes => "KVM_SET_MEMORY_ATTRIBUTES per slot",
+        gmem::kvm::AttributeSyncMode::InPlaceAttributes => "KVM_SET_MEMORY_ATTRIBUTES2 in place",
+    };
+    println!("KVM attributes kept in step  {in_step}");
     let path = if support.hypercall_exit_delivered {
         "hypercall"
     } else {

@@ -590,9 +590,10 @@ impl GuestIo for WorkloadIo {
         );
         match port {
             RESULT_PORT if regs.rax as u32 != 0 => {
+                // KVM's convention: the negative errno (in 32 bits here).
                 state.broke(format!(
                     "vCPU {vcpu}: conversion at {a:#x} failed with errno {}",
-                    regs.rax as u32
+                    (regs.rax as u32 as i32).unsigned_abs()
                 ));
             }
             RESULT_PORT => {}

@@ -50,6 +50,31 @@ impl Backing {
         Backing { fd, kind, owner_vm }
     }
 
+    /// Checks that `fd` is a kernel guest_memfd of `size` bytes: its
+    /// `/proc/self/fd` link names the `kvm-gmem` anonymous inode, and
+    /// `fstat` gives the size.
+    #[cfg(feature = "kvm")]
+    pub(crate) fn check_kernel_guest_memfd(fd: BorrowedFd<'_>, size: u64) -> Result<(), Error> {
+        use std::os::fd::AsRawFd;
+        let not = |reason: String| Error::NotAdoptable { reason };
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|e| not(format!("cannot read its /proc/self/fd link: {e}")))?;
+        if link.as_os_str() != "anon_inode:[kvm-gmem]" {
+            return Err(not(format!(
+                "it is {}, not a kvm guest_memfd (anon_inode:[kvm-gmem])",
+                link.display()
+            )));
+        }
+        let stat = rustix::fs::fstat(fd).map_err(Error::os("fstat"))?;
+        if stat.st_size as u64 != size {
+            return Err(not(format!(
+                "its size is {:#x}, not the {size:#x} given",
+                stat.st_size
+            )));
+        }
+        Ok(())
+    }
+
     /// The KVM VM that owns a kernel guest_memfd.
     pub(crate) fn owner_vm(&self) -> Option<u64> {
         self.owner_vm

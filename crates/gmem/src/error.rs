@@ -101,6 +101,13 @@ pub enum Error {
     /// converted, where it would deadlock (`EDEADLK`): punching or mapping.
     #[error("called from a conversion listener of the same file: it would deadlock")]
     WouldDeadlock,
+    /// A file given to adopt as a kernel guest_memfd is not one, or not of
+    /// the size given (`EINVAL`).
+    #[error("cannot adopt the file as a kernel guest_memfd: {reason}")]
+    NotAdoptable {
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A system call failed.
     #[error("{call} failed: {errno}")]
     Os {
@@ -120,6 +127,7 @@ impl Error {
             | Error::Unaligned { .. }
             | Error::ZeroLength
             | Error::OutOfRange { .. }
+            | Error::NotAdoptable { .. }
             | Error::GuardsRefused => Errno::INVAL,
             Error::VmaBudget { .. } => Errno::NOMEM,
             Error::MappingPoisoned => Errno::IO,

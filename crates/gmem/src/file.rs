@@ -122,6 +122,31 @@ impl GuestMemfd {
         Ok(())
     }
 
+    /// Adopts a kernel guest_memfd the VMM made with `KVM_CREATE_GUEST_MEMFD`
+    /// (for example with `kvm-ioctls`), as a file of `size` bytes with gmem's
+    /// `flags` and `options`.
+    ///
+    /// The guest_memfd must have been created with `GUEST_MEMFD_FLAG_MMAP |
+    /// GUEST_MEMFD_FLAG_INIT_SHARED`: gmem maps it whole and decides itself
+    /// which pages the host may touch. What can be verified is: that it is a
+    /// kvm guest_memfd, that its size is `size` (both `EINVAL`,
+    /// [`Error::NotAdoptable`]), and that it maps (else the `mmap` error,
+    /// `ENODEV` without `MMAP`); `INIT_SHARED` cannot be checked. gmem does
+    /// not know its VM: [`Vm::bind`](crate::kvm::Vm::bind) lets the kernel
+    /// judge it.
+    #[cfg(feature = "kvm")]
+    pub fn from_kernel_guest_memfd(
+        fd: OwnedFd,
+        size: u64,
+        flags: Flags,
+        options: Options,
+    ) -> Result<GuestMemfd, Error> {
+        Self::validate(size, flags)?;
+        Backing::check_kernel_guest_memfd(fd.as_fd(), size)?;
+        let backing = Backing::from_fd(fd, BackingKind::KernelGuestMemfd, None);
+        Self::with_backing(backing, size, flags, options)
+    }
+
     /// A file over a backing of `size` bytes that the host may map in full;
     /// `size` and `flags` were checked with [`validate`](Self::validate).
     pub(crate) fn with_backing(
@@ -370,6 +395,15 @@ impl GuestMemfd {
     pub fn shared_runs(&self) -> Vec<Range<u64>> {
         let state = &self.state;
         state.with_attrs(|attrs| shared_runs(attrs, state.size).collect())
+    }
+
+    /// Runs `f` on the shared runs of the file (byte ranges, in order)
+    /// under the invalidate lock held shared, so that no conversion runs
+    /// meanwhile.
+    #[cfg(feature = "kvm")]
+    pub(crate) fn with_shared_runs<R>(&self, f: impl FnOnce(&[Range<u64>]) -> R) -> R {
+        let state = &self.state;
+        state.with_attrs(|attrs| f(&shared_runs(attrs, state.size).collect::<Vec<_>>()))
     }
 
     /// Removes a listener; false if it was not registered. Once this

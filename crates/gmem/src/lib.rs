@@ -87,7 +87,6 @@ pub mod testing;
 pub mod vm_memory;
 
 #[cfg(feature = "kvm")]
-#[allow(unsafe_code)] // KVM ioctls: the kernel keeps pointers, and kvm_run unions.
 pub mod kvm;
 
 pub use attributes::Attribute;

@@ -56,8 +56,10 @@ pub enum Hiding {
 /// It is the VMM's own view, for its own accesses: never give its address to
 /// KVM (as a memslot's `userspace_addr`) or to a device. Its private pages
 /// are hidden, so KVM would turn the guest's accesses to them into MMIO
-/// exits; `gmem::kvm::Vm::bind` passes gmem's own mapping of
-/// the whole file instead.
+/// exits. Bind guest memory with `gmem::kvm::Vm::bind` instead (a VMM that
+/// owns its `VmFd` adopts it first with `Vm::from_vm_fd`): it passes the
+/// guest_memfd and gmem's own mapping of the whole file, which conversions
+/// never change. Devices take pins.
 ///
 /// Raw accesses through [`as_ptr`](Self::as_ptr) to a private page fault
 /// (`SIGSEGV` under [`Hiding::GuardMarkers`], or `SIGBUS` in a run of 2 MiB

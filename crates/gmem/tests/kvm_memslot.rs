@@ -5,10 +5,11 @@ mod kvm_common;
 
 use std::sync::Arc;
 
-use gmem::kvm::{MemslotError, Vm};
+use gmem::kvm::{MemslotError, MemslotFlags, Vm};
 use gmem::{Attribute, BackingKind, Flags, GuestMemfd, PAGE_SIZE};
 
 const MIB: u64 = 1 << 20;
+const NONE: MemslotFlags = MemslotFlags::empty();
 
 #[test]
 fn kernel_backing_follows_gmem_state() {
@@ -48,34 +49,43 @@ fn bindings_are_checked_like_the_kernel() {
             .unwrap(),
     );
     let errno = |r: Result<gmem::kvm::Memslot, MemslotError>| r.unwrap_err().errno();
-    assert_eq!(errno(vm.bind(0, 0, &mem, 1, MIB)), libc::EINVAL);
-    assert_eq!(errno(vm.bind(0, 1, &mem, 0, MIB)), libc::EINVAL);
-    assert_eq!(errno(vm.bind(0, 0, &mem, 0, 0)), libc::EINVAL);
-    assert_eq!(errno(vm.bind(0, 0, &mem, 12 * MIB, 8 * MIB)), libc::EINVAL);
-    let first = vm.bind(0, 0, &mem, 0, 8 * MIB).unwrap();
+    assert_eq!(errno(vm.bind(0, 0, &mem, 1, MIB, NONE)), libc::EINVAL);
+    assert_eq!(errno(vm.bind(0, 1, &mem, 0, MIB, NONE)), libc::EINVAL);
+    assert_eq!(errno(vm.bind(0, 0, &mem, 0, 0, NONE)), libc::EINVAL);
     assert_eq!(
-        errno(vm.bind(0, 64 * MIB, &mem, 8 * MIB, MIB)),
+        errno(vm.bind(0, 0, &mem, 12 * MIB, 8 * MIB, NONE)),
+        libc::EINVAL
+    );
+    let first = vm.bind(0, 0, &mem, 0, 8 * MIB, NONE).unwrap();
+    assert_eq!(
+        errno(vm.bind(0, 64 * MIB, &mem, 8 * MIB, MIB, NONE)),
         libc::EEXIST,
         "slot in use"
     );
     assert_eq!(
-        errno(vm.bind(1, 4 * MIB, &mem, 8 * MIB, MIB)),
+        errno(vm.bind(1, 4 * MIB, &mem, 8 * MIB, MIB, NONE)),
         libc::EEXIST,
         "guest range in use"
     );
     assert!(matches!(
-        vm.bind(1, 64 * MIB, &mem, 4 * MIB, 8 * MIB),
+        vm.bind(1, 64 * MIB, &mem, 4 * MIB, 8 * MIB, NONE),
         Err(MemslotError::FileRangeBound { slot: 0, .. })
     ));
-    let second = vm.bind(1, 64 * MIB, &mem, 8 * MIB, 8 * MIB).unwrap();
+    let second = vm.bind(1, 64 * MIB, &mem, 8 * MIB, 8 * MIB, NONE).unwrap();
     // A file of another VM, or a plain memfd, cannot be bound.
     let other = Vm::new().unwrap();
     let foreign = Arc::new(other.create_guest_memfd(MIB, Flags::MMAP).unwrap());
-    assert_eq!(errno(vm.bind(2, 128 * MIB, &foreign, 0, MIB)), libc::EINVAL);
+    assert_eq!(
+        errno(vm.bind(2, 128 * MIB, &foreign, 0, MIB, NONE)),
+        libc::EINVAL
+    );
     let memfd = Arc::new(GuestMemfd::new(MIB, Flags::MMAP).unwrap());
-    assert_eq!(errno(vm.bind(2, 128 * MIB, &memfd, 0, MIB)), libc::EINVAL);
+    assert_eq!(
+        errno(vm.bind(2, 128 * MIB, &memfd, 0, MIB, NONE)),
+        libc::EINVAL
+    );
     // Deleting a slot frees its guest and file ranges.
     drop(first);
-    let again = vm.bind(0, 0, &mem, 0, 8 * MIB).unwrap();
+    let again = vm.bind(0, 0, &mem, 0, 8 * MIB, NONE).unwrap();
     assert_eq!((again.slot(), second.gpa()), (0, 64 * MIB));
 }

@@ -110,8 +110,11 @@ pub(super) fn vcpus_convert_own_regions() -> Check {
             vec![(first, OWN_PAGES as u32, 0); OWN_ROUNDS as usize],
         )?;
         ensure!(
-            record.conversions.iter().all(|(r, _)| r.vcpu == id),
-            "vCPU {id} recorded another vCPU's conversion"
+            record
+                .conversions
+                .iter()
+                .all(|(r, _)| r.gpa == u64::from(first)),
+            "vCPU {id} recorded a conversion outside its own region"
         );
     }
     let mem = &machine.mem;

@@ -1,17 +1,17 @@
 //! What the host's KVM offers, probed.
 
 use std::ops::ControlFlow;
-use std::sync::{Arc, OnceLock, mpsc};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use kvm_bindings::{
     KVM_CAP_EXIT_HYPERCALL, KVM_CAP_GUEST_MEMFD, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_USER_MEMORY2,
     KVM_CAP_VM_TYPES,
 };
-use vmm_sys_util::signal::{Killable, SIGRTMIN};
+use vmm_sys_util::signal::SIGRTMIN;
 
 use super::uapi::{KVM_CAP_GUEST_MEMFD_FLAGS, KVM_HC_MAP_GPA_RANGE};
-use super::{GuestIo, KvmError, Vcpu, VcpuStop, Vm, ioctl};
+use super::{AttributeSyncMode, GuestIo, KvmError, MemslotFlags, Vcpu, VcpuStop, Vm, ioctl};
 use crate::{Flags, PAGE_SIZE};
 
 /// What the host supports, for `gmem info` and for choosing paths.
@@ -60,11 +60,15 @@ impl HostSupport {
     }
 
     fn probe_now() -> Result<HostSupport, KvmError> {
-        let vm = Vm::new()?;
-        let fd = &vm.shared.fd;
+        let kvm = kvm_ioctls::Kvm::new().map_err(|e| KvmError::Open {
+            errno: rustix::io::Errno::from_raw_os_error(e.errno()),
+        })?;
+        let fd = kvm.create_vm().map_err(KvmError::ioctl("KVM_CREATE_VM"))?;
+        let vm = Vm::from_vm_fd(Arc::new(fd))?;
+        let fd = vm.vm_fd();
         let cap = |c: u32| fd.check_extension_raw(c.into()).max(0) as u64;
         let mut support = HostSupport {
-            api_version: vm.shared.kvm.get_api_version(),
+            api_version: kvm.get_api_version(),
             guest_memfd: cap(KVM_CAP_GUEST_MEMFD) != 0,
             guest_memfd_flags: cap(KVM_CAP_GUEST_MEMFD_FLAGS),
             memory_attributes: cap(KVM_CAP_MEMORY_ATTRIBUTES),
@@ -73,7 +77,7 @@ impl HostSupport {
             exit_hypercall: cap(KVM_CAP_EXIT_HYPERCALL),
             per_page_attributes: false,
             hypercall_exit_delivered: false,
-            recommended_vcpus: vm.shared.kvm.get_nr_vcpus(),
+            recommended_vcpus: kvm.get_nr_vcpus(),
         };
         if support.guest_memfd {
             let mem = vm
@@ -88,6 +92,17 @@ impl HostSupport {
             }
         }
         Ok(support)
+    }
+}
+
+impl HostSupport {
+    /// How conversions keep KVM's own memory attributes in step on this
+    /// host: in place on the guest_memfd where it takes
+    /// `KVM_SET_MEMORY_ATTRIBUTES2`, else per VM where
+    /// `KVM_CAP_MEMORY_ATTRIBUTES` has `KVM_MEMORY_ATTRIBUTE_PRIVATE`, else
+    /// not at all (gmem's attribute map alone).
+    pub fn attribute_sync(&self) -> AttributeSyncMode {
+        AttributeSyncMode::choose(self.memory_attributes, self.per_page_attributes)
     }
 }
 
@@ -112,6 +127,8 @@ impl HostSupport {
 
 /// Runs a `vmcall` guest on a thread; kicks it out if it has not exited in
 /// time (seen here: `vmcall` can hang `KVM_RUN`), and always joins it.
+/// Where the host delivers the exit, the request is served by
+/// [`GpaMap::handle_exit`](super::GpaMap::handle_exit) in `Vcpu::run`.
 fn probe_hypercall(vm: &Vm, mem: Arc<crate::GuestMemfd>) -> Result<bool, KvmError> {
     struct Quiet;
     impl GuestIo for Quiet {
@@ -127,7 +144,7 @@ fn probe_hypercall(vm: &Vm, mem: Arc<crate::GuestMemfd>) -> Result<bool, KvmErro
             what: "writing the probe guest",
         })?;
     let _slot = vm
-        .bind(0, 0, &mem, 0, mem.size())
+        .bind(0, 0, &mem, 0, mem.size(), MemslotFlags::empty())
         .map_err(|e| KvmError::Ioctl {
             call: "KVM_SET_USER_MEMORY_REGION2",
             errno: rustix::io::Errno::from_raw_os_error(e.errno()),
@@ -139,39 +156,17 @@ fn probe_hypercall(vm: &Vm, mem: Arc<crate::GuestMemfd>) -> Result<bool, KvmErro
         tracing::warn!("cannot install the vCPU kick handler; not probing hypercall exits");
         return Ok(false);
     };
-    let exit = ioctl::ImmediateExit::of(vcpu.fd());
-    let (tx, rx) = mpsc::channel();
-    let runner = std::thread::spawn(move || {
-        let stop = vcpu.run(&mut Quiet);
-        let _ = tx.send(());
-        (stop, vcpu)
-    });
-    if rx.recv_timeout(PROBE_TIMEOUT).is_err() {
-        // From now on every KVM_RUN returns at once, so a kick that lands
-        // between two runs is not lost; a signal ends the run in progress.
-        // SAFETY: the vCPU lives until the runner is joined below.
-        unsafe { exit.set() };
-        let kicked = std::time::Instant::now();
-        loop {
-            let _ = runner.kill(HostSupport::kick_signal());
-            match rx.recv_timeout(KICK_INTERVAL) {
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                // Sent, or the runner panicked (the join below reports it).
-                _ => break,
-            }
-            if kicked.elapsed() > 100 * PROBE_TIMEOUT {
-                tracing::warn!(
-                    "the hypercall probe's vCPU is slow to leave KVM_RUN; waiting for it"
-                );
-                break;
-            }
-        }
-    }
+    let kick = ioctl::Kick {
+        after: PROBE_TIMEOUT,
+        every: KICK_INTERVAL,
+        signal: HostSupport::kick_signal(),
+    };
     // Joined before the handler is restored: no kick can be pending after.
-    let joined = runner.join();
-    let (stop, _vcpu) = joined.map_err(|_| KvmError::Unsupported {
-        what: "the hypercall probe",
-    })?;
+    let stop = ioctl::run_kicked(&mut vcpu, Vcpu::fd, |vcpu| vcpu.run(&mut Quiet), kick).ok_or(
+        KvmError::Unsupported {
+            what: "the hypercall probe",
+        },
+    )?;
     // The request converted page 2 to shared (it already was) and the guest
     // halted: the hypercall reached userspace and came back.
     Ok(matches!(stop, Ok(VcpuStop::Halted)) && vm.conversion_totals().requests == 1)

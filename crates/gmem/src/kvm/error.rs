@@ -105,13 +105,21 @@ pub enum MemslotError {
         /// The slot.
         slot: u32,
     },
-    /// The file is not a kernel guest_memfd of this VM (`EINVAL`).
+    /// The file is a memfd, or a kernel guest_memfd that gmem made on
+    /// another VM (`EINVAL`).
     #[error("the file is not a guest_memfd of this VM")]
     ForeignFile,
     /// The kernel refused the binding.
     #[error("KVM_SET_USER_MEMORY_REGION2 failed: {errno}")]
     Kernel {
         /// What it returned.
+        errno: Errno,
+    },
+    /// Setting KVM's memory attributes of the new slot to gmem's state
+    /// failed; the slot was deleted again.
+    #[error("setting KVM's memory attributes for the new slot failed: {errno}")]
+    Attributes {
+        /// What the kernel returned.
         errno: Errno,
     },
 }
@@ -121,7 +129,7 @@ impl MemslotError {
     pub fn errno(&self) -> i32 {
         match self {
             MemslotError::GuestRangeInUse { .. } | MemslotError::SlotInUse { .. } => Errno::EXIST,
-            MemslotError::Kernel { errno } => *errno,
+            MemslotError::Kernel { errno } | MemslotError::Attributes { errno } => *errno,
             _ => Errno::INVAL,
         }
         .raw_os_error()

@@ -1,15 +1,20 @@
 //! The leaf of KVM calls that need `unsafe`: adopting the fd that
-//! `KVM_CREATE_GUEST_MEMFD` returns, memslot ioctls (the kernel keeps a
-//! pointer), the `kvm_run` unions, and the attribute probe.
+//! `KVM_CREATE_GUEST_MEMFD` returns, the owner of a memslot (the kernel
+//! keeps a pointer), the `kvm_run` unions, and `KVM_SET_MEMORY_ATTRIBUTES2`
+//! with its probe. The rest of `kvm/` is safe code.
 
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, mpsc};
 
-use kvm_bindings::{kvm_create_guest_memfd, kvm_regs, kvm_userspace_memory_region2};
+use kvm_bindings::{
+    KVM_MEM_GUEST_MEMFD, kvm_create_guest_memfd, kvm_regs, kvm_userspace_memory_region2,
+};
 use kvm_ioctls::{VcpuFd, VmFd};
 use rustix::io::Errno;
 
 use super::KvmError;
 use super::uapi::{KVM_SET_MEMORY_ATTRIBUTES2, KvmMemoryAttributes2};
+use crate::GuestMemfd;
 
 /// `KVM_CREATE_GUEST_MEMFD`, adopting the new fd at once.
 pub(super) fn create_guest_memfd(vm: &VmFd, size: u64, flags: u64) -> Result<OwnedFd, KvmError> {
@@ -25,19 +30,103 @@ pub(super) fn create_guest_memfd(vm: &VmFd, size: u64, flags: u64) -> Result<Own
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// `KVM_SET_USER_MEMORY_REGION2`.
+/// A range of a gmem file bound to guest-physical memory: the owner of a
+/// `KVM_SET_USER_MEMORY_REGION2` slot with `KVM_MEM_GUEST_MEMFD`.
 ///
-/// # Safety
-///
-/// For a non-empty region, `userspace_addr` must stay mapped for as long as
-/// the slot exists (KVM keeps the pointer), and `guest_memfd` must be an open
-/// guest_memfd of `vm` for as long too.
-pub(super) unsafe fn set_memslot(
-    vm: &VmFd,
-    region: kvm_userspace_memory_region2,
-) -> Result<(), Errno> {
-    // SAFETY: the caller upholds the lifetime of the mapping and the fd.
-    unsafe { vm.set_user_memory_region2(region) }.map_err(|e| Errno::from_raw_os_error(e.errno()))
+/// KVM keeps two things of a slot: `userspace_addr`, a pointer into gmem's
+/// own mapping of the whole file (never changed by conversions), and the
+/// guest_memfd. The region holds the file (so the mapping and the fd) and the
+/// VM, and deletes the slot before it lets them go; if the deletion fails,
+/// the file is leaked rather than unmapped under the guest.
+pub(super) struct BoundRegion {
+    vm: Arc<VmFd>,
+    mem: Arc<GuestMemfd>,
+    slot: u32,
+    deleted: bool,
+}
+
+/// Where a region goes: slot number, flags (without `KVM_MEM_GUEST_MEMFD`),
+/// guest-physical address, and the file range.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RegionSpec {
+    pub(super) slot: u32,
+    pub(super) flags: u32,
+    pub(super) gpa: u64,
+    pub(super) offset: u64,
+    pub(super) len: u64,
+}
+
+impl BoundRegion {
+    /// Binds `spec`'s range of `mem`; `EINVAL` for an empty range or one
+    /// not inside the file (what the safety of the pointer rests on), else
+    /// what the kernel says.
+    pub(super) fn bind(
+        vm: &Arc<VmFd>,
+        mem: &Arc<GuestMemfd>,
+        spec: RegionSpec,
+    ) -> Result<BoundRegion, Errno> {
+        let inside = spec
+            .offset
+            .checked_add(spec.len)
+            .is_some_and(|end| end <= mem.size());
+        if spec.len == 0 || !inside {
+            return Err(Errno::INVAL);
+        }
+        let region = kvm_userspace_memory_region2 {
+            slot: spec.slot,
+            flags: spec.flags | KVM_MEM_GUEST_MEMFD,
+            guest_phys_addr: spec.gpa,
+            memory_size: spec.len,
+            // Inside the direct mapping: the range is inside the file.
+            userspace_addr: mem.direct_map_ptr() as u64 + spec.offset,
+            guest_memfd_offset: spec.offset,
+            guest_memfd: mem.as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // `userspace_addr..+len` lies in gmem's mapping of the whole file and
+        // the fd is the file's: the region returned holds both (through
+        // `mem`) until the slot is deleted, or forever if that fails.
+        // SAFETY: the mapping and the fd outlive the slot (see above).
+        unsafe { vm.set_user_memory_region2(region) }
+            .map_err(|e| Errno::from_raw_os_error(e.errno()))?;
+        Ok(BoundRegion {
+            vm: vm.clone(),
+            mem: mem.clone(),
+            slot: spec.slot,
+            deleted: false,
+        })
+    }
+
+    /// Deletes the slot. On failure KVM may still use the mapping: the file
+    /// is leaked (never unmapped) and the errno returned.
+    pub(super) fn delete(mut self) -> Result<(), Errno> {
+        self.delete_slot()
+    }
+
+    fn delete_slot(&mut self) -> Result<(), Errno> {
+        self.deleted = true;
+        let delete = kvm_userspace_memory_region2 {
+            slot: self.slot,
+            ..Default::default()
+        };
+        // SAFETY: a size of zero deletes the slot; the kernel keeps no pointer.
+        let deleted = unsafe { self.vm.set_user_memory_region2(delete) };
+        deleted.map_err(|e| {
+            std::mem::forget(self.mem.clone());
+            Errno::from_raw_os_error(e.errno())
+        })
+    }
+}
+
+impl Drop for BoundRegion {
+    fn drop(&mut self) {
+        if self.deleted {
+            return;
+        }
+        if let Err(errno) = self.delete_slot() {
+            tracing::error!(slot = self.slot, %errno, "deleting a memslot failed; its memory is leaked");
+        }
+    }
 }
 
 /// The vCPU's general registers in `kvm_run.s.regs`, valid after an exit
@@ -55,6 +144,27 @@ pub(super) fn internal_suberror(vcpu: &mut VcpuFd) -> u32 {
     let run = vcpu.get_kvm_run();
     // SAFETY: the exit reason said `internal` is the active member; plain integers.
     unsafe { run.__bindgen_anon_1.internal.suberror }
+}
+
+/// `KVM_SET_MEMORY_ATTRIBUTES2` on a guest_memfd.
+pub(super) fn set_memory_attributes2(
+    guest_memfd: BorrowedFd<'_>,
+    mut request: KvmMemoryAttributes2,
+) -> Result<(), Errno> {
+    // SAFETY: `request` is a writable `kvm_memory_attributes2` of the size the ioctl number encodes.
+    let ret = unsafe {
+        vmm_sys_util::ioctl::ioctl_with_mut_ref(
+            &guest_memfd,
+            KVM_SET_MEMORY_ATTRIBUTES2 as _,
+            &mut request,
+        )
+    };
+    if ret == 0 {
+        return Ok(());
+    }
+    Err(Errno::from_raw_os_error(
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+    ))
 }
 
 /// Whether the host's guest_memfd takes `KVM_SET_MEMORY_ATTRIBUTES2`: an
@@ -75,38 +185,72 @@ pub(super) fn has_memory_attributes2(guest_memfd: BorrowedFd<'_>) -> bool {
             != Errno::NOTTY
 }
 
-/// `kvm_run.immediate_exit` of a vCPU, to be set from another thread: once
-/// set, every `KVM_RUN` of the vCPU returns `EINTR` at once, and a signal
-/// ends a `KVM_RUN` in progress.
-pub(super) struct ImmediateExit(std::ptr::NonNull<u8>);
-
-// The pointer is only used for atomic stores to a byte of the shared
-// `kvm_run` mapping.
-// SAFETY: any thread may make those stores.
-unsafe impl Send for ImmediateExit {}
-
-impl ImmediateExit {
-    /// The flag of `vcpu`. The value must not outlive the vCPU: `kvm_run` is
-    /// unmapped when its `VcpuFd` is dropped.
-    pub(super) fn of(vcpu: &mut VcpuFd) -> ImmediateExit {
-        ImmediateExit(std::ptr::NonNull::from(
-            &mut vcpu.get_kvm_run().immediate_exit,
-        ))
-    }
-
-    /// Sets the flag.
-    ///
-    /// # Safety
-    ///
-    /// The vCPU this came from is still alive (its `kvm_run` still mapped).
-    pub(super) unsafe fn set(&self) {
-        // The vCPU's thread makes no non-atomic access to the byte: only the
-        // kernel reads it, at `KVM_RUN`.
-        // SAFETY: the caller keeps the mapping alive; a byte is always aligned.
-        let flag = unsafe { std::sync::atomic::AtomicU8::from_ptr(self.0.as_ptr()) };
-        flag.store(1, std::sync::atomic::Ordering::SeqCst);
-    }
+/// When and how [`run_kicked`] kicks a vCPU out of `KVM_RUN`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Kick {
+    /// How long the run may take before the first kick.
+    pub(super) after: std::time::Duration,
+    /// How often the kick is repeated until the run returns.
+    pub(super) every: std::time::Duration,
+    /// The signal sent to the running thread (a handler must be installed).
+    pub(super) signal: libc::c_int,
 }
+
+/// Runs `run(target)` on a scoped thread. If it has not returned after
+/// `kick.after`, sets the vCPU's `kvm_run.immediate_exit` (every later
+/// `KVM_RUN` returns `EINTR` at once, so a kick landing between two runs is
+/// not lost) and signals the thread every `kick.every` until it returns.
+/// Always joins; `None` if the thread panicked.
+pub(super) fn run_kicked<V: Send, R: Send>(
+    target: &mut V,
+    vcpu_of: fn(&mut V) -> &mut VcpuFd,
+    run: impl FnOnce(&mut V) -> R + Send,
+    kick: Kick,
+) -> Option<R> {
+    let flag = std::ptr::NonNull::from(&mut vcpu_of(target).get_kvm_run().immediate_exit);
+    let flag = SendPtr(flag);
+    std::thread::scope(|scope| {
+        let (started_tx, started_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        let runner = scope.spawn(move || {
+            // SAFETY: `pthread_self` has no preconditions.
+            let _ = started_tx.send(unsafe { libc::pthread_self() });
+            let result = run(target);
+            let _ = done_tx.send(());
+            result
+        });
+        let thread = started_rx.recv().ok();
+        if let (Some(thread), Err(mpsc::RecvTimeoutError::Timeout)) =
+            (thread, done_rx.recv_timeout(kick.after))
+        {
+            // The vCPU's thread makes no non-atomic access to the byte: only
+            // the kernel reads it, at `KVM_RUN`. `target` is borrowed by the
+            // scope, so the vCPU (and its `kvm_run` mapping) outlives it.
+            // SAFETY: the mapping is alive (see above); a byte is always aligned.
+            let flag = unsafe { std::sync::atomic::AtomicU8::from_ptr(flag.0.as_ptr()) };
+            // SeqCst: a store other threads' KVM_RUN reads in the kernel.
+            flag.store(1, std::sync::atomic::Ordering::SeqCst);
+            loop {
+                // The thread is not joined before the scope ends, so its id is valid.
+                // SAFETY: `thread` names a live or unjoined thread of this process.
+                unsafe { libc::pthread_kill(thread, kick.signal) };
+                match done_rx.recv_timeout(kick.every) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    // Sent, or the runner panicked (the join reports it).
+                    _ => break,
+                }
+            }
+        }
+        runner.join().ok()
+    })
+}
+
+/// A pointer to `kvm_run.immediate_exit`, sent to the kicking side.
+struct SendPtr(std::ptr::NonNull<u8>);
+
+// Only used for one atomic store to a byte of the shared `kvm_run` mapping.
+// SAFETY: any thread may make that store.
+unsafe impl Send for SendPtr {}
 
 /// A no-op handler for `signal`, installed process-wide while this value
 /// lives, so that the signal interrupts `KVM_RUN` without killing the

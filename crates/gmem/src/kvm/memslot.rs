@@ -1,31 +1,33 @@
-//! Memslot bindings: a range of a gmem file as guest-physical memory.
+//! Memslot bindings: a range of a gmem file as guest-physical memory, with
+//! the kernel's checks, an entry in the VM's [`GpaMap`], and the listener
+//! that keeps KVM's own memory attributes for the file in step.
 
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Weak};
 
-use kvm_bindings::{KVM_MEM_GUEST_MEMFD, kvm_userspace_memory_region2};
+use kvm_ioctls::VmFd;
+use rustix::io::Errno;
 
-use super::vm::VmShared;
-use super::{MemslotError, Vm, ioctl};
-use crate::{GuestMemfd, PAGE_SIZE};
-
-/// A bound range, as the VM's table keeps it. Holding the file keeps its fd
-/// and gmem's own mapping (the one KVM was given) alive.
-pub(super) struct SlotEntry {
-    pub(super) slot: u32,
-    pub(super) gpa: u64,
-    pub(super) len: u64,
-    pub(super) offset: u64,
-    pub(super) mem: Arc<GuestMemfd>,
-}
+use super::attributes::{
+    AttributeRequest, AttributeSync, SlotRange, apply_all, changing_runs, in_place_requests,
+    vm_requests,
+};
+use super::gpa_map::{GpaMap, SlotEntry, SlotTable};
+use super::ioctl::{self, BoundRegion, RegionSpec};
+use super::{MemslotError, MemslotFlags};
+use crate::{
+    Attribute, BackingKind, ConversionListener, GuestMemfd, ListenerId, PAGE_SIZE, Refusal,
+};
 
 /// A memslot: `[gpa, gpa + len)` of the guest is `[offset, offset + len)` of
 /// a gmem file. Dropping it deletes the slot, then releases the file.
 pub struct Memslot {
-    vm: Arc<VmShared>,
+    map: Arc<GpaMap>,
+    region: Option<BoundRegion>,
     slot: u32,
     gpa: u64,
     len: u64,
+    flags: MemslotFlags,
 }
 
 impl std::fmt::Debug for Memslot {
@@ -34,6 +36,7 @@ impl std::fmt::Debug for Memslot {
             .field("slot", &self.slot)
             .field("gpa", &format_args!("{:#x}", self.gpa))
             .field("len", &format_args!("{:#x}", self.len))
+            .field("flags", &self.flags)
             .finish()
     }
 }
@@ -58,81 +61,125 @@ impl Memslot {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-}
 
-impl Vm {
-    /// Binds `[offset, offset + len)` of `mem` at guest-physical `gpa` as
-    /// slot `slot` (`KVM_SET_USER_MEMORY_REGION2` with `KVM_MEM_GUEST_MEMFD`).
-    ///
-    /// Every guest access to the range is served from the file, shared or
-    /// private. Errors mirror the kernel's checks: alignment, a range inside
-    /// the file, no overlap with another binding of the file (`EINVAL`), a
-    /// free slot and guest range (`EEXIST`), and a file of this VM.
-    pub fn bind(
-        &self,
-        slot: u32,
-        gpa: u64,
+    /// The memslot flags it was bound with (`KVM_MEM_GUEST_MEMFD` aside).
+    pub fn flags(&self) -> MemslotFlags {
+        self.flags
+    }
+
+    /// Checks and binds (see [`Vm::bind`](super::Vm::bind)); `vm_id` is
+    /// gmem's number of the VM, for telling its own guest_memfds.
+    pub(super) fn bind(
+        vm: &Arc<VmFd>,
+        vm_id: u64,
+        map: &Arc<GpaMap>,
         mem: &Arc<GuestMemfd>,
-        offset: u64,
-        len: u64,
+        spec: RegionSpec,
     ) -> Result<Memslot, MemslotError> {
-        if gpa % PAGE_SIZE != 0 || offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-            return Err(MemslotError::Unaligned { gpa, offset, len });
-        }
-        if len == 0 {
-            return Err(MemslotError::Empty);
-        }
-        if mem.owner_vm() != Some(self.shared.id()) {
-            return Err(MemslotError::ForeignFile);
-        }
-        let size = mem.size();
-        if offset.checked_add(len).is_none_or(|end| end > size) || gpa.checked_add(len).is_none() {
-            return Err(MemslotError::OutsideFile { offset, len, size });
-        }
-        let mut slots = self.shared.slots();
-        check_free(&slots, slot, gpa, mem, offset, len)?;
-        let region = kvm_userspace_memory_region2 {
-            slot,
-            flags: KVM_MEM_GUEST_MEMFD,
-            guest_phys_addr: gpa,
-            memory_size: len,
-            userspace_addr: mem.direct_map_ptr() as u64 + offset,
-            guest_memfd_offset: offset,
-            guest_memfd: mem.as_fd().as_raw_fd() as u32,
-            ..Default::default()
-        };
-        // `userspace_addr` is gmem's own mapping of the whole file, never
-        // changed by conversions; `mem`'s fd is a guest_memfd of this VM
-        // (checked above). The table entry pushed below holds `mem`, and
-        // `Memslot::drop` deletes the slot before dropping the entry.
-        // SAFETY: the mapping and the fd outlive the slot (see above).
-        unsafe { ioctl::set_memslot(&self.shared.fd, region) }
-            .map_err(|errno| MemslotError::Kernel { errno })?;
-        slots.push(SlotEntry {
-            slot,
-            gpa,
-            len,
-            offset,
+        check_request(vm_id, mem, spec)?;
+        let mut table = map.table();
+        check_free(&table, mem, spec)?;
+        let region =
+            BoundRegion::bind(vm, mem, spec).map_err(|errno| MemslotError::Kernel { errno })?;
+        table.entries.push(SlotEntry {
+            slot: spec.slot,
+            gpa: spec.gpa,
+            len: spec.len,
+            offset: spec.offset,
             mem: mem.clone(),
         });
-        Ok(Memslot {
-            vm: self.shared.clone(),
-            slot,
-            gpa,
-            len,
+        let syncing = !matches!(map.sync(), AttributeSync::GmemOnly);
+        if syncing && !table.syncing.iter().any(|(id, _)| *id == mem.file_id()) {
+            let listener = KvmAttributeListener {
+                file: Arc::downgrade(mem),
+                file_id: mem.file_id(),
+                map: Arc::downgrade(map),
+            };
+            let id = mem.add_listener(Arc::new(listener));
+            table.syncing.push((mem.file_id(), id));
+        }
+        drop(table);
+        let slot = Memslot {
+            map: map.clone(),
+            region: Some(region),
+            slot: spec.slot,
+            gpa: spec.gpa,
+            len: spec.len,
+            flags: MemslotFlags::from_bits_retain(spec.flags),
+        };
+        if syncing {
+            // If this fails, dropping `slot` deletes it again.
+            slot.sync_attributes(mem, spec)?;
+        }
+        Ok(slot)
+    }
+
+    /// Sets KVM's attributes for the slot's range to gmem's state, under the
+    /// file's invalidate lock (shared), so that no conversion interleaves.
+    /// The listener added at bind keeps them in step from here.
+    fn sync_attributes(&self, mem: &GuestMemfd, spec: RegionSpec) -> Result<(), MemslotError> {
+        let listener = KvmAttributeListener {
+            file: Weak::new(),
+            file_id: mem.file_id(),
+            map: Arc::downgrade(&self.map),
+        };
+        let range = spec.offset..spec.offset + spec.len;
+        mem.with_shared_runs(|shared| {
+            let mut requests = Vec::new();
+            for to in [Attribute::Private, Attribute::Shared] {
+                // The runs not in `to.other()` are those in state `to`.
+                let runs = changing_runs(shared, range.clone(), to.other());
+                // Other slots of the file are in step already.
+                let only_this = |r: &AttributeRequest| match r {
+                    AttributeRequest::Vm(a) => (spec.gpa..spec.gpa + spec.len).contains(&a.address),
+                    AttributeRequest::InPlace(_) => true,
+                };
+                let all = listener.requests(mem, &runs, to);
+                requests.extend(all.into_iter().filter(only_this));
+            }
+            listener
+                .apply(mem, &requests)
+                .map_err(|(_, errno, _)| MemslotError::Attributes { errno })
         })
     }
 }
 
-fn check_free(
-    slots: &[SlotEntry],
-    slot: u32,
-    gpa: u64,
-    mem: &Arc<GuestMemfd>,
-    offset: u64,
-    len: u64,
-) -> Result<(), MemslotError> {
-    for other in slots {
+/// The kernel's checks of the request itself.
+fn check_request(vm_id: u64, mem: &GuestMemfd, spec: RegionSpec) -> Result<(), MemslotError> {
+    let RegionSpec {
+        gpa, offset, len, ..
+    } = spec;
+    if gpa % PAGE_SIZE != 0 || offset % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        return Err(MemslotError::Unaligned { gpa, offset, len });
+    }
+    if len == 0 {
+        return Err(MemslotError::Empty);
+    }
+    // An adopted guest_memfd has no known owner: the kernel judges it.
+    let foreign = match (mem.backing_kind(), mem.owner_vm()) {
+        (BackingKind::Memfd, _) => true,
+        (BackingKind::KernelGuestMemfd, owner) => owner.is_some_and(|id| id != vm_id),
+    };
+    if foreign {
+        return Err(MemslotError::ForeignFile);
+    }
+    let size = mem.size();
+    if offset.checked_add(len).is_none_or(|end| end > size) || gpa.checked_add(len).is_none() {
+        return Err(MemslotError::OutsideFile { offset, len, size });
+    }
+    Ok(())
+}
+
+/// The checks against the slots already bound.
+fn check_free(table: &SlotTable, mem: &GuestMemfd, spec: RegionSpec) -> Result<(), MemslotError> {
+    let RegionSpec {
+        slot,
+        gpa,
+        offset,
+        len,
+        ..
+    } = spec;
+    for other in &table.entries {
         if other.slot == slot {
             return Err(MemslotError::SlotInUse { slot });
         }
@@ -159,18 +206,118 @@ fn check_free(
 
 impl Drop for Memslot {
     fn drop(&mut self) {
-        let delete = kvm_userspace_memory_region2 {
-            slot: self.slot,
-            ..Default::default()
+        let Some(region) = self.region.take() else {
+            return;
         };
-        let mut slots = self.vm.slots();
-        // SAFETY: a size of zero deletes the slot; the kernel keeps no pointer.
-        if let Err(errno) = unsafe { ioctl::set_memslot(&self.vm.fd, delete) } {
-            // KVM still uses the mapping: keep the file (and mapping) alive
-            // for the life of the VM rather than free it under the guest.
+        let mut table = self.map.table();
+        if let Err(errno) = region.delete() {
+            // KVM still uses the mapping: the region leaked the file; the
+            // entry stays so that the slot number and range stay taken.
             tracing::error!(slot = self.slot, %errno, "deleting a memslot failed; keeping its memory");
             return;
         }
-        slots.retain(|entry| entry.slot != self.slot);
+        let Some(index) = table.entries.iter().position(|e| e.slot == self.slot) else {
+            return;
+        };
+        let entry = table.entries.swap_remove(index);
+        let file = entry.mem.file_id();
+        let listener = if table.entries.iter().any(|e| e.mem.file_id() == file) {
+            None
+        } else {
+            take_listener(&mut table, file)
+        };
+        drop(table);
+        // Outside the table lock: removal waits for calls under way, which
+        // take it.
+        if let Some(id) = listener {
+            entry.mem.remove_listener(id);
+        }
+    }
+}
+
+fn take_listener(table: &mut SlotTable, file: u64) -> Option<ListenerId> {
+    let index = table.syncing.iter().position(|(id, _)| *id == file)?;
+    Some(table.syncing.swap_remove(index).1)
+}
+
+/// Keeps KVM's attributes for one file in step (see the module doc).
+struct KvmAttributeListener {
+    file: Weak<GuestMemfd>,
+    file_id: u64,
+    map: Weak<GpaMap>,
+}
+
+impl KvmAttributeListener {
+    /// The requests that set the file ranges `runs` to `to`, for `mem`.
+    fn requests(
+        &self,
+        mem: &GuestMemfd,
+        runs: &[Range<u64>],
+        to: Attribute,
+    ) -> Vec<AttributeRequest> {
+        let Some(map) = self.map.upgrade() else {
+            return Vec::new();
+        };
+        match map.sync() {
+            AttributeSync::GmemOnly => Vec::new(),
+            AttributeSync::InPlaceAttributes => in_place_requests(runs, to)
+                .into_iter()
+                .map(AttributeRequest::InPlace)
+                .collect(),
+            AttributeSync::VmAttributes(_) => {
+                let table = map.table();
+                let slots: Vec<_> = table
+                    .entries
+                    .iter()
+                    .filter(|e| e.mem.file_id() == mem.file_id())
+                    .map(|e| SlotRange {
+                        gpa: e.gpa,
+                        offset: e.offset,
+                        len: e.len,
+                    })
+                    .collect();
+                let requests = vm_requests(&slots, runs, to);
+                requests.into_iter().map(AttributeRequest::Vm).collect()
+            }
+        }
+    }
+
+    /// Makes `requests` on the VM or on `mem`'s guest_memfd.
+    fn apply(
+        &self,
+        mem: &GuestMemfd,
+        requests: &[AttributeRequest],
+    ) -> Result<(), (usize, Errno, Option<Errno>)> {
+        let Some(map) = self.map.upgrade() else {
+            return Ok(());
+        };
+        apply_all(requests, |request| match (request, map.sync()) {
+            (AttributeRequest::Vm(r), AttributeSync::VmAttributes(vm)) => vm
+                .set_memory_attributes(*r)
+                .map_err(|e| Errno::from_raw_os_error(e.errno())),
+            (AttributeRequest::InPlace(r), _) => ioctl::set_memory_attributes2(mem.as_fd(), *r),
+            _ => Ok(()),
+        })
+    }
+}
+
+impl ConversionListener for KvmAttributeListener {
+    fn commit(&self, offset: u64, len: u64, to: Attribute) -> Result<(), Refusal> {
+        let Some(mem) = self.file.upgrade() else {
+            return Ok(());
+        };
+        debug_assert_eq!(mem.file_id(), self.file_id);
+        // Served from the map the conversion holds: the state before it.
+        let shared = mem.shared_runs();
+        let runs = changing_runs(&shared, offset..offset + len, to);
+        let requests = self.requests(&mem, &runs, to);
+        self.apply(&mem, &requests).map_err(|(index, errno, undo)| {
+            Refusal::new(match undo {
+                None => format!("KVM refused memory attribute request {index}: {errno}"),
+                Some(undo) => format!(
+                    "KVM refused memory attribute request {index}: {errno}; undoing the earlier ones failed too ({undo}): KVM's attributes may differ from gmem's"
+                ),
+            })
+        })
     }
 }

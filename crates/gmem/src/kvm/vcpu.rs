@@ -6,60 +6,25 @@
 //! hypercall to userspace (`KVM_EXIT_HYPERCALL`), the guest uses `vmcall`;
 //! otherwise it writes any byte to [`CONVERSION_PORT`] with the three values
 //! in `ebx`, `ecx` and `esi`. Either way the result is in `rax` when the
-//! guest resumes: 0, or the errno of the failure.
+//! guest resumes: 0, or the negative errno of the failure (KVM's convention
+//! for `hypercall.ret`; a 32-bit guest sees its low 32 bits in `eax`).
+//! Both, and memory-fault exits, are served by the code a VMM's own run loop
+//! calls ([`GpaMap::handle_exit`](super::GpaMap::handle_exit)).
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use kvm_bindings::{KVM_SYNC_X86_REGS, kvm_segment};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use rustix::io::Errno;
 
-use super::uapi::{
-    KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED, KVM_MAP_GPA_RANGE_PAGE_SZ_MASK,
-};
-use super::vm::VmShared;
+use super::exit::{ConversionExit, ConversionRequest, RequestChannel};
+use super::gpa_map::{ConversionOutcome, GpaMap};
 use super::{KvmError, VcpuError, ioctl};
-use crate::{Attribute, ConversionError};
 
 /// The I/O port of the port-I/O conversion request: `ebx` = gpa, `ecx` =
 /// pages, `esi` = attributes; the result comes back in `eax`.
 pub const CONVERSION_PORT: u16 = 0x4d47;
-
-/// How a conversion request reached the VMM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestChannel {
-    /// `KVM_EXIT_HYPERCALL` with `KVM_HC_MAP_GPA_RANGE`.
-    Hypercall,
-    /// A write to [`CONVERSION_PORT`].
-    PortIo,
-    /// A `KVM_EXIT_MEMORY_FAULT`: the guest touched a page in the other state.
-    MemoryFault,
-}
-
-/// A conversion the guest asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConversionRequest {
-    /// The vCPU that asked.
-    pub vcpu: u64,
-    /// The guest-physical start.
-    pub gpa: u64,
-    /// The number of pages.
-    pub pages: u64,
-    /// The state asked for.
-    pub to: Attribute,
-    /// How the request arrived.
-    pub channel: RequestChannel,
-}
-
-/// What became of a conversion request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConversionOutcome {
-    /// The final result, returned to the guest as 0 or its errno.
-    pub result: Result<(), ConversionError>,
-    /// Attempts made (more than one after `EAGAIN`).
-    pub attempts: u32,
-}
 
 /// General registers at an exit (from `kvm_run`'s synced registers), so that
 /// a port write can carry more than its data.
@@ -109,7 +74,7 @@ pub enum VcpuStop {
 /// A vCPU of a [`Vm`](super::Vm).
 pub struct Vcpu {
     fd: VcpuFd,
-    vm: Arc<VmShared>,
+    map: Arc<GpaMap>,
     id: u64,
 }
 
@@ -126,19 +91,18 @@ enum Exit {
     Out(u16, [u8; 8], usize),
     Done(VcpuStop),
     Served,
-    MemoryFault { gpa: u64, len: u64, private: bool },
+    Converted(ConversionExit),
 }
 
 impl Vcpu {
-    pub(super) fn new(vm: Arc<VmShared>, id: u64) -> Result<Vcpu, KvmError> {
+    pub(super) fn new(vm: &VmFd, map: Arc<GpaMap>, id: u64) -> Result<Vcpu, KvmError> {
         let mut fd = vm
-            .fd
             .create_vcpu(id)
             .map_err(KvmError::ioctl("KVM_CREATE_VCPU"))?;
         // Registers travel in kvm_run at every exit: no GET/SET_REGS ioctls
         // on the conversion path.
         fd.get_kvm_run().kvm_valid_regs = KVM_SYNC_X86_REGS.into();
-        Ok(Vcpu { fd, vm, id })
+        Ok(Vcpu { fd, map, id })
     }
 
     /// The vCPU's id.
@@ -228,57 +192,61 @@ impl Vcpu {
                         return Ok(VcpuStop::Stopped);
                     }
                 }
-                Exit::MemoryFault { gpa, len, private } => {
-                    self.serve_memory_fault(io, gpa, len, private)?
+                Exit::Converted(served) => {
+                    io.converted(&served.request, &served.outcome);
+                    let ConversionExit { request, outcome } = served;
+                    if let (RequestChannel::MemoryFault, Err(source)) =
+                        (request.channel, outcome.result)
+                    {
+                        let len = request.pages * crate::PAGE_SIZE;
+                        let gpa = request.gpa;
+                        return Err(VcpuError::MemoryFault { gpa, len, source });
+                    }
                 }
             }
         }
     }
 
     fn run_once(&mut self, io: &mut dyn GuestIo) -> Result<Exit, VcpuError> {
-        let (id, vm) = (self.id, &self.vm);
-        let exit = match self.fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
+        let id = self.id;
+        let mut exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == Errno::INTR.raw_os_error() => {
+                return Err(VcpuError::Interrupted);
+            }
+            Err(e) if e.errno() == Errno::AGAIN.raw_os_error() => return Ok(Exit::Served),
+            Err(e) => return Err(KvmError::ioctl("KVM_RUN")(e).into()),
+        };
+        if let Some(served) = self.map.handle_exit(&mut exit) {
+            return Ok(Exit::Converted(served));
+        }
+        let exit = match exit {
+            VcpuExit::IoOut(port, data) => {
                 let mut bytes = [0u8; 8];
                 let len = data.len().min(8);
                 bytes[..len].copy_from_slice(&data[..len]);
                 Exit::Out(port, bytes, len)
             }
-            Ok(VcpuExit::IoIn(port, data)) => {
+            VcpuExit::IoIn(port, data) => {
                 io.io_in(id, port, data);
                 Exit::Served
             }
-            Ok(VcpuExit::Hypercall(call)) if call.nr == KVM_HC_MAP_GPA_RANGE => {
-                let [gpa, pages, attrs, ..] = call.args;
-                *call.ret = serve(vm, io, id, gpa, pages, attrs, RequestChannel::Hypercall);
-                Exit::Served
-            }
-            Ok(VcpuExit::MemoryFault { flags, gpa, size }) => Exit::MemoryFault {
-                gpa,
-                len: size,
-                private: flags & u64::from(kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0,
-            },
-            Ok(VcpuExit::Hlt) => Exit::Done(VcpuStop::Halted),
-            Ok(VcpuExit::Shutdown) => return Err(VcpuError::Shutdown { rip: self.rip() }),
-            Ok(VcpuExit::InternalError) => {
+            VcpuExit::Hlt => Exit::Done(VcpuStop::Halted),
+            VcpuExit::Shutdown => return Err(VcpuError::Shutdown { rip: self.rip() }),
+            VcpuExit::InternalError => {
                 let suberror = ioctl::internal_suberror(&mut self.fd);
                 return Err(VcpuError::Internal {
                     suberror,
                     rip: self.rip(),
                 });
             }
-            Ok(other) => {
+            other => {
                 let exit = format!("{other:?}");
                 return Err(VcpuError::UnexpectedExit {
                     exit,
                     rip: self.rip(),
                 });
             }
-            Err(e) if e.errno() == Errno::INTR.raw_os_error() => {
-                return Err(VcpuError::Interrupted);
-            }
-            Err(e) if e.errno() == Errno::AGAIN.raw_os_error() => Exit::Served,
-            Err(e) => return Err(KvmError::ioctl("KVM_RUN")(e).into()),
         };
         Ok(exit)
     }
@@ -288,7 +256,7 @@ impl Vcpu {
     }
 
     /// A port-I/O request: the values are in the synced registers, and the
-    /// result goes back in `rax`.
+    /// result goes back in `rax` as a hypercall's would.
     fn serve_port_request(&mut self, io: &mut dyn GuestIo) {
         let regs = ioctl::sync_regs(&mut self.fd);
         let (gpa, pages, attrs) = (
@@ -296,87 +264,11 @@ impl Vcpu {
             regs.rcx & 0xffff_ffff,
             regs.rsi & 0xffff_ffff,
         );
-        let result = serve(
-            &self.vm,
-            io,
-            self.id,
-            gpa,
-            pages,
-            attrs,
-            RequestChannel::PortIo,
-        );
-        ioctl::sync_regs(&mut self.fd).rax = result;
+        let served = self
+            .map
+            .serve_map_gpa_range(gpa, pages, attrs, RequestChannel::PortIo);
+        io.converted(&served.request, &served.outcome);
+        ioctl::sync_regs(&mut self.fd).rax = served.outcome.guest_ret();
         self.fd.get_kvm_run().kvm_dirty_regs = KVM_SYNC_X86_REGS.into();
-    }
-
-    /// A memory fault: convert the range to what the access expected.
-    fn serve_memory_fault(
-        &mut self,
-        io: &mut dyn GuestIo,
-        gpa: u64,
-        len: u64,
-        private: bool,
-    ) -> Result<(), VcpuError> {
-        let to = if private {
-            Attribute::Private
-        } else {
-            Attribute::Shared
-        };
-        let pages = len.div_ceil(crate::PAGE_SIZE);
-        let request = ConversionRequest {
-            vcpu: self.id,
-            gpa,
-            pages,
-            to,
-            channel: RequestChannel::MemoryFault,
-        };
-        let (result, attempts) = self.vm.convert(gpa, pages, to);
-        let outcome = ConversionOutcome { result, attempts };
-        io.converted(&request, &outcome);
-        outcome
-            .result
-            .map_err(|source| VcpuError::MemoryFault { gpa, len, source })
-    }
-}
-
-/// Validates and performs a `KVM_HC_MAP_GPA_RANGE` request; returns what the
-/// guest gets in `rax`.
-fn serve(
-    vm: &VmShared,
-    io: &mut dyn GuestIo,
-    vcpu: u64,
-    gpa: u64,
-    pages: u64,
-    attrs: u64,
-    channel: RequestChannel,
-) -> u64 {
-    let to = if attrs & KVM_MAP_GPA_RANGE_ENCRYPTED != 0 {
-        Attribute::Private
-    } else {
-        Attribute::Shared
-    };
-    let request = ConversionRequest {
-        vcpu,
-        gpa,
-        pages,
-        to,
-        channel,
-    };
-    let known = KVM_MAP_GPA_RANGE_ENCRYPTED | KVM_MAP_GPA_RANGE_PAGE_SZ_MASK;
-    let (result, attempts) = if attrs & !known != 0 || pages == 0 || gpa % crate::PAGE_SIZE != 0 {
-        let invalid = ConversionError::Invalid {
-            offset: gpa,
-            len: pages.saturating_mul(crate::PAGE_SIZE),
-            reason: "malformed KVM_HC_MAP_GPA_RANGE request",
-        };
-        (Err(invalid), 0)
-    } else {
-        vm.convert(gpa, pages, to)
-    };
-    let outcome = ConversionOutcome { result, attempts };
-    io.converted(&request, &outcome);
-    match &outcome.result {
-        Ok(()) => 0,
-        Err(e) => e.errno() as u64,
     }
 }

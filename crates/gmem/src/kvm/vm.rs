@@ -1,82 +1,32 @@
-//! The VM: guest_memfd files of the VM, the memslot table, and the service
-//! that performs the guest's conversion requests.
+//! The VM: a `kvm-ioctls` `VmFd` (made here or adopted), its guest_memfd
+//! files, memslots and vCPUs, and the front of its [`GpaMap`].
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use kvm_bindings::{KVM_CAP_EXIT_HYPERCALL, kvm_enable_cap};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_bindings::{KVM_CAP_EXIT_HYPERCALL, KVM_CAP_MEMORY_ATTRIBUTES, kvm_enable_cap};
+use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+use rustix::io::Errno;
 
-use super::memslot::SlotEntry;
+use super::attributes::{AttributeSync, AttributeSyncMode};
+use super::exit::ConversionExit;
+use super::gpa_map::{ConversionOutcome, ConversionPolicy, ConversionTotals, GpaMap, LetGo};
+use super::ioctl::RegionSpec;
 use super::uapi::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_CAP_GUEST_MEMFD_FLAGS,
     KVM_HC_MAP_GPA_RANGE,
 };
-use super::{KvmError, Vcpu, ioctl};
+use super::{KernelFlags, KvmError, Memslot, MemslotError, MemslotFlags, Vcpu, ioctl};
 use crate::backing::{Backing, BackingKind};
-use crate::{Attribute, ConversionError, Error, Flags, GuestMemfd, Options, PAGE_SIZE};
+use crate::{Attribute, Error, Flags, GuestMemfd, Options};
 
-/// How the VMM retries a guest conversion that failed with `EAGAIN`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConversionPolicy {
-    /// Attempts in all, the first included (at least 1).
-    pub max_attempts: u32,
-    /// The pause after the first `EAGAIN`; it doubles up to `max_backoff`.
-    pub first_backoff: Duration,
-    /// The longest pause between attempts.
-    pub max_backoff: Duration,
-}
-
-impl Default for ConversionPolicy {
-    fn default() -> Self {
-        ConversionPolicy {
-            max_attempts: 16,
-            first_backoff: Duration::from_micros(20),
-            max_backoff: Duration::from_millis(2),
-        }
-    }
-}
-
-/// Counts of the guest's conversion requests served by a VM.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ConversionTotals {
-    /// Requests served (hypercall, port I/O or memory fault).
-    pub requests: u64,
-    /// Requests that ended in success.
-    pub succeeded: u64,
-    /// Requests that ended in an error returned to the guest.
-    pub failed: u64,
-    /// `EAGAIN`s met and retried after asking device threads to let go.
-    pub eagain_retries: u64,
-    /// Requests that succeeded after at least one `EAGAIN`.
-    pub resolved_after_retry: u64,
-}
-
-#[derive(Debug, Default)]
-struct Totals {
-    requests: AtomicU64,
-    succeeded: AtomicU64,
-    failed: AtomicU64,
-    eagain_retries: AtomicU64,
-    resolved_after_retry: AtomicU64,
-}
-
-/// Called on `EAGAIN` with the guest-physical range, before the retry: tell
-/// the device threads that hold pins there to let go.
-pub type LetGo = dyn Fn(u64, u64) + Send + Sync;
-
-/// Shared by the VM handle, its memslots and its vCPUs.
+/// Shared by the VM handle and its memslots (vCPUs hold the map only).
 pub(super) struct VmShared {
-    // Declared first so it is dropped first: KVM releases every memslot before
-    // the files and mappings in `slots` go.
-    pub(super) fd: VmFd,
-    pub(super) kvm: Kvm,
+    pub(super) fd: Arc<VmFd>,
     id: u64,
-    slots: Mutex<Vec<SlotEntry>>,
-    policy: Mutex<ConversionPolicy>,
-    let_go: Mutex<Option<Arc<LetGo>>>,
-    totals: Totals,
+    map: Arc<GpaMap>,
+    /// Whether `KVM_HC_MAP_GPA_RANGE` exits to userspace.
+    hypercall_exits: bool,
 }
 
 /// A KVM VM whose memory is gmem files.
@@ -94,43 +44,81 @@ impl std::fmt::Debug for Vm {
 }
 
 impl Vm {
-    /// Opens `/dev/kvm` and creates a VM of the default type. Where the host
-    /// delivers `KVM_HC_MAP_GPA_RANGE` to userspace, asks for it.
+    /// Opens `/dev/kvm` and creates a VM of the default type; then as
+    /// [`from_vm_fd`](Self::from_vm_fd).
     pub fn new() -> Result<Vm, KvmError> {
         let kvm = Kvm::new().map_err(|e| KvmError::Open {
-            errno: rustix::io::Errno::from_raw_os_error(e.errno()),
+            errno: Errno::from_raw_os_error(e.errno()),
         })?;
         let fd = kvm.create_vm().map_err(KvmError::ioctl("KVM_CREATE_VM"))?;
-        let hypercalls = fd.check_extension_raw(KVM_CAP_EXIT_HYPERCALL.into());
-        if hypercalls >= 0 && hypercalls as u64 & (1 << KVM_HC_MAP_GPA_RANGE) != 0 {
-            let mut cap = kvm_enable_cap {
-                cap: KVM_CAP_EXIT_HYPERCALL,
-                ..Default::default()
-            };
-            cap.args[0] = 1 << KVM_HC_MAP_GPA_RANGE;
-            fd.enable_cap(&cap)
-                .map_err(KvmError::ioctl("KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)"))?;
-        }
+        Vm::from_vm_fd(Arc::new(fd))
+    }
+
+    /// Adopts a VM the VMM made with `kvm-ioctls` (any VM type); the VMM
+    /// keeps its own handle for what gmem does not cover (irqchip, irqfd,
+    /// ioeventfd, other memslots).
+    ///
+    /// Where the host can deliver `KVM_HC_MAP_GPA_RANGE` to userspace,
+    /// enables that exit (`KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL)`; it is the
+    /// only hypercall that capability covers, so nothing the VMM enabled is
+    /// lost). If enabling fails (say the kernel refuses once vCPUs exist)
+    /// the VM is still adopted; [`hypercall_exits`](Self::hypercall_exits)
+    /// says whether the exit is on. Probes which of KVM's memory attribute
+    /// interfaces conversions keep in step ([`attribute_sync`](Self::attribute_sync)).
+    pub fn from_vm_fd(fd: Arc<VmFd>) -> Result<Vm, KvmError> {
+        let hypercall_exits = enable_hypercall_exits(&fd);
+        let vm_attributes = fd
+            .check_extension_raw(KVM_CAP_MEMORY_ATTRIBUTES.into())
+            .max(0) as u64;
+        let in_place = in_place_attributes(&fd);
+        let sync = match AttributeSyncMode::choose(vm_attributes, in_place) {
+            AttributeSyncMode::GmemOnly => AttributeSync::GmemOnly,
+            AttributeSyncMode::VmAttributes => AttributeSync::VmAttributes(fd.clone()),
+            AttributeSyncMode::InPlaceAttributes => AttributeSync::InPlaceAttributes,
+        };
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Ok(Vm {
             shared: Arc::new(VmShared {
                 fd,
-                kvm,
                 // Relaxed: a unique number is all that is needed.
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                slots: Mutex::new(Vec::new()),
-                policy: Mutex::new(ConversionPolicy::default()),
-                let_go: Mutex::new(None),
-                totals: Totals::default(),
+                map: Arc::new(GpaMap::new(sync)),
+                hypercall_exits,
             }),
         })
     }
 
+    /// The `kvm-ioctls` VM, for what gmem does not cover. Memslots made
+    /// with it directly are not in gmem's [`GpaMap`].
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.shared.fd
+    }
+
+    /// Whether gmem enabled the guest's `KVM_HC_MAP_GPA_RANGE` exits to
+    /// userspace (else KVM returns `-KVM_ENOSYS` to the guest, unless the
+    /// VMM enabled them itself; gmem's guests then use the port-I/O
+    /// request). Where the host offers the exit, enabling it succeeds.
+    pub fn hypercall_exits(&self) -> bool {
+        self.shared.hypercall_exits
+    }
+
+    /// How conversions keep KVM's own memory attributes in step.
+    pub fn attribute_sync(&self) -> AttributeSyncMode {
+        self.shared.map.sync().mode()
+    }
+
+    /// The guest-physical map of the VM's gmem slots, and its conversion
+    /// service (share the `Arc` with vCPU threads).
+    pub fn gpa_map(&self) -> &Arc<GpaMap> {
+        &self.shared.map
+    }
+
     /// A gmem file backed by a kernel guest_memfd of this VM.
     ///
-    /// The kernel file is created `MMAP | INIT_SHARED` (this host's kernel
-    /// has no per-page state); `flags` are gmem's: `INIT_SHARED` sets the
-    /// initial state and `MMAP` whether the host may map it.
+    /// The kernel file is created `MMAP | INIT_SHARED` (the host maps every
+    /// page, and gmem's attribute map decides what it may touch); `flags`
+    /// are gmem's: `INIT_SHARED` sets the initial state and `MMAP` whether
+    /// the host may map it.
     pub fn create_guest_memfd(&self, size: u64, flags: Flags) -> Result<GuestMemfd, Error> {
         self.create_guest_memfd_with(size, flags, Options::default())
     }
@@ -142,159 +130,163 @@ impl Vm {
         flags: Flags,
         options: Options,
     ) -> Result<GuestMemfd, Error> {
+        self.create_guest_memfd_with_kernel_flags(size, flags, options, KernelFlags::empty())
+    }
+
+    /// [`create_guest_memfd_with`](Self::create_guest_memfd_with), passing
+    /// `kernel_flags` to `KVM_CREATE_GUEST_MEMFD` as they are.
+    ///
+    /// Errors: `EOPNOTSUPP` ([`Error::Os`], naming the flag) for a flag that
+    /// `KVM_CAP_GUEST_MEMFD_FLAGS` does not report, `EINVAL`
+    /// ([`Error::UnknownFlags`]) for bits gmem does not know; else as
+    /// [`create_guest_memfd`](Self::create_guest_memfd).
+    pub fn create_guest_memfd_with_kernel_flags(
+        &self,
+        size: u64,
+        flags: Flags,
+        options: Options,
+        kernel_flags: KernelFlags,
+    ) -> Result<GuestMemfd, Error> {
         GuestMemfd::validate(size, flags)?;
+        let unknown = kernel_flags.bits() & !KernelFlags::all().bits();
+        if unknown != 0 {
+            return Err(Error::UnknownFlags { bits: unknown });
+        }
         let needed = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
         let supported = self
             .shared
             .fd
-            .check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS.into());
-        if supported < 0 || supported as u64 & needed != needed {
+            .check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS.into())
+            .max(0) as u64;
+        if supported & needed != needed {
             return Err(Error::Os {
                 call: "KVM_CREATE_GUEST_MEMFD (needs GUEST_MEMFD_FLAG_MMAP | INIT_SHARED)",
-                errno: rustix::io::Errno::OPNOTSUPP,
+                errno: Errno::OPNOTSUPP,
             });
         }
-        let fd =
-            ioctl::create_guest_memfd(&self.shared.fd, size, needed).map_err(|e| Error::Os {
+        let missing = KernelFlags::from_bits_retain(kernel_flags.bits() & !supported);
+        if let Some(flag) = missing.iter().next() {
+            return Err(Error::Os {
+                call: unsupported_flag_call(flag),
+                errno: Errno::OPNOTSUPP,
+            });
+        }
+        let fd = ioctl::create_guest_memfd(&self.shared.fd, size, needed | kernel_flags.bits())
+            .map_err(|e| Error::Os {
                 call: "KVM_CREATE_GUEST_MEMFD",
-                errno: rustix::io::Errno::from_raw_os_error(e.errno()),
+                errno: Errno::from_raw_os_error(e.errno()),
             })?;
         let backing = Backing::from_fd(fd, BackingKind::KernelGuestMemfd, Some(self.shared.id));
         GuestMemfd::with_backing(backing, size, flags, options)
     }
 
+    /// Binds `[offset, offset + len)` of `mem` at guest-physical `gpa` as
+    /// slot `slot` (`KVM_SET_USER_MEMORY_REGION2` with `flags` and
+    /// `KVM_MEM_GUEST_MEMFD`), and enters it in the [`GpaMap`].
+    ///
+    /// Every guest access to the range is served from the file, shared or
+    /// private. Errors mirror the kernel's checks: alignment, a range inside
+    /// the file, no overlap with another binding of the file (`EINVAL`), a
+    /// free slot and guest range among gmem's slots (`EEXIST`), and a kernel
+    /// guest_memfd of this VM (a memfd, or a guest_memfd gmem made on
+    /// another VM, is `EINVAL`; for an adopted guest_memfd the kernel
+    /// judges). Where KVM's memory attributes are kept in step, the slot's
+    /// range is set to gmem's state first.
+    pub fn bind(
+        &self,
+        slot: u32,
+        gpa: u64,
+        mem: &Arc<GuestMemfd>,
+        offset: u64,
+        len: u64,
+        flags: MemslotFlags,
+    ) -> Result<Memslot, MemslotError> {
+        let spec = RegionSpec {
+            slot,
+            flags: flags.bits(),
+            gpa,
+            offset,
+            len,
+        };
+        let shared = &self.shared;
+        Memslot::bind(&shared.fd, shared.id, &shared.map, mem, spec)
+    }
+
     /// Creates vCPU `id`.
     pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, KvmError> {
-        Vcpu::new(self.shared.clone(), id)
+        Vcpu::new(&self.shared.fd, self.shared.map.clone(), id)
     }
 
-    /// Sets how guest conversions that meet `EAGAIN` are retried.
+    /// Sets how guest conversions that meet `EAGAIN` are retried
+    /// ([`GpaMap::set_policy`]).
     pub fn set_conversion_policy(&self, policy: ConversionPolicy) {
-        *lock(&self.shared.policy) = ConversionPolicy {
-            max_attempts: policy.max_attempts.max(1),
-            ..policy
-        };
+        self.shared.map.set_policy(policy);
     }
 
-    /// Sets what is called on `EAGAIN`, before a retry, with a guest-physical
-    /// range: it should make device threads drop their pins there. The range
-    /// is the request's, widened to the failing huge folio on files with huge
-    /// folios.
+    /// Sets what is called on `EAGAIN` before a retry ([`GpaMap::set_let_go`]).
     pub fn set_let_go(&self, let_go: Arc<LetGo>) {
-        *lock(&self.shared.let_go) = Some(let_go);
+        self.shared.map.set_let_go(let_go);
     }
 
     /// Counts of the conversion requests served so far.
     pub fn conversion_totals(&self) -> ConversionTotals {
-        let t = &self.shared.totals;
-        // Relaxed: statistics.
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        ConversionTotals {
-            requests: get(&t.requests),
-            succeeded: get(&t.succeeded),
-            failed: get(&t.failed),
-            eagain_retries: get(&t.eagain_retries),
-            resolved_after_retry: get(&t.resolved_after_retry),
+        self.shared.map.totals()
+    }
+
+    /// Converts the guest-physical range `[gpa, gpa + pages * 4096)` to `to`
+    /// ([`GpaMap::convert`]).
+    pub fn convert(&self, gpa: u64, pages: u64, to: Attribute) -> ConversionOutcome {
+        self.shared.map.convert(gpa, pages, to)
+    }
+
+    /// Serves a conversion exit of the VMM's own `VcpuFd::run()` loop
+    /// ([`GpaMap::handle_exit`]): `KVM_HC_MAP_GPA_RANGE` hypercalls (with
+    /// `*ret` set) and memory faults; `None` for other exits.
+    pub fn handle_exit(&self, exit: &mut VcpuExit<'_>) -> Option<ConversionExit> {
+        self.shared.map.handle_exit(exit)
+    }
+}
+
+/// Enables `KVM_HC_MAP_GPA_RANGE` exits where the host offers them; whether
+/// they are on.
+fn enable_hypercall_exits(fd: &VmFd) -> bool {
+    let offered = fd.check_extension_raw(KVM_CAP_EXIT_HYPERCALL.into()).max(0) as u64;
+    if offered & (1 << KVM_HC_MAP_GPA_RANGE) == 0 {
+        return false;
+    }
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_EXIT_HYPERCALL,
+        ..Default::default()
+    };
+    cap.args[0] = 1 << KVM_HC_MAP_GPA_RANGE;
+    match fd.enable_cap(&cap) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                errno = e.errno(),
+                "enabling KVM_HC_MAP_GPA_RANGE exits failed"
+            );
+            false
         }
     }
-
-    /// Converts the guest-physical range `[gpa, gpa + pages * 4096)` to `to`,
-    /// as the guest's `KVM_HC_MAP_GPA_RANGE` asks, retrying `EAGAIN` under
-    /// the conversion policy. Returns the result and the attempts made.
-    pub fn convert(
-        &self,
-        gpa: u64,
-        pages: u64,
-        to: Attribute,
-    ) -> (Result<(), ConversionError>, u32) {
-        self.shared.convert(gpa, pages, to)
-    }
 }
 
-impl VmShared {
-    pub(super) fn id(&self) -> u64 {
-        self.id
-    }
-
-    pub(super) fn slots(&self) -> MutexGuard<'_, Vec<SlotEntry>> {
-        lock(&self.slots)
-    }
-
-    pub(super) fn convert(
-        &self,
-        gpa: u64,
-        pages: u64,
-        to: Attribute,
-    ) -> (Result<(), ConversionError>, u32) {
-        let t = &self.totals;
-        // Relaxed: statistics, here and below.
-        t.requests.fetch_add(1, Ordering::Relaxed);
-        let len = pages.checked_mul(PAGE_SIZE);
-        let Some((mem, offset)) = len.and_then(|len| self.translate(gpa, len)) else {
-            t.failed.fetch_add(1, Ordering::Relaxed);
-            let invalid = ConversionError::Invalid {
-                offset: gpa,
-                len: len.unwrap_or(u64::MAX),
-                reason: "the guest range is not inside one gmem memslot",
-            };
-            return (Err(invalid), 1);
-        };
-        let len = pages * PAGE_SIZE;
-        let policy = *lock(&self.policy);
-        let mut backoff = policy.first_backoff;
-        let mut attempt = 1;
-        loop {
-            match mem.set_attributes(offset, len, to) {
-                Ok(()) => {
-                    t.succeeded.fetch_add(1, Ordering::Relaxed);
-                    if attempt > 1 {
-                        t.resolved_after_retry.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return (Ok(()), attempt);
-                }
-                Err(ConversionError::Again { error_offset }) if attempt < policy.max_attempts => {
-                    t.eagain_retries.fetch_add(1, Ordering::Relaxed);
-                    let let_go = lock(&self.let_go).clone();
-                    if let Some(let_go) = let_go {
-                        let (start, end) = let_go_range(&mem, offset, len, error_offset);
-                        // `start <= offset`: the range begins at or before the request.
-                        let_go(gpa.saturating_sub(offset - start), end - start);
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(policy.max_backoff);
-                    attempt += 1;
-                }
-                Err(e) => {
-                    t.failed.fetch_add(1, Ordering::Relaxed);
-                    return (Err(e), attempt);
-                }
-            }
-        }
-    }
-
-    /// The file and offset of a guest-physical range inside one memslot.
-    fn translate(&self, gpa: u64, len: u64) -> Option<(Arc<GuestMemfd>, u64)> {
-        let end = gpa.checked_add(len)?;
-        let slots = self.slots();
-        let slot = slots
-            .iter()
-            .find(|s| s.gpa <= gpa && end <= s.gpa + s.len)?;
-        Some((slot.mem.clone(), slot.offset + (gpa - slot.gpa)))
-    }
+/// Whether the VM's guest_memfds take `KVM_SET_MEMORY_ATTRIBUTES2`, probed
+/// on a one-page guest_memfd (false where none can be made).
+fn in_place_attributes(fd: &VmFd) -> bool {
+    let flags = fd
+        .check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS.into())
+        .max(0) as u64;
+    let flags = flags & (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
+    ioctl::create_guest_memfd(fd, crate::PAGE_SIZE, flags)
+        .is_ok_and(|probe| ioctl::has_memory_attributes2(std::os::fd::AsFd::as_fd(&probe)))
 }
 
-/// The file range whose pins must go for a conversion of `[offset, offset +
-/// len)` that failed at `error_offset`: the request, widened to the folio of
-/// the failing page (a pin anywhere in a huge folio blocks it).
-fn let_go_range(mem: &GuestMemfd, offset: u64, len: u64, error_offset: u64) -> (u64, u64) {
-    // The failing page is inside the request, so inside the file; were it
-    // not, the request alone is the range.
-    let folio = mem
-        .folio_range(error_offset)
-        .unwrap_or(offset..offset + len);
-    (offset.min(folio.start), (offset + len).max(folio.end))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+/// The `Error::Os` call naming an unsupported kernel flag.
+fn unsupported_flag_call(flag: KernelFlags) -> &'static str {
+    if flag == KernelFlags::NO_DIRECT_MAP {
+        "KVM_CREATE_GUEST_MEMFD: GUEST_MEMFD_FLAG_NO_DIRECT_MAP is not in KVM_CAP_GUEST_MEMFD_FLAGS"
+    } else {
+        "KVM_CREATE_GUEST_MEMFD: GUEST_MEMFD_FLAG_WRITE is not in KVM_CAP_GUEST_MEMFD_FLAGS"
+    }
 }
