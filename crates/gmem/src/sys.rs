@@ -231,9 +231,9 @@ impl MappedRegion {
     ) -> Result<usize, Errno> {
         let offset = self.check(offset, len);
         loop {
+            let source = self.as_ptr().wrapping_add(offset).cast();
             // SAFETY: the source is inside the region (checked) and readable; the kernel only reads it.
-            let done =
-                unsafe { libc::write(fd.as_raw_fd(), self.as_ptr().add(offset).cast(), len) };
+            let done = unsafe { libc::write(fd.as_raw_fd(), source, len) };
             if let Ok(done) = usize::try_from(done) {
                 return Ok(done);
             }
@@ -354,19 +354,17 @@ const WORD: usize = std::mem::size_of::<u64>();
 /// As [`copy_from_guest`].
 #[inline]
 unsafe fn words_from_guest(src: *const u8, dst: *mut u8, len: usize) {
-    let head = ((src as usize).wrapping_neg() % WORD).min(len);
-    let tail = head + (len - head) / WORD * WORD;
-    for at in (0..head).chain(tail..len) {
+    by_words(
+        src,
+        len,
         // SAFETY: the byte at `at < len` is inside both buffers.
-        unsafe { dst.add(at).write(src.add(at).read_volatile()) }
-    }
-    for at in (head..tail).step_by(WORD) {
+        |at| unsafe { dst.add(at).write(src.add(at).read_volatile()) },
         // SAFETY: 8 bytes at `at` lie inside both buffers; `src + at` is aligned.
-        unsafe {
+        |at| unsafe {
             let word = src.add(at).cast::<u64>().read_volatile();
             dst.add(at).cast::<u64>().write_unaligned(word);
-        }
-    }
+        },
+    );
 }
 
 /// Copies `len` bytes to guest memory with volatile stores; as
@@ -377,19 +375,28 @@ unsafe fn words_from_guest(src: *const u8, dst: *mut u8, len: usize) {
 /// As [`copy_from_guest`].
 #[inline]
 unsafe fn words_to_guest(src: *const u8, dst: *mut u8, len: usize) {
-    let head = ((dst as usize).wrapping_neg() % WORD).min(len);
-    let tail = head + (len - head) / WORD * WORD;
-    for at in (0..head).chain(tail..len) {
+    by_words(
+        dst,
+        len,
         // SAFETY: the byte at `at < len` is inside both buffers.
-        unsafe { dst.add(at).write_volatile(src.add(at).read()) }
-    }
-    for at in (head..tail).step_by(WORD) {
+        |at| unsafe { dst.add(at).write_volatile(src.add(at).read()) },
         // SAFETY: 8 bytes at `at` lie inside both buffers; `dst + at` is aligned.
-        unsafe {
+        |at| unsafe {
             let word = src.add(at).cast::<u64>().read_unaligned();
             dst.add(at).cast::<u64>().write_volatile(word);
-        }
-    }
+        },
+    );
+}
+
+/// Walks `len` bytes from `guest` as a copy to or from it does: `byte(at)`
+/// for the bytes before the first `u64`-aligned guest address and after the
+/// last whole word, `word(at)` for each aligned word between.
+#[inline(always)]
+fn by_words(guest: *const u8, len: usize, byte: impl Fn(usize), word: impl Fn(usize)) {
+    let head = ((guest as usize).wrapping_neg() % WORD).min(len);
+    let tail = head + (len - head) / WORD * WORD;
+    (0..head).chain(tail..len).for_each(&byte);
+    (head..tail).step_by(WORD).for_each(word);
 }
 
 /// `MADV_GUARD_INSTALL` (`linux/mman.h`, Linux 6.13+).
