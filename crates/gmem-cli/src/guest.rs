@@ -5,11 +5,18 @@
 //! Guest code at CPL0 is emulated instruction by instruction on some hosts
 //! (seen: about 0.4 µs an instruction), so the interpreter touches two
 //! dwords a page: the first and the last.
+//!
+//! The interpreter starts with `edi` at its command list and `esi` at its
+//! vCPU's virtqueue ([`crate::virtio`]), which it keeps at the top of its
+//! stack for [`Command::Post`].
 
 use gmem::kvm::CONVERSION_PORT;
 use gmem::kvm::uapi::{KVM_HC_MAP_GPA_RANGE, KVM_MAP_GPA_RANGE_ENCRYPTED};
 use gmem::{Attribute, PAGE_SIZE};
 use iced_x86::code_asm::*;
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+
+use crate::virtio::{HEADER_LEN, QUEUE_SIZE, QueueLayout, STATUS_LEN};
 
 /// Where the interpreter's code is loaded.
 pub const CODE_GPA: u64 = 0x1000;
@@ -23,6 +30,14 @@ pub const CHECK_PORT: u16 = 0x4d51;
 pub const NOTIFY_PORT: u16 = 0x4d52;
 /// The port of a read's report: `eax` = the value, `ebx` = gpa.
 pub const REPORT_PORT: u16 = 0x4d53;
+
+/// The port of a virtqueue notification: `eax` = the new available index,
+/// `ebx` = the buffer's gpa, `ecx` = its bytes.
+pub const VIRTIO_NOTIFY_PORT: u16 = 0x4d54;
+/// The port of a virtio request that did not complete well: `eax` = its
+/// status (`0xff`: never written; `0x100` set: the used index did not
+/// advance), `ebx` = the buffer's gpa.
+pub const VIRTIO_STATUS_PORT: u16 = 0x4d55;
 
 /// One command of the interpreter (16 bytes in guest memory).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +94,18 @@ pub enum Command {
         /// The value.
         value: u32,
     },
+    /// Post a virtio request for `[gpa, gpa + pages * 4 KiB)` on the vCPU's
+    /// queue (payload and reply both those pages, header `seed`), notify on
+    /// [`VIRTIO_NOTIFY_PORT`], and report on [`VIRTIO_STATUS_PORT`] unless
+    /// it completed with status 0.
+    Post {
+        /// Guest-physical start of the buffer.
+        gpa: u32,
+        /// Pages.
+        pages: u32,
+        /// The payload pattern's seed.
+        seed: u32,
+    },
 }
 
 impl Command {
@@ -96,6 +123,7 @@ impl Command {
             Command::Notify { a, b, c } => [4, *a, *b, *c],
             Command::Read { gpa } => [5, *gpa, 0, 0],
             Command::Write { gpa, value } => [6, *gpa, *value, 0],
+            Command::Post { gpa, pages, seed } => [7, *gpa, *pages, *seed],
         };
         let mut bytes = [0u8; 16];
         for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
@@ -145,12 +173,14 @@ pub enum RequestPath {
 }
 
 /// Assembles the interpreter. It starts with `edi` pointing at its command
-/// list and runs commands until `Halt`.
+/// list and `esi` at its virtqueue, and runs commands until `Halt`.
 pub fn interpreter(path: RequestPath) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(32)?;
     let mut top = a.create_label();
-    let mut ops = [(); 7].map(|()| a.create_label());
+    let mut ops = [(); 8].map(|()| a.create_label());
     let mut next = a.create_label();
+    // The queue's base, for `Post`.
+    a.push(esi)?;
     // Dispatch on the op of the command at `edi`.
     a.set_label(&mut top)?;
     a.mov(eax, dword_ptr(edi))?;
@@ -161,13 +191,14 @@ pub fn interpreter(path: RequestPath) -> Result<Vec<u8>, IcedError> {
     a.hlt()?; // An unknown op.
     a.set_label(&mut ops[0])?;
     a.hlt()?; // Halt.
-    let bodies: [Emitter; 6] = [
+    let bodies: [Emitter; 7] = [
         emit_convert,
         emit_fill,
         emit_check,
         emit_notify,
         emit_read,
         emit_write,
+        emit_post,
     ];
     for (label, body) in ops[1..].iter_mut().zip(bodies) {
         a.set_label(label)?;
@@ -269,6 +300,84 @@ fn emit_write(a: &mut CodeAssembler, _: RequestPath) -> Result<(), IcedError> {
     a.mov(ebx, dword_ptr(edi + 4))?;
     a.mov(eax, dword_ptr(edi + 8))?;
     a.mov(dword_ptr(ebx), eax)
+}
+
+/// Op 7: post a virtio request, notify, and check its completion.
+///
+/// Ordering: the descriptors, header and status are stored before the
+/// available entry, and the entry before the available index; x86 keeps
+/// stores in program order (TSO), so a device that reads the index with
+/// Acquire sees them all. The `out` is a VM exit: the VMM returns from it
+/// after the device added the used entry, so the loads after it see the
+/// device's writes.
+fn emit_post(a: &mut CodeAssembler, _: RequestPath) -> Result<(), IcedError> {
+    a.mov(ebp, dword_ptr(esp))?;
+    load_range(a)?;
+    a.shl(ecx, 12)?;
+    emit_chain(a)?;
+    a.mov(dword_ptr(ebp + QueueLayout::HEADER as i32), esi)?;
+    // Poisoned until the device writes it.
+    a.mov(dword_ptr(ebp + QueueLayout::STATUS as i32), 0xffu32)?;
+    let avail = QueueLayout::AVAIL_RING as i32;
+    a.movzx(eax, word_ptr(ebp + avail + 2))?;
+    a.mov(edx, eax)?;
+    a.and(edx, u32::from(QUEUE_SIZE) - 1)?;
+    a.mov(word_ptr(ebp + edx * 2 + (avail + 4)), 0u32)?; // Head 0.
+    a.inc(eax)?;
+    a.mov(word_ptr(ebp + avail + 2), ax)?;
+    a.mov(dx, VIRTIO_NOTIFY_PORT as u32)?;
+    a.out(dx, eax)?;
+    // Completed: the used index caught up and the status is 0.
+    let mut caught_up = a.create_label();
+    let mut done = a.create_label();
+    a.cmp(word_ptr(ebp + QueueLayout::USED_RING as i32 + 2), ax)?;
+    a.je(caught_up)?;
+    a.or(dword_ptr(ebp + QueueLayout::STATUS as i32), 0x100)?;
+    a.set_label(&mut caught_up)?;
+    a.mov(eax, dword_ptr(ebp + QueueLayout::STATUS as i32))?;
+    a.test(eax, eax)?;
+    a.jz(done)?;
+    a.mov(dx, VIRTIO_STATUS_PORT as u32)?;
+    a.out(dx, eax)?;
+    a.set_label(&mut done)?;
+    a.nop()
+}
+
+/// Writes the request's chain at descriptors 0 to 3 of the queue at `ebp`:
+/// header, payload (`ebx`, `ecx` bytes), reply (the same), status.
+fn emit_chain(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    /// Where a descriptor points.
+    enum Part {
+        /// A part of the queue's own pages.
+        Own { offset: u64, len: u32 },
+        /// The guest's buffer.
+        Buffer,
+    }
+    let (next, write) = (VRING_DESC_F_NEXT, VRING_DESC_F_WRITE);
+    // Flags in the low half of the last dword, the next index in the high.
+    let chain = [
+        (Part::Own { offset: QueueLayout::HEADER, len: HEADER_LEN }, next | 1 << 16),
+        (Part::Buffer, next | 2 << 16),
+        (Part::Buffer, next | write | 3 << 16),
+        (Part::Own { offset: QueueLayout::STATUS, len: STATUS_LEN }, write),
+    ];
+    for (i, (part, flags)) in chain.into_iter().enumerate() {
+        let at = ebp + (QueueLayout::DESC_TABLE as i32 + 16 * i as i32);
+        match part {
+            Part::Buffer => {
+                a.mov(dword_ptr(at), ebx)?;
+                a.mov(dword_ptr(at + 8), ecx)?;
+            }
+            Part::Own { offset, len } => {
+                a.lea(eax, ptr(ebp + offset as i32))?;
+                a.mov(dword_ptr(at), eax)?;
+                a.mov(dword_ptr(at + 8), len)?;
+            }
+        }
+        a.mov(dword_ptr(at + 4), 0u32)?;
+        a.mov(dword_ptr(at + 12), flags)?;
+    }
+    Ok(())
 }
 
 /// `ebx` = gpa, `ecx` = pages, `esi` = seed, from the command at `edi`.

@@ -292,6 +292,12 @@ fn print_summary(s: &Summary) {
         "  verified         {} bytes by the guest, {} bytes by the host",
         s.guest_bytes_verified, s.host_bytes_verified
     );
+    let v = &s.virtio;
+    println!(
+        "  virtio           {} requests on {} queues, {} bytes, {} buffer conversions, {} data errors, \
+         {} access errors, {} bad chains",
+        v.requests, v.queues, v.bytes, v.conversions, v.data_errors, v.access_errors, v.bad_chains
+    );
     if s.ok {
         println!("  invariants       all held");
     } else {
