@@ -4,17 +4,19 @@
 //!
 //! **Layout.** Each queue owns [`QUEUE_PAGES`] pages of the firmware area,
 //! which stay shared for the whole run: the descriptor table, the available
-//! ring, the request header and the status word in the first page, the used
-//! ring in the second ([`QueueLayout`]).
+//! ring and [`SLOTS`] request slots (a header and a status each) in the
+//! first page, the used ring in the second ([`QueueLayout`]). Up to
+//! [`SLOTS`] requests are in flight: request `n` (the `n`th available entry)
+//! uses slot `n % SLOTS`, its descriptors `4 * slot` to `4 * slot + 3`.
 //!
 //! **A request** is one chain of four descriptors:
 //!
 //! | # | what | direction | length |
 //! |---|---|---|---|
-//! | 0 | header: the payload's seed (`u32`) | device-readable | [`HEADER_LEN`] |
+//! | 0 | header, in the slot: the payload's seed (`u32`) | device-readable | [`HEADER_LEN`] |
 //! | 1 | payload: whole pages under the pattern of the seed | device-readable | pages |
 //! | 2 | reply: whole pages the device writes with [`reply_seed`]'s pattern | device-writable | as the payload |
-//! | 3 | status: a [`RequestStatus`] (`u32`) | device-writable | [`STATUS_LEN`] |
+//! | 3 | status, in the slot: a [`RequestStatus`] (`u32`) | device-writable | [`STATUS_LEN`] |
 //!
 //! The guest of `gmem run` points the payload and the reply at the same
 //! pages, so the device rewrites them in place. Patterns touch the first and
@@ -51,6 +53,13 @@ pub const HEADER_LEN: u32 = 16;
 pub const STATUS_LEN: u32 = 4;
 /// Descriptors of one request's chain.
 pub const CHAIN_LEN: u16 = 4;
+/// Requests in flight at most: one a slot (a power of two).
+pub const SLOTS: u16 = QUEUE_SIZE / CHAIN_LEN;
+/// Bytes of a request slot: its descriptors' bytes, so that one offset
+/// serves both.
+pub const SLOT_SIZE: u64 = 16 * CHAIN_LEN as u64;
+/// Offset of a slot's status from the slot.
+pub const SLOT_STATUS: u64 = HEADER_LEN as u64;
 
 /// Where one queue's parts live in guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,16 +73,29 @@ impl QueueLayout {
     pub const DESC_TABLE: u64 = 0;
     /// Offset of the available ring.
     pub const AVAIL_RING: u64 = 0x100;
-    /// Offset of the request header.
-    pub const HEADER: u64 = 0x200;
-    /// Offset of the request status.
-    pub const STATUS: u64 = 0x300;
+    /// Offset of the request slots (each a header, then a status).
+    pub const SLOTS: u64 = 0x200;
     /// Offset of the used ring (its own page).
     pub const USED_RING: u64 = 0x1000;
 
     /// The guest-physical address of the part at `offset`.
     pub fn at(&self, offset: u64) -> GuestAddress {
         GuestAddress(self.base + offset)
+    }
+
+    /// Where slot `slot`'s header is.
+    pub fn header(&self, slot: u16) -> GuestAddress {
+        self.at(Self::SLOTS + u64::from(slot) * SLOT_SIZE)
+    }
+
+    /// Where slot `slot`'s status is.
+    pub fn status(&self, slot: u16) -> GuestAddress {
+        self.at(Self::SLOTS + u64::from(slot) * SLOT_SIZE + SLOT_STATUS)
+    }
+
+    /// Where descriptor `index` is.
+    pub fn descriptor(&self, index: u16) -> GuestAddress {
+        self.at(Self::DESC_TABLE + 16 * u64::from(index))
     }
 
     /// The bytes the queue's pages cover.
@@ -90,10 +112,11 @@ impl QueueLayout {
 // The parts fit where the layout puts them.
 const _: () = assert!(
     QueueLayout::AVAIL_RING >= QueueLayout::DESC_TABLE + 16 * QUEUE_SIZE as u64
-        && QueueLayout::HEADER >= QueueLayout::AVAIL_RING + 6 + 2 * QUEUE_SIZE as u64
-        && QueueLayout::STATUS >= QueueLayout::HEADER + HEADER_LEN as u64
-        && QueueLayout::USED_RING >= QueueLayout::STATUS + STATUS_LEN as u64
+        && QueueLayout::SLOTS >= QueueLayout::AVAIL_RING + 6 + 2 * QUEUE_SIZE as u64
+        && SLOT_STATUS + STATUS_LEN as u64 <= SLOT_SIZE
+        && QueueLayout::USED_RING >= QueueLayout::SLOTS + SLOTS as u64 * SLOT_SIZE
         && QueueLayout::USED_RING + 6 + 8 * QUEUE_SIZE as u64 <= QUEUE_PAGES * PAGE_SIZE
+        && SLOTS.is_power_of_two()
 );
 
 /// The seed of the pattern the device writes in reply to a payload of
@@ -489,42 +512,45 @@ fn write_page<M: GuestMemory>(mem: &M, gpa: u64, seed: u32) -> Result<(), Failur
 }
 
 /// The driver's side of one request, as the guest interpreter posts it:
-/// writes the chain (head 0) and the header, clears the status to `0xff`,
-/// and publishes the available entry. For tests and tools on the host.
+/// writes the chain and the header in the next request's slot, poisons its
+/// status with `0xff`, and publishes the available entry. Returns the slot.
+/// For tests and tools on the host; it does not wait for a free slot.
 pub fn post_request<M: GuestMemory>(
     mem: &M,
     layout: QueueLayout,
     buffer: GuestAddress,
     len: u32,
     seed: u32,
-) -> Result<(), vm_memory::GuestMemoryError> {
-    let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
-    let chain = [
-        (layout.at(QueueLayout::HEADER).0, HEADER_LEN, next),
-        (buffer.0, len, next),
-        (buffer.0, len, next | write),
-        (layout.at(QueueLayout::STATUS).0, STATUS_LEN, write),
-    ];
-    for (i, &(addr, len, flags)) in chain.iter().enumerate() {
-        let next = if flags & next != 0 { i as u16 + 1 } else { 0 };
-        let at = layout.at(QueueLayout::DESC_TABLE + 16 * i as u64);
-        mem.write_obj(Descriptor::new(addr, len, flags, next), at)?;
-    }
-    mem.write_obj(seed, layout.at(QueueLayout::HEADER))?;
-    mem.write_obj(0xffu32, layout.at(QueueLayout::STATUS))?;
+) -> Result<u16, vm_memory::GuestMemoryError> {
     let idx_at = layout.at(QueueLayout::AVAIL_RING + 2);
     let idx: u16 = mem.read_obj(idx_at)?;
-    let slot = u64::from(idx % QUEUE_SIZE);
-    mem.write_obj(0u16, layout.at(QueueLayout::AVAIL_RING + 4 + 2 * slot))?;
+    let slot = idx % SLOTS;
+    let head = slot * CHAIN_LEN;
+    let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+    let chain = [
+        (layout.header(slot).0, HEADER_LEN, next),
+        (buffer.0, len, next),
+        (buffer.0, len, next | write),
+        (layout.status(slot).0, STATUS_LEN, write),
+    ];
+    for (i, (addr, len, flags)) in (head..).zip(chain) {
+        let next = if flags & next != 0 { i + 1 } else { 0 };
+        mem.write_obj(Descriptor::new(addr, len, flags, next), layout.descriptor(i))?;
+    }
+    mem.write_obj(seed, layout.header(slot))?;
+    mem.write_obj(0xffu32, layout.status(slot))?;
+    let entry = QueueLayout::AVAIL_RING + 4 + 2 * u64::from(idx % QUEUE_SIZE);
+    mem.write_obj(head, layout.at(entry))?;
     // Release: the entries above are visible before the new index.
-    mem.store(idx.wrapping_add(1), idx_at, Ordering::Release)
+    mem.store(idx.wrapping_add(1), idx_at, Ordering::Release)?;
+    Ok(slot)
 }
 
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
 
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Address, GuestMemoryMmap};
 
     use super::*;
     use crate::guest::{fill_page, page_matches};
@@ -556,11 +582,12 @@ mod tests {
             })
     }
 
-    fn status(mem: &GuestMemoryMmap<()>) -> u32 {
-        mem.read_obj(LAYOUT.at(QueueLayout::STATUS)).unwrap()
+    /// The status of request `n` (from 0).
+    fn status(mem: &GuestMemoryMmap<()>, n: u16) -> u32 {
+        mem.read_obj(LAYOUT.status(n % SLOTS)).unwrap()
     }
 
-    /// The used ring's index and its entry for request `n` (from 0).
+    /// The used ring's index and its entry (head, length) for request `n`.
     fn used(mem: &GuestMemoryMmap<()>, n: u16) -> (u16, u32, u32) {
         let idx = mem.read_obj(LAYOUT.at(QueueLayout::USED_RING + 2)).unwrap();
         let entry = QueueLayout::USED_RING + 4 + 8 * u64::from(n % QUEUE_SIZE);
@@ -610,7 +637,7 @@ mod tests {
         let stats = device.stats();
         assert_eq!((stats.requests, stats.served, stats.bytes), (1, 1, 0x2000));
         assert_eq!((stats.data_errors, stats.access_errors, stats.bad_chains), (0, 0, 0));
-        assert_eq!(status(&mem), RequestStatus::Ok as u32);
+        assert_eq!(status(&mem, 0), RequestStatus::Ok as u32);
         assert_eq!(used(&mem, 0), (1, 0, 0x2000 + STATUS_LEN));
         assert!(holds(&mem, BUFFER, 2, reply_seed(7)));
         assert_eq!(device.serve(&mem, &access).unwrap(), 0, "nothing more posted");
@@ -625,7 +652,7 @@ mod tests {
         post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x3000, 7).unwrap();
         device.serve(&mem, &Unchecked).unwrap();
         assert_eq!(device.stats().data_errors, 1);
-        assert_eq!(status(&mem), RequestStatus::DataError as u32);
+        assert_eq!(status(&mem, 0), RequestStatus::DataError as u32);
         assert!(holds(&mem, BUFFER, 3, reply_seed(7)));
     }
 
@@ -642,7 +669,7 @@ mod tests {
         assert_eq!(device.serve(&mem, &access).unwrap(), 1);
         let stats = device.stats();
         assert_eq!((stats.requests, stats.served, stats.access_errors), (1, 0, 1));
-        assert_eq!(status(&mem), RequestStatus::AccessError as u32);
+        assert_eq!(status(&mem, 0), RequestStatus::AccessError as u32);
         assert_eq!(used(&mem, 0), (1, 0, STATUS_LEN));
         assert!(holds(&mem, BUFFER, 2, 7), "the buffer is untouched");
         assert!(device.last_failure().unwrap().contains("EFAULT"));
@@ -660,7 +687,7 @@ mod tests {
         };
         device.serve(&mem, &access).unwrap();
         assert_eq!(device.stats().access_errors, 1);
-        assert_eq!(status(&mem), RequestStatus::AccessError as u32);
+        assert_eq!(status(&mem, 0), RequestStatus::AccessError as u32);
         assert!(device.last_failure().unwrap().contains("let go"));
     }
 
@@ -672,7 +699,7 @@ mod tests {
         post_request(&mem, LAYOUT, GuestAddress(0x3f000), 0x2000, 7).unwrap();
         device.serve(&mem, &Unchecked).unwrap();
         assert_eq!(device.stats().access_errors, 1);
-        assert_eq!(status(&mem), RequestStatus::AccessError as u32);
+        assert_eq!(status(&mem, 0), RequestStatus::AccessError as u32);
         assert!(holds(&mem, 0x3f000, 1, 7), "nothing written");
     }
 
@@ -682,17 +709,17 @@ mod tests {
         let mut device = PatternDevice::new(LAYOUT, &mem).unwrap();
         // A reply shorter than the payload.
         post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, 7).unwrap();
-        let reply = LAYOUT.at(QueueLayout::DESC_TABLE + 2 * 16 + 8);
+        let reply = LAYOUT.descriptor(2).unchecked_add(8);
         mem.write_obj(0x1000u32, reply).unwrap();
         device.serve(&mem, &Unchecked).unwrap();
-        assert_eq!(status(&mem), RequestStatus::BadChain as u32);
+        assert_eq!(status(&mem, 0), RequestStatus::BadChain as u32);
         // A chain of one descriptor: no status to write.
-        post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, 7).unwrap();
-        mem.write_obj(0u16, LAYOUT.at(QueueLayout::DESC_TABLE + 12))
-            .unwrap();
+        let slot = post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, 7).unwrap();
+        let head = LAYOUT.descriptor(slot * CHAIN_LEN);
+        mem.write_obj(0u16, head.unchecked_add(12)).unwrap();
         device.serve(&mem, &Unchecked).unwrap();
-        assert_eq!(status(&mem), 0xff, "no status descriptor, nothing written");
-        assert_eq!(used(&mem, 1), (2, 0, 0));
+        assert_eq!(status(&mem, 1), 0xff, "no status descriptor, nothing written");
+        assert_eq!(used(&mem, 1), (2, u32::from(CHAIN_LEN), 0));
         let stats = device.stats();
         assert_eq!((stats.requests, stats.bad_chains, stats.served), (2, 2, 0));
     }
@@ -706,10 +733,29 @@ mod tests {
             fill(&mem, BUFFER, 1, seed);
             post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x1000, seed).unwrap();
             assert_eq!(device.serve(&mem, &Unchecked).unwrap(), 1);
-            assert_eq!(status(&mem), 0);
-            assert_eq!(used(&mem, n), (n + 1, 0, 0x1000 + STATUS_LEN));
+            assert_eq!(status(&mem, n), 0);
+            let head = u32::from(n % SLOTS * CHAIN_LEN);
+            assert_eq!(used(&mem, n), (n + 1, head, 0x1000 + STATUS_LEN));
         }
         assert_eq!(device.stats().served, 3 * u64::from(QUEUE_SIZE));
+    }
+
+    #[test]
+    fn a_request_in_every_slot_is_served_by_one_call() {
+        let mem = memory();
+        let mut device = PatternDevice::new(LAYOUT, &mem).unwrap();
+        for n in 0..SLOTS {
+            let gpa = BUFFER + u64::from(n) * PAGE_SIZE;
+            fill(&mem, gpa, 1, u32::from(n));
+            let slot = post_request(&mem, LAYOUT, GuestAddress(gpa), 0x1000, u32::from(n));
+            assert_eq!(slot.unwrap(), n);
+        }
+        assert_eq!(device.serve(&mem, &Unchecked).unwrap(), u64::from(SLOTS));
+        for n in 0..SLOTS {
+            assert_eq!(status(&mem, n), 0);
+            let gpa = BUFFER + u64::from(n) * PAGE_SIZE;
+            assert!(holds(&mem, gpa, 1, reply_seed(u32::from(n))));
+        }
     }
 
     #[test]

@@ -6,11 +6,14 @@
 //! every round, the guest: takes the chunk private, checks the pattern the
 //! host's virtio device left there, writes its own pattern, gives the chunk
 //! back (shared), and posts it as a virtio request on its own split
-//! virtqueue ([`crate::virtio`]), notifying by port I/O. The vCPU's exit
-//! handler rings the queue's virtio device thread and waits for it; the
-//! device pops the chain, checks the guest's pattern, rewrites the chunk
-//! with its own (the one the guest checks next round) and adds the used
-//! entry; back in the guest, the request must have completed with status 0.
+//! virtqueue ([`crate::virtio`]), notifying by port I/O, and goes on with
+//! the next chunk. The notification's exit handler only rings the queue's
+//! virtio device thread, which pops the chain, checks the guest's pattern,
+//! rewrites the chunk with its own (the one the guest checks next round)
+//! and adds the used entry. The guest waits for used entries only when its
+//! queue's slots are all in flight, and at the end of each round
+//! (`Complete`), before it converts those chunks again; every request's
+//! status must be 0.
 //! Meanwhile device threads pin small buffers in the chunk each vCPU will
 //! convert next, write and read back their own bytes, and hold the pin until
 //! the VMM asks them to let go (on `EAGAIN`) or a while passes.
@@ -22,7 +25,7 @@
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,7 +40,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::guest::{
     CHECK_PORT, Command, RESULT_PORT, RequestPath, VIRTIO_NOTIFY_PORT, VIRTIO_STATUS_PORT,
-    fill_page,
+    VIRTIO_WAIT_PORT, VIRTIO_WAIT_SLICE, fill_page,
 };
 use crate::machine::{FIRMWARE_SIZE, MAX_COMMANDS, MAX_VCPUS, Machine, queue_layout};
 use crate::virtio::{BufferAccess, DeviceStats, HoldRefused, PatternDevice, reply_seed};
@@ -178,8 +181,8 @@ impl RunFlags {
         }
         let chunk = self.chunk_kib << 10;
         let chunks = (share_kib << 10) / chunk;
-        // Five commands a chunk a round, and the closing halt.
-        let max_rounds = (MAX_COMMANDS as u64 - 1) / (5 * chunks);
+        // The commands of each round, and the closing halt.
+        let max_rounds = (MAX_COMMANDS as u64 - 1) / commands_per_round(chunks);
         if self.rounds == 0 || u64::from(self.rounds) > max_rounds {
             let why = if max_rounds == 0 {
                 format!(
@@ -192,7 +195,7 @@ impl RunFlags {
                 format!(
                     "must be 1 to {max_rounds}: each round of {chunks} chunks a vCPU takes {} guest commands of \
                      the {} a vCPU holds (bigger chunks allow more rounds)",
-                    5 * chunks,
+                    commands_per_round(chunks),
                     MAX_COMMANDS - 1
                 )
             };
@@ -517,7 +520,7 @@ fn run_threads<M: GuestMemory + Sync>(
             }
             let id = vcpu.id();
             let (kick, kicks) = std::sync::mpsc::channel();
-            let (answer, done) = std::sync::mpsc::sync_channel(1);
+            let (answer, served) = std::sync::mpsc::sync_channel(1);
             let spawned = std::thread::Builder::new()
                 .name(format!("virtio {id}"))
                 .spawn_scoped(s, move || {
@@ -532,7 +535,7 @@ fn run_threads<M: GuestMemory + Sync>(
             }
             let mut io = WorkloadIo {
                 state: state.clone(),
-                doorbell: Doorbell { kick, done },
+                doorbell: Doorbell { kick, served },
             };
             let mut vcpu = vcpu;
             let spawned = std::thread::Builder::new()
@@ -599,9 +602,7 @@ fn plan(config: &RunConfig) -> anyhow::Result<Vec<(u64, u64)>> {
         FIRMWARE_SIZE >> 20
     );
     let chunks = share / config.chunk;
-    let needed = (chunks as usize)
-        .saturating_mul(5)
-        .saturating_mul(config.rounds as usize);
+    let needed = (commands_per_round(chunks) as usize).saturating_mul(config.rounds as usize);
     anyhow::ensure!(
         needed < MAX_COMMANDS,
         "{} rounds of {chunks} chunks need {needed} guest commands, over the {} a vCPU holds: fewer rounds or bigger chunks",
@@ -611,6 +612,12 @@ fn plan(config: &RunConfig) -> anyhow::Result<Vec<(u64, u64)>> {
     Ok((0..config.vcpus)
         .map(|v| (FIRMWARE_SIZE + v * share, FIRMWARE_SIZE + (v + 1) * share))
         .collect())
+}
+
+/// The guest commands of one round over `chunks` chunks: five a chunk, and
+/// the round's closing `Complete`.
+fn commands_per_round(chunks: u64) -> u64 {
+    5 * chunks + 1
 }
 
 /// The guest's command list for the region `[start, end)`.
@@ -648,6 +655,8 @@ fn commands(start: u64, end: u64, config: &RunConfig) -> Vec<Command> {
                 },
             ]);
         }
+        // The next round converts these chunks again: their requests first.
+        list.push(Command::Complete);
     }
     list
 }
@@ -674,15 +683,11 @@ fn seed_host_pattern(
     Ok(())
 }
 
-/// How long a vCPU waits for its virtio device to complete a request before
-/// the run counts it broken (a liveness guard, far above a request's cost).
-const VIRTIO_COMPLETION_LIMIT: Duration = Duration::from_secs(10);
-
 /// A vCPU's line to its virtio device thread: a kick per notification, and
-/// the device's answer once the request is used.
+/// a word from the device after each round of serving.
 struct Doorbell {
     kick: Sender<()>,
-    done: Receiver<()>,
+    served: Receiver<()>,
 }
 
 /// The VMM side of a vCPU: results, checks and virtio notifications.
@@ -713,6 +718,11 @@ impl GuestIo for WorkloadIo {
                 }
             }
             VIRTIO_NOTIFY_PORT => self.notified(vcpu, a),
+            VIRTIO_WAIT_PORT => {
+                // Until the device has served, or a slice passes: the guest
+                // looks again either way, and gives up after its own limit.
+                let _ = self.doorbell.served.recv_timeout(VIRTIO_WAIT_SLICE);
+            }
             VIRTIO_STATUS_PORT => state.broke(format!(
                 "vCPU {vcpu}: the virtio request for {a:#x} ended with status {:#x}",
                 regs.rax as u32
@@ -736,23 +746,12 @@ impl GuestIo for WorkloadIo {
 
 impl WorkloadIo {
     /// The guest posted a request for the chunk at `gpa`: ring the device
-    /// thread and wait until it has used the request (the device's work runs
-    /// on its own thread; this vCPU's thread only waits).
+    /// thread (which does the work on its own thread) and let the guest go
+    /// on.
     fn notified(&mut self, vcpu: u64, gpa: u64) {
         let state = &*self.state;
-        let answered = match self.doorbell.kick.send(()) {
-            Ok(()) => self.doorbell.done.recv_timeout(VIRTIO_COMPLETION_LIMIT),
-            Err(_) => Err(RecvTimeoutError::Disconnected),
-        };
-        match answered {
-            Ok(()) => {}
-            Err(RecvTimeoutError::Timeout) => state.broke(format!(
-                "vCPU {vcpu}: the virtio device did not complete the request for {gpa:#x} in {} s",
-                VIRTIO_COMPLETION_LIMIT.as_secs()
-            )),
-            Err(RecvTimeoutError::Disconnected) => {
-                state.broke(format!("vCPU {vcpu}: the virtio device thread is gone"))
-            }
+        if self.doorbell.kick.send(()).is_err() {
+            state.broke(format!("vCPU {vcpu}: the virtio device thread is gone"));
         }
         let (start, _) = state.regions[vcpu as usize];
         state.cursor[vcpu as usize].store((gpa - start) / state.chunk, Ordering::Relaxed);
@@ -788,15 +787,16 @@ impl BufferAccess for PinnedBuffers<'_> {
     }
 }
 
-/// A virtio device thread: serves vCPU `queue`'s virtqueue at each kick,
-/// answering each once the chains are used, until the vCPU is done. Holds a
-/// pin on the queue's rings throughout: they stay shared for the run.
+/// A virtio device thread: serves vCPU `queue`'s virtqueue at each kick
+/// (and says so on `served`, for a vCPU waiting), until the vCPU is done.
+/// Holds a pin on the queue's rings throughout: they stay shared for the
+/// run.
 fn virtio_thread<M: GuestMemory>(
     state: &RunState,
     mem: &M,
     queue: u64,
     kicks: Receiver<()>,
-    done: SyncSender<()>,
+    served: SyncSender<()>,
 ) {
     let layout = queue_layout(queue);
     let access = PinnedBuffers { state };
@@ -810,16 +810,18 @@ fn virtio_thread<M: GuestMemory>(
     let mut device = device
         .map_err(|why| state.broke(format!("virtio queue {queue}: {why}")))
         .ok();
-    for () in kicks {
-        if let Some(served) = &mut device
-            && let Err(e) = served.serve(mem, &access)
+    while let Ok(()) = kicks.recv() {
+        // One pass serves every chain published before it: the kicks that
+        // came meanwhile are answered too.
+        while kicks.try_recv().is_ok() {}
+        if let Some(serving) = &mut device
+            && let Err(e) = serving.serve(mem, &access)
         {
             state.broke(format!("virtio queue {queue}: {e}"));
             device = None;
         }
-        if done.send(()).is_err() {
-            break;
-        }
+        // Full: the vCPU has a word it has not read yet, which will do.
+        let _ = served.try_send(());
     }
     if let Some(device) = device {
         state.add_virtio(queue, &device);
@@ -1028,7 +1030,7 @@ mod tests {
         let regions = plan(&config).unwrap();
         assert!(regions.iter().all(|&(_, end)| end <= GUEST_MEMORY_END));
         // The most rounds validate allows fit the command area.
-        let max = (MAX_COMMANDS as u64 - 1) / (5 * 120);
+        let max = (MAX_COMMANDS as u64 - 1) / commands_per_round(120);
         let flags = RunFlags {
             rounds: max as u32,
             ..defaults()
