@@ -353,7 +353,10 @@ fn emit_post(a: &mut CodeAssembler, _: RequestPath) -> Result<(), IcedError> {
     load_range(a)?;
     a.shl(ecx, 12)?;
     a.mov(dword_ptr(ebp + edx + SLOT_AREA), esi)?; // The header: the seed.
-    a.mov(dword_ptr(ebp + edx + (SLOT_AREA + SLOT_STATUS as i32)), 0xffu32)?;
+    a.mov(
+        dword_ptr(ebp + edx + (SLOT_AREA + SLOT_STATUS as i32)),
+        0xffu32,
+    )?;
     emit_chain(a)?;
     // Publish: the entry (the head, slot * CHAIN_LEN), then the index.
     a.movzx(eax, word_ptr(ebp + AVAIL_IDX))?;
@@ -432,7 +435,10 @@ fn emit_slot_status(a: &mut CodeAssembler, clear: bool) -> Result<(), IcedError>
     a.out(dx, eax)?;
     a.mov(edx, esi)?;
     if clear {
-        a.mov(dword_ptr(ebp + edx + (SLOT_AREA + SLOT_STATUS as i32)), 0u32)?;
+        a.mov(
+            dword_ptr(ebp + edx + (SLOT_AREA + SLOT_STATUS as i32)),
+            0u32,
+        )?;
     }
     a.set_label(&mut fine)?;
     a.nop()
@@ -460,7 +466,10 @@ fn emit_chain(a: &mut CodeAssembler) -> Result<(), IcedError> {
     ];
     // esi = the slot's first descriptor index, in the high half.
     a.mov(esi, edx)?;
-    a.shl(esi, 16 - (SLOT_SIZE / u64::from(CHAIN_LEN)).trailing_zeros())?;
+    a.shl(
+        esi,
+        16 - (SLOT_SIZE / u64::from(CHAIN_LEN)).trailing_zeros(),
+    )?;
     for (i, (part, flags)) in chain.into_iter().enumerate() {
         let at = ebp + edx + (QueueLayout::DESC_TABLE as i32 + 16 * i as i32);
         match part {

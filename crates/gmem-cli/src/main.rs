@@ -294,9 +294,12 @@ fn print_summary(s: &Summary) {
     );
     let v = &s.virtio;
     println!(
-        "  virtio           {} requests on {} queues, {} bytes, {} buffer conversions, {} data errors, \
-         {} access errors, {} bad chains",
-        v.requests, v.queues, v.bytes, v.conversions, v.data_errors, v.access_errors, v.bad_chains
+        "  virtio           {} requests on {} queues, {} bytes, {} buffer conversions, {} let-go retries",
+        v.requests, v.queues, v.bytes, v.conversions, v.let_go_retries
+    );
+    println!(
+        "  virtio errors    {} data, {} access, {} bad chains",
+        v.data_errors, v.access_errors, v.bad_chains
     );
     if s.ok {
         println!("  invariants       all held");

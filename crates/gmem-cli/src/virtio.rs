@@ -61,6 +61,12 @@ pub const SLOT_SIZE: u64 = 16 * CHAIN_LEN as u64;
 /// Offset of a slot's status from the slot.
 pub const SLOT_STATUS: u64 = HEADER_LEN as u64;
 
+/// How often a device tries a request again after a let-go request, and
+/// waits [`LET_GO_PAUSE`] at most this often for the VMM to lift it.
+pub const LET_GO_TRIES: u32 = 100;
+/// The pause between looks at a let-go request.
+pub const LET_GO_PAUSE: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// Where one queue's parts live in guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueLayout {
@@ -232,6 +238,9 @@ pub struct DeviceStats {
     pub data_errors: u64,
     /// Requests failed because a buffer could not be held or accessed.
     pub access_errors: u64,
+    /// Times the device dropped a request's buffers on a let-go request
+    /// and tried again.
+    pub let_go_retries: u64,
     /// Chains that were not requests.
     pub bad_chains: u64,
 }
@@ -252,6 +261,9 @@ enum Failure {
     BadChain(&'static str),
     /// A buffer could not be held or accessed.
     Access(String),
+    /// The VMM asked devices to let go of a buffer before the device wrote
+    /// to it.
+    LetGo,
 }
 
 impl fmt::Display for Failure {
@@ -259,6 +271,10 @@ impl fmt::Display for Failure {
         match self {
             Failure::BadChain(why) => write!(f, "not a request: {why}"),
             Failure::Access(why) => write!(f, "buffer not accessible: {why}"),
+            Failure::LetGo => write!(
+                f,
+                "the VMM kept asking devices to let go of the buffers ({LET_GO_TRIES} tries)"
+            ),
         }
     }
 }
@@ -365,7 +381,7 @@ impl PatternDevice {
             Ok(request) => request,
             Err(why) => return self.refuse(mem, descriptors, Failure::BadChain(why)),
         };
-        match self.serve_request(mem, access, &request) {
+        match self.serve_letting_go(mem, access, &request) {
             Ok(wrong) => {
                 let status = if wrong == 0 {
                     RequestStatus::Ok
@@ -384,6 +400,36 @@ impl PatternDevice {
         }
     }
 
+    /// Serves `request`; when the VMM asks devices to let go of its buffers
+    /// before the device wrote to them, drops them at once, waits until the
+    /// request is lifted, and tries again (up to [`LET_GO_TRIES`] times).
+    fn serve_letting_go<M: GuestMemory, A: BufferAccess>(
+        &mut self,
+        mem: &M,
+        access: &A,
+        request: &Request,
+    ) -> Result<u64, Failure> {
+        for _ in 0..LET_GO_TRIES {
+            match self.serve_request(mem, access, request) {
+                Err(Failure::LetGo) => {
+                    self.stats.let_go_retries += 1;
+                    let asked = || {
+                        access.asked_to_let_go(request.payload.addr(), request.len())
+                            || access.asked_to_let_go(request.reply.addr(), request.len())
+                    };
+                    for _ in 0..LET_GO_TRIES {
+                        if !asked() {
+                            break;
+                        }
+                        std::thread::sleep(LET_GO_PAUSE);
+                    }
+                }
+                other => return other,
+            }
+        }
+        Err(Failure::LetGo)
+    }
+
     /// Counts a request not served and writes its status where the chain
     /// has a status descriptor; returns the bytes written.
     fn refuse<M: GuestMemory>(
@@ -397,7 +443,7 @@ impl PatternDevice {
                 self.stats.bad_chains += 1;
                 RequestStatus::BadChain
             }
-            Failure::Access(_) => {
+            Failure::Access(_) | Failure::LetGo => {
                 self.stats.access_errors += 1;
                 RequestStatus::AccessError
             }
@@ -411,27 +457,34 @@ impl PatternDevice {
     }
 
     /// Checks the payload and writes the reply, page by page, holding both
-    /// buffers; returns the payload's wrong dwords.
+    /// buffers; returns the payload's wrong dwords. A let-go request is
+    /// heeded until the first write: after it, the device finishes (a few
+    /// microseconds) rather than leave a reply half written.
     fn serve_request<M: GuestMemory, A: BufferAccess>(
         &self,
         mem: &M,
         access: &A,
         request: &Request,
     ) -> Result<u64, Failure> {
-        let seed: u32 = mem
-            .read_obj(request.header.addr())
-            .map_err(|e| Failure::Access(format!("header: {e}")))?;
-        let len = u64::from(request.payload.len());
+        let len = request.len();
         let (payload, reply) = (request.payload.addr(), request.reply.addr());
-        let held = |gpa| access.hold(gpa, len).map_err(|e| Failure::Access(e.to_string()));
-        let _payload_hold = held(payload)?;
-        let _reply_hold = held(reply)?;
         let let_go = || {
             if access.asked_to_let_go(payload, len) || access.asked_to_let_go(reply, len) {
-                return Err(Failure::Access("the VMM asked devices to let go".into()));
+                return Err(Failure::LetGo);
             }
             Ok(())
         };
+        let_go()?;
+        let seed: u32 = mem
+            .read_obj(request.header.addr())
+            .map_err(|e| Failure::Access(format!("header: {e}")))?;
+        let held = |gpa| {
+            access
+                .hold(gpa, len)
+                .map_err(|e| Failure::Access(e.to_string()))
+        };
+        let _payload_hold = held(payload)?;
+        let _reply_hold = held(reply)?;
         // The whole payload is read before the reply is written: a payload
         // the device cannot read fails the request with nothing written.
         let mut wrong = 0;
@@ -440,10 +493,16 @@ impl PatternDevice {
             wrong += check_page(mem, payload.0 + page, seed)?;
         }
         for page in (0..len).step_by(PAGE_SIZE as usize) {
-            let_go()?;
             write_page(mem, reply.0 + page, reply_seed(seed))?;
         }
         Ok(wrong)
+    }
+}
+
+impl Request {
+    /// The payload's (and the reply's) length.
+    fn len(&self) -> u64 {
+        u64::from(self.payload.len())
     }
 }
 
@@ -535,7 +594,10 @@ pub fn post_request<M: GuestMemory>(
     ];
     for (i, (addr, len, flags)) in (head..).zip(chain) {
         let next = if flags & next != 0 { i + 1 } else { 0 };
-        mem.write_obj(Descriptor::new(addr, len, flags, next), layout.descriptor(i))?;
+        mem.write_obj(
+            Descriptor::new(addr, len, flags, next),
+            layout.descriptor(i),
+        )?;
     }
     mem.write_obj(seed, layout.header(slot))?;
     mem.write_obj(0xffu32, layout.status(slot))?;
@@ -597,11 +659,12 @@ mod tests {
     }
 
     /// Refuses to hold one page, as a pin refuses a private page; counts
-    /// holds and can be told to ask for a let-go.
+    /// holds, and asks devices to let go the first `let_go` times it is
+    /// asked.
     #[derive(Default)]
     struct Refusing {
         private_page: Option<u64>,
-        let_go: bool,
+        let_go: Cell<u32>,
         holds: Cell<u32>,
     }
 
@@ -621,7 +684,9 @@ mod tests {
         }
 
         fn asked_to_let_go(&self, _: GuestAddress, _: u64) -> bool {
-            self.let_go
+            let asks = self.let_go.get();
+            self.let_go.set(asks.saturating_sub(1));
+            asks > 0
         }
     }
 
@@ -636,11 +701,18 @@ mod tests {
         assert_eq!(access.holds.get(), 2, "the payload and the reply are held");
         let stats = device.stats();
         assert_eq!((stats.requests, stats.served, stats.bytes), (1, 1, 0x2000));
-        assert_eq!((stats.data_errors, stats.access_errors, stats.bad_chains), (0, 0, 0));
+        assert_eq!(
+            (stats.data_errors, stats.access_errors, stats.bad_chains),
+            (0, 0, 0)
+        );
         assert_eq!(status(&mem, 0), RequestStatus::Ok as u32);
         assert_eq!(used(&mem, 0), (1, 0, 0x2000 + STATUS_LEN));
         assert!(holds(&mem, BUFFER, 2, reply_seed(7)));
-        assert_eq!(device.serve(&mem, &access).unwrap(), 0, "nothing more posted");
+        assert_eq!(
+            device.serve(&mem, &access).unwrap(),
+            0,
+            "nothing more posted"
+        );
     }
 
     #[test]
@@ -648,7 +720,8 @@ mod tests {
         let mem = memory();
         let mut device = PatternDevice::new(LAYOUT, &mem).unwrap();
         fill(&mem, BUFFER, 3, 7);
-        mem.write_obj(0u32, GuestAddress(BUFFER + PAGE_SIZE)).unwrap();
+        mem.write_obj(0u32, GuestAddress(BUFFER + PAGE_SIZE))
+            .unwrap();
         post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x3000, 7).unwrap();
         device.serve(&mem, &Unchecked).unwrap();
         assert_eq!(device.stats().data_errors, 1);
@@ -668,7 +741,10 @@ mod tests {
         };
         assert_eq!(device.serve(&mem, &access).unwrap(), 1);
         let stats = device.stats();
-        assert_eq!((stats.requests, stats.served, stats.access_errors), (1, 0, 1));
+        assert_eq!(
+            (stats.requests, stats.served, stats.access_errors),
+            (1, 0, 1)
+        );
         assert_eq!(status(&mem, 0), RequestStatus::AccessError as u32);
         assert_eq!(used(&mem, 0), (1, 0, STATUS_LEN));
         assert!(holds(&mem, BUFFER, 2, 7), "the buffer is untouched");
@@ -676,18 +752,39 @@ mod tests {
     }
 
     #[test]
-    fn a_let_go_request_fails_the_request() {
+    fn a_let_go_request_drops_the_buffers_and_the_request_is_tried_again() {
+        let mem = memory();
+        let mut device = PatternDevice::new(LAYOUT, &mem).unwrap();
+        fill(&mem, BUFFER, 2, 7);
+        post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, 7).unwrap();
+        // Asked before the holds, then while checking (after 2 holds).
+        let access = Refusing::default();
+        for asks in [1, 3] {
+            access.let_go.set(asks);
+            access.holds.set(0);
+            device.serve(&mem, &access).unwrap();
+            post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, reply_seed(7)).unwrap();
+        }
+        let stats = device.stats();
+        assert_eq!((stats.served, stats.access_errors), (2, 0));
+        assert!(stats.let_go_retries >= 2, "{stats:?}");
+        assert_eq!(status(&mem, 1), RequestStatus::Ok as u32);
+        assert!(holds(&mem, BUFFER, 2, reply_seed(reply_seed(7))));
+    }
+
+    #[test]
+    fn a_let_go_request_that_stays_fails_the_request() {
         let mem = memory();
         let mut device = PatternDevice::new(LAYOUT, &mem).unwrap();
         fill(&mem, BUFFER, 1, 7);
         post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x1000, 7).unwrap();
-        let access = Refusing {
-            let_go: true,
-            ..Refusing::default()
-        };
+        let access = Refusing::default();
+        access.let_go.set(u32::MAX);
         device.serve(&mem, &access).unwrap();
         assert_eq!(device.stats().access_errors, 1);
+        assert_eq!(access.holds.get(), 0, "nothing held while asked to let go");
         assert_eq!(status(&mem, 0), RequestStatus::AccessError as u32);
+        assert!(holds(&mem, BUFFER, 1, 7), "nothing written");
         assert!(device.last_failure().unwrap().contains("let go"));
     }
 
@@ -718,7 +815,11 @@ mod tests {
         let head = LAYOUT.descriptor(slot * CHAIN_LEN);
         mem.write_obj(0u16, head.unchecked_add(12)).unwrap();
         device.serve(&mem, &Unchecked).unwrap();
-        assert_eq!(status(&mem, 1), 0xff, "no status descriptor, nothing written");
+        assert_eq!(
+            status(&mem, 1),
+            0xff,
+            "no status descriptor, nothing written"
+        );
         assert_eq!(used(&mem, 1), (2, u32::from(CHAIN_LEN), 0));
         let stats = device.stats();
         assert_eq!((stats.requests, stats.bad_chains, stats.served), (2, 2, 0));
@@ -772,6 +873,9 @@ mod tests {
     fn rings_outside_memory_are_refused_at_set_up() {
         let mem = memory();
         let err = PatternDevice::new(QueueLayout { base: 0x3f000 }, &mem).unwrap_err();
-        assert!(matches!(err, VirtioError::Invalid { base: 0x3f000 }), "{err}");
+        assert!(
+            matches!(err, VirtioError::Invalid { base: 0x3f000 }),
+            "{err}"
+        );
     }
 }

@@ -249,6 +249,9 @@ pub struct VirtioSummary {
     pub data_errors: u64,
     /// Requests failed on a buffer the device could not hold (0 on success).
     pub access_errors: u64,
+    /// Times a device dropped a request's buffers on a let-go request (a
+    /// conversion met `EAGAIN` on them) and served it after.
+    pub let_go_retries: u64,
     /// Chains that were not requests (0 on success).
     pub bad_chains: u64,
 }
@@ -457,6 +460,7 @@ impl RunState {
         total.bytes += stats.bytes;
         total.data_errors += stats.data_errors;
         total.access_errors += stats.access_errors;
+        total.let_go_retries += stats.let_go_retries;
         total.bad_chains += stats.bad_chains;
     }
 
@@ -899,9 +903,17 @@ fn device_thread(state: &RunState, thread: usize) {
 /// After the run: every request served, no pin left, and every region
 /// shared again.
 fn check_final_state(state: &RunState, config: &RunConfig) {
-    let chunks: u64 = state.regions.iter().map(|(s, e)| (e - s) / state.chunk).sum();
+    let chunks: u64 = state
+        .regions
+        .iter()
+        .map(|(s, e)| (e - s) / state.chunk)
+        .sum();
     let posted = chunks * u64::from(config.rounds);
-    let served = state.virtio.lock().unwrap_or_else(|e| e.into_inner()).served;
+    let served = state
+        .virtio
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .served;
     if served != posted {
         state.broke(format!(
             "the virtio devices served {served} of the {posted} requests posted"
@@ -972,6 +984,7 @@ fn summarize(
             conversions: state.buffer_conversions.load(Ordering::Relaxed),
             data_errors: virtio.data_errors,
             access_errors: virtio.access_errors,
+            let_go_retries: virtio.let_go_retries,
             bad_chains: virtio.bad_chains,
         },
         ok: broken.is_empty(),
