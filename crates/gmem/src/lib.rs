@@ -83,6 +83,8 @@ mod sys;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;
+#[cfg(feature = "vm-memory")]
+pub mod vm_memory;
 
 #[cfg(feature = "kvm")]
 #[allow(unsafe_code)] // KVM ioctls: the kernel keeps pointers, and kvm_run unions.
@@ -95,7 +97,7 @@ pub use error::{ConversionError, Error};
 pub use file::{Flags, GuestMemfd, Options, falloc};
 pub use listener::{ConversionListener, ListenerId, Refusal};
 pub use mapping::{Hiding, HostMapping};
-pub use pin::Pin;
+pub use pin::{OwnedPin, Pin};
 pub use stats::Stats;
 pub use sys::ProbeOutcome;
 

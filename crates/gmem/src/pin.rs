@@ -1,7 +1,12 @@
 //! Pins: the references that device I/O holds on shared pages (the analogue
-//! of GUP), and copies through them.
+//! of GUP), and copies through them. [`Pin`] borrows its file, [`OwnedPin`]
+//! holds it by `Arc` (for another thread or a queue); both wrap one
+//! [`PinnedRange`], which takes and releases the references and serves every
+//! accessor.
 
-use std::ops::Range;
+use std::ops::{Deref, Range};
+use std::os::fd::AsFd;
+use std::sync::Arc;
 
 use crate::attributes::Attribute;
 use crate::file::{GuestMemfd, page_range};
@@ -14,7 +19,22 @@ use crate::{Error, PAGE_SHIFT};
 /// thread's batch.
 #[derive(Debug)]
 pub struct Pin<'a> {
-    file: &'a GuestMemfd,
+    range: PinnedRange<&'a GuestMemfd>,
+}
+
+/// A [`Pin`] that holds its file by `Arc`: `Send + Sync + 'static`, for a
+/// request handed to another thread or kept in a queue. Same guarantees and
+/// accessors as `Pin`.
+#[derive(Debug)]
+pub struct OwnedPin {
+    range: PinnedRange<Arc<GuestMemfd>>,
+}
+
+/// The pinned range both pin types wrap: the references on the pages of
+/// `[offset, offset + len)` of `file`, released on drop.
+#[derive(Debug)]
+struct PinnedRange<F: Deref<Target = GuestMemfd>> {
+    file: F,
     offset: u64,
     len: u64,
 }
@@ -25,9 +45,38 @@ impl GuestMemfd {
     /// was converted or punched since.
     ///
     /// Errors: `EINVAL` for an empty range or one not inside the file;
-    /// `EFAULT` with the offset of the first private page.
+    /// `EFAULT` with the offset of the first private page; `ENOMEM` if a
+    /// page's reference count is full.
     #[inline]
     pub fn pin(&self, offset: u64, len: u64) -> Result<Pin<'_>, Error> {
+        self.take_pin(offset, len)?;
+        Ok(Pin {
+            range: PinnedRange {
+                file: self,
+                offset,
+                len,
+            },
+        })
+    }
+
+    /// As [`pin`](Self::pin), but the pin holds the file by `Arc` and so
+    /// may outlive the borrow (`'static`, sent to another thread).
+    #[inline]
+    pub fn pin_owned(self: &Arc<Self>, offset: u64, len: u64) -> Result<OwnedPin, Error> {
+        self.take_pin(offset, len)?;
+        Ok(OwnedPin {
+            range: PinnedRange {
+                file: Arc::clone(self),
+                offset,
+                len,
+            },
+        })
+    }
+
+    /// Checks `[offset, offset + len)` and takes a reference on each of its
+    /// pages (lock-free on the fast path); the caller owns them.
+    #[inline(always)]
+    pub(crate) fn take_pin(&self, offset: u64, len: u64) -> Result<(), Error> {
         let size = self.size();
         // One test for all three conditions: `len - 1 < size` says
         // `1 <= len <= size`, so `size - len` does not wrap, and then
@@ -37,14 +86,9 @@ impl GuestMemfd {
         }
         let pages = page_range(offset, offset + len);
         match self.state.refs.try_pin_fast(pages.clone()) {
-            Ok(()) => {}
-            Err(miss) => self.pin_missed(pages, miss)?,
+            Ok(()) => Ok(()),
+            Err(miss) => self.pin_missed(pages, miss),
         }
-        Ok(Pin {
-            file: self,
-            offset,
-            len,
-        })
     }
 
     /// A pin the fast path did not take.
@@ -108,38 +152,53 @@ fn range_error(offset: u64, len: u64, size: u64) -> Error {
     }
 }
 
-impl Pin<'_> {
-    /// The file offset the pin starts at.
-    pub fn offset(&self) -> u64 {
-        self.offset
+impl<F: Deref<Target = GuestMemfd>> PinnedRange<F> {
+    fn as_ptr(&self) -> *mut u8 {
+        // Inside the file (checked when pinned): the pointer stays inside
+        // the direct mapping.
+        self.file
+            .state
+            .direct
+            .as_ptr()
+            .wrapping_add(self.offset as usize)
     }
 
-    /// The length of the pin in bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Whether the pin is empty (it never is).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Copies from `offset` within the pin into `buf`.
-    ///
-    /// Errors: `EINVAL` if the range is not inside the pin.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         let at = self.check(offset, buf.len() as u64)?;
         self.file.state.direct.read(at, buf);
         Ok(())
     }
 
-    /// Copies `data` to `offset` within the pin; errors as [`read`](Self::read).
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
         let at = self.check(offset, data.len() as u64)?;
         self.file.state.direct.write(at, data);
         Ok(())
     }
 
+    fn read_from(&self, fd: impl AsFd, offset: u64, len: u64) -> Result<usize, Error> {
+        let at = self.check(offset, len)?;
+        let direct = &self.file.state.direct;
+        direct
+            .read_from_fd(at, len as usize, fd.as_fd())
+            .map_err(Error::os("read"))
+    }
+
+    fn write_to(&self, fd: impl AsFd, offset: u64, len: u64) -> Result<usize, Error> {
+        let at = self.check(offset, len)?;
+        let direct = &self.file.state.direct;
+        direct
+            .write_to_fd(at, len as usize, fd.as_fd())
+            .map_err(Error::os("write"))
+    }
+
+    #[cfg(feature = "vm-memory")]
+    fn as_volatile_slice(&self) -> vm_memory::VolatileSlice<'_> {
+        // The borrow of the pin keeps its pages shared while the slice lives.
+        let direct = &self.file.state.direct;
+        direct.volatile_slice(self.offset, self.len as usize, ())
+    }
+
+    /// The file offset of `[offset, offset + len)` within the pin.
     fn check(&self, offset: u64, len: u64) -> Result<u64, Error> {
         if offset.checked_add(len).is_none_or(|end| end > self.len) {
             return Err(Error::OutOfRange {
@@ -152,10 +211,110 @@ impl Pin<'_> {
     }
 }
 
-impl Drop for Pin<'_> {
+impl<F: Deref<Target = GuestMemfd>> Drop for PinnedRange<F> {
     #[inline]
     fn drop(&mut self) {
         let pages = page_range(self.offset, self.offset + self.len);
         self.file.state.refs.unpin(pages);
+    }
+}
+
+/// The accessors of a pin type, served by its `range`.
+macro_rules! pin_accessors {
+    ($pin:ty) => {
+        impl $pin {
+            /// The file offset the pin starts at.
+            pub fn offset(&self) -> u64 {
+                self.range.offset
+            }
+
+            /// The length of the pin in bytes.
+            pub fn len(&self) -> u64 {
+                self.range.len
+            }
+
+            /// Whether the pin is empty (it never is).
+            pub fn is_empty(&self) -> bool {
+                self.range.len == 0
+            }
+
+            /// The first pinned byte in gmem's own mapping of the whole file;
+            /// [`len`](Self::len) bytes from it stay shared and mapped while
+            /// the pin lives. Raw: access it only with volatile or atomic
+            /// operations (the guest may write it concurrently), never
+            /// through a reference, and not after the pin is dropped.
+            pub fn as_ptr(&self) -> *mut u8 {
+                self.range.as_ptr()
+            }
+
+            /// Copies from `offset` within the pin into `buf` (volatile loads).
+            ///
+            /// Errors: `EINVAL` if the range is not inside the pin.
+            pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+                self.range.read(offset, buf)
+            }
+
+            /// Copies `data` to `offset` within the pin (volatile stores);
+            /// errors as [`read`](Self::read).
+            pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
+                self.range.write(offset, data)
+            }
+
+            /// Reads up to `len` bytes from `fd` (`read(2)`, retried on
+            /// `EINTR`) straight into the pinned pages at `offset` within the
+            /// pin: the bytes read, 0 at end of file.
+            ///
+            /// Errors: `EINVAL` if the range is not inside the pin; the
+            /// errno of `read(2)`.
+            pub fn read_from(&self, fd: impl AsFd, offset: u64, len: u64) -> Result<usize, Error> {
+                self.range.read_from(fd, offset, len)
+            }
+
+            /// Writes up to `len` bytes from `offset` within the pin to `fd`
+            /// (`write(2)`, retried on `EINTR`): the bytes written. Errors as
+            /// [`read_from`](Self::read_from), with `write(2)`'s errno.
+            pub fn write_to(&self, fd: impl AsFd, offset: u64, len: u64) -> Result<usize, Error> {
+                self.range.write_to(fd, offset, len)
+            }
+
+            /// The pinned bytes as a vm-memory `VolatileSlice`, which
+            /// borrows the pin: its pages stay shared while the slice lives.
+            #[cfg(feature = "vm-memory")]
+            pub fn as_volatile_slice(&self) -> vm_memory::VolatileSlice<'_> {
+                self.range.as_volatile_slice()
+            }
+        }
+    };
+}
+
+pin_accessors!(Pin<'_>);
+pin_accessors!(OwnedPin);
+
+impl<'a> Pin<'a> {
+    /// Another pin of the same range: one more reference on each page,
+    /// taken without fail because this pin already holds one. For the
+    /// vm-memory view's slices, whose clones must each hold the pages.
+    #[cfg_attr(not(feature = "vm-memory"), allow(dead_code))]
+    pub(crate) fn repin(&self) -> Pin<'a> {
+        let range = &self.range;
+        let file: &'a GuestMemfd = range.file;
+        let pages = page_range(range.offset, range.offset + range.len);
+        if let Err(miss) = file.state.refs.try_pin_fast(pages.clone()) {
+            // The fast path misses only after a conversion cleared MAPPED (it
+            // then failed: this pin blocks it) or at a full count; the slow
+            // path maps the pages back, and they are shared and allocated.
+            if let Err(err) = file.pin_missed(pages, miss) {
+                // As `Arc` does on a count overflow: 2^31 live references.
+                tracing::error!(%err, "a pinned range cannot take another reference");
+                std::process::abort();
+            }
+        }
+        Pin {
+            range: PinnedRange {
+                file,
+                offset: range.offset,
+                len: range.len,
+            },
+        }
     }
 }

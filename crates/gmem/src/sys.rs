@@ -175,27 +175,93 @@ impl MappedRegion {
         Ok(())
     }
 
-    /// Copies `buf.len()` bytes from `offset` of the region into `buf`.
+    /// Copies `buf.len()` bytes from `offset` of the region into `buf`, with
+    /// volatile loads (the guest may write the memory meanwhile).
     ///
     /// The caller has checked that the pages are mapped to the file (shared
     /// and inside it); a page that is not raises `SIGBUS`, as a raw access
     /// would. Panics if the range is outside the region.
     pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) {
         let offset = self.check(offset, buf.len());
-        // Guest memory may change under the copy: we copy bytes, never form
-        // references.
         // SAFETY: the source is inside the region (checked) and readable; `buf` is distinct.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), buf.as_mut_ptr(), buf.len())
-        }
+        unsafe { copy_from_guest(self.as_ptr().add(offset), buf.as_mut_ptr(), buf.len()) }
     }
 
-    /// Copies `data` to `offset` of the region; as [`read`](Self::read).
+    /// Copies `data` to `offset` of the region with volatile stores; as
+    /// [`read`](Self::read).
     pub(crate) fn write(&self, offset: u64, data: &[u8]) {
         let offset = self.check(offset, data.len());
         // SAFETY: the destination is inside the region (checked) and writable; `data` is distinct.
+        unsafe { copy_to_guest(data.as_ptr(), self.as_ptr().add(offset), data.len()) }
+    }
+
+    /// `read(2)` of up to `len` bytes from `fd` straight into `offset` of the
+    /// region, retried on `EINTR`: the bytes read. As [`read`](Self::read),
+    /// the caller has checked the pages; panics if the range is outside.
+    pub(crate) fn read_from_fd(
+        &self,
+        offset: u64,
+        len: usize,
+        fd: BorrowedFd<'_>,
+    ) -> Result<usize, Errno> {
+        let offset = self.check(offset, len);
+        loop {
+            // The kernel writes guest memory as the guest's own DMA would; no
+            // Rust reference to it is formed.
+            // SAFETY: the destination is inside the region (checked) and writable.
+            let done = unsafe { libc::read(fd.as_raw_fd(), self.as_ptr().add(offset).cast(), len) };
+            if let Ok(done) = usize::try_from(done) {
+                return Ok(done);
+            }
+            let errno = last_errno();
+            if errno != Errno::INTR {
+                return Err(errno);
+            }
+        }
+    }
+
+    /// `write(2)` of up to `len` bytes from `offset` of the region to `fd`,
+    /// retried on `EINTR`: the bytes written. As
+    /// [`read_from_fd`](Self::read_from_fd).
+    pub(crate) fn write_to_fd(
+        &self,
+        offset: u64,
+        len: usize,
+        fd: BorrowedFd<'_>,
+    ) -> Result<usize, Errno> {
+        let offset = self.check(offset, len);
+        loop {
+            // SAFETY: the source is inside the region (checked) and readable; the kernel only reads it.
+            let done =
+                unsafe { libc::write(fd.as_raw_fd(), self.as_ptr().add(offset).cast(), len) };
+            if let Ok(done) = usize::try_from(done) {
+                return Ok(done);
+            }
+            let errno = last_errno();
+            if errno != Errno::INTR {
+                return Err(errno);
+            }
+        }
+    }
+
+    /// A vm-memory `VolatileSlice` of `[offset, offset + len)` of the region
+    /// that carries `bitmap` (a pin, for the vm-memory view). The caller has
+    /// checked that the pages stay shared for as long as the slice or any of
+    /// its copies lives (the pin it carries, or a borrow of one). Panics if
+    /// the range is outside the region.
+    #[cfg(feature = "vm-memory")]
+    pub(crate) fn volatile_slice<B: vm_memory::bitmap::BitmapSlice>(
+        &self,
+        offset: u64,
+        len: usize,
+        bitmap: B,
+    ) -> vm_memory::VolatileSlice<'_, B> {
+        let offset = self.check(offset, len);
+        // The region outlives the slice (the borrow), every access through a
+        // VolatileSlice is volatile, and the guest's are its own.
+        // SAFETY: `len` bytes at the pointer lie inside the region (checked) and stay mapped while it lives.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
+            vm_memory::VolatileSlice::with_bitmap(self.as_ptr().add(offset), len, bitmap, None)
         }
     }
 
@@ -207,6 +273,122 @@ impl MappedRegion {
             self.len
         );
         offset as usize
+    }
+}
+
+/// Copies `len` bytes from guest memory at `src` to `dst`, with accesses the
+/// compiler cannot elide, repeat, merge or tear into a plain `memcpy`: short
+/// copies in volatile loads (aligned `u64`s, bytes at the edges), long ones
+/// on x86-64 in one `rep movsb` (opaque to the compiler, as volatile is;
+/// what the kernel's `copy_to_user` runs, at `memcpy`'s speed). Each byte is
+/// read once, as a guest racing the copy would see it.
+///
+/// # Safety
+///
+/// `src` is readable and `dst` writable for `len` bytes, and they do not
+/// overlap.
+#[inline]
+unsafe fn copy_from_guest(src: *const u8, dst: *mut u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if len >= STRING_COPY_MIN {
+        // SAFETY: the caller's duties pass on.
+        return unsafe { string_copy(src, dst, len) };
+    }
+    // SAFETY: the caller's duties pass on.
+    unsafe { words_from_guest(src, dst, len) }
+}
+
+/// Copies `len` bytes from `src` to guest memory at `dst`; as
+/// [`copy_from_guest`], with volatile stores.
+///
+/// # Safety
+///
+/// As [`copy_from_guest`].
+#[inline]
+unsafe fn copy_to_guest(src: *const u8, dst: *mut u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if len >= STRING_COPY_MIN {
+        // SAFETY: the caller's duties pass on.
+        return unsafe { string_copy(src, dst, len) };
+    }
+    // SAFETY: the caller's duties pass on.
+    unsafe { words_to_guest(src, dst, len) }
+}
+
+/// The shortest copy that `rep movsb` serves: below it, its start-up costs
+/// more than a word loop.
+#[cfg(target_arch = "x86_64")]
+const STRING_COPY_MIN: usize = 256;
+
+/// `rep movsb` of `len` bytes from `src` to `dst`.
+///
+/// # Safety
+///
+/// As [`copy_from_guest`].
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn string_copy(src: *const u8, dst: *mut u8, len: usize) {
+    // The direction flag is clear on entry to inline assembly (the ABI's
+    // rule, which Rust guarantees), so the copy runs upwards; `rep movsb`
+    // changes no flag and touches no stack.
+    // SAFETY: `len` bytes at `src` are readable and at `dst` writable, and they do not overlap.
+    unsafe {
+        std::arch::asm!(
+            "rep movsb",
+            inout("rcx") len => _,
+            inout("rsi") src => _,
+            inout("rdi") dst => _,
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
+/// The bytes of one `u64` access.
+const WORD: usize = std::mem::size_of::<u64>();
+
+/// Copies `len` bytes from guest memory with volatile loads: bytes up to an
+/// aligned guest address, then aligned `u64`s, then bytes.
+///
+/// # Safety
+///
+/// As [`copy_from_guest`].
+#[inline]
+unsafe fn words_from_guest(src: *const u8, dst: *mut u8, len: usize) {
+    let head = ((src as usize).wrapping_neg() % WORD).min(len);
+    let tail = head + (len - head) / WORD * WORD;
+    for at in (0..head).chain(tail..len) {
+        // SAFETY: the byte at `at < len` is inside both buffers.
+        unsafe { dst.add(at).write(src.add(at).read_volatile()) }
+    }
+    for at in (head..tail).step_by(WORD) {
+        // SAFETY: 8 bytes at `at` lie inside both buffers; `src + at` is aligned.
+        unsafe {
+            let word = src.add(at).cast::<u64>().read_volatile();
+            dst.add(at).cast::<u64>().write_unaligned(word);
+        }
+    }
+}
+
+/// Copies `len` bytes to guest memory with volatile stores; as
+/// [`words_from_guest`].
+///
+/// # Safety
+///
+/// As [`copy_from_guest`].
+#[inline]
+unsafe fn words_to_guest(src: *const u8, dst: *mut u8, len: usize) {
+    let head = ((dst as usize).wrapping_neg() % WORD).min(len);
+    let tail = head + (len - head) / WORD * WORD;
+    for at in (0..head).chain(tail..len) {
+        // SAFETY: the byte at `at < len` is inside both buffers.
+        unsafe { dst.add(at).write_volatile(src.add(at).read()) }
+    }
+    for at in (head..tail).step_by(WORD) {
+        // SAFETY: 8 bytes at `at` lie inside both buffers; `dst + at` is aligned.
+        unsafe {
+            let word = src.add(at).cast::<u64>().read_unaligned();
+            dst.add(at).cast::<u64>().write_volatile(word);
+        }
     }
 }
 

@@ -21,6 +21,7 @@ pub mod fixtures;
 pub mod kvm;
 pub mod study;
 pub mod table;
+pub mod virtio;
 
 pub use fixtures::{Copies, Fragmented, PinUnpin, RoundTrip};
 
@@ -307,6 +308,7 @@ pub fn run_all(progress: &mut dyn FnMut(&str), only: Option<&str>) -> Vec<CaseRe
     case("pin-unpin", &mut pin_unpin);
     case("pin-unpin-2-threads", &mut pin_unpin_two_threads);
     case("copies-64k", &mut copies);
+    case("virtio-chain-64k", &mut virtio::virtio_chain);
     case("convert-64g-sparse", &mut || vec![convert_sparse_64g()]);
     case("metadata-64g", &mut metadata_64g);
     case("huge-folio-check-64m", &mut || vec![huge_folio_check()]);
