@@ -18,10 +18,12 @@
 //! convert next, write and read back their own bytes, and hold the pin until
 //! the VMM asks them to let go (on `EAGAIN`) or a while passes.
 //!
-//! The virtio devices reach guest memory through a `vm_memory::GuestMemory`
-//! (a `GuestMemoryMmap` of the guest_memfd) and pin each buffer, and their
-//! rings, through gmem before touching it ([`PinnedBuffers`]): a private
-//! buffer fails the request instead of faulting.
+//! The virtio devices reach guest memory through gmem's vm-memory view
+//! (`gmem::vm_memory::GuestMemoryGmem`), whose slices pin their pages and
+//! whose accesses to private pages fail instead of faulting; they also pin
+//! each request's buffers for the whole request, and their rings for the
+//! run ([`PinnedBuffers`]), so that no conversion lands between a request's
+//! check and its reply.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,7 +38,8 @@ use gmem::kvm::{
 use gmem::{Attribute, GuestMemfd, PAGE_SIZE};
 use indicatif::ProgressBar;
 use serde::Serialize;
-use vm_memory::{FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap};
+use gmem::vm_memory::GuestMemoryGmem;
+use vm_memory::{GuestAddress, GuestMemory};
 
 use crate::guest::{
     CHECK_PORT, Command, RESULT_PORT, RequestPath, VIRTIO_NOTIFY_PORT, VIRTIO_STATUS_PORT,
@@ -472,19 +475,11 @@ impl RunState {
     }
 }
 
-/// The virtio devices' view of guest memory: the guest_memfd mapped by
-/// `vm-memory` at guest address 0 (its one slot). Raw: the devices pin every
-/// range before they touch it ([`PinnedBuffers`]).
-fn device_memory(machine: &Machine) -> anyhow::Result<GuestMemoryMmap<()>> {
-    let fd = machine
-        .mem
-        .as_fd()
-        .try_clone_to_owned()
-        .context("duplicating the guest_memfd for the virtio devices")?;
-    let size = usize::try_from(machine.size()).context("guest memory size")?;
-    let file = FileOffset::new(std::fs::File::from(fd), 0);
-    GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), size, Some(file))])
-        .context("mapping guest memory for the virtio devices")
+/// The virtio devices' view of guest memory: the guest_memfd at guest
+/// address 0 (its one slot), through gmem's vm-memory view.
+fn device_memory(machine: &Machine) -> anyhow::Result<GuestMemoryGmem> {
+    GuestMemoryGmem::from_regions([(GuestAddress(0), machine.mem.clone(), 0, machine.size())])
+        .context("the virtio devices' view of guest memory")
 }
 
 /// Runs the vCPUs to their halt with the device threads beside them, and a
@@ -763,8 +758,8 @@ impl WorkloadIo {
     }
 }
 
-/// Holds virtio buffers for the device by pinning them through gmem; the
-/// VMM's let-go requests reach the device through it.
+/// Holds virtio buffers for the device by pinning them through gmem for the
+/// whole request; the VMM's let-go requests reach the device through it.
 struct PinnedBuffers<'s> {
     state: &'s RunState,
 }
