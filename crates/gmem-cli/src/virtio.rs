@@ -859,6 +859,41 @@ mod tests {
         }
     }
 
+    /// On gmem's vm-memory view, a private page of a buffer fails the
+    /// request (the view's error, not a fault), and the shared ones are
+    /// served.
+    #[test]
+    fn on_gmem_a_private_buffer_fails_the_request_and_a_shared_one_is_served() {
+        use gmem::vm_memory::GuestMemoryGmem;
+        use gmem::{Attribute, Flags, GuestMemfd};
+        let file = std::sync::Arc::new(
+            GuestMemfd::new(0x40000, Flags::MMAP | Flags::INIT_SHARED).expect("a memfd"),
+        );
+        let mem = GuestMemoryGmem::from_regions([(GuestAddress(0), file.clone(), 0, 0x40000)])
+            .expect("a view");
+        let mut device = PatternDevice::new(LAYOUT, &mem).unwrap();
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for n in 0..2u64 {
+            let gpa = BUFFER + n * PAGE_SIZE;
+            fill_page(&mut page, 7, gpa);
+            mem.write_slice(&page, GuestAddress(gpa)).unwrap();
+        }
+        file.set_attributes(BUFFER + PAGE_SIZE, PAGE_SIZE, Attribute::Private)
+            .unwrap();
+        post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, 7).unwrap();
+        device.serve(&mem, &Unchecked).unwrap();
+        assert_eq!(device.stats().access_errors, 1);
+        let status: u32 = mem.read_obj(LAYOUT.status(0)).unwrap();
+        assert_eq!(status, RequestStatus::AccessError as u32);
+        file.set_attributes(BUFFER + PAGE_SIZE, PAGE_SIZE, Attribute::Shared)
+            .unwrap();
+        post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, 7).unwrap();
+        device.serve(&mem, &Unchecked).unwrap();
+        let status: u32 = mem.read_obj(LAYOUT.status(1)).unwrap();
+        assert_eq!((status, device.stats().served), (0, 1));
+        assert_eq!(file.stats().pins_live, 0, "no slice outlives the request");
+    }
+
     #[test]
     fn an_available_index_past_the_queue_is_a_queue_error() {
         let mem = memory();

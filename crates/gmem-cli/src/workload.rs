@@ -22,7 +22,7 @@
 //! (`gmem::vm_memory::GuestMemoryGmem`), whose slices pin their pages and
 //! whose accesses to private pages fail instead of faulting; they also pin
 //! each request's buffers for the whole request, and their rings for the
-//! run ([`PinnedBuffers`]), so that no conversion lands between a request's
+//! run (`PinnedBuffers`), so that no conversion lands between a request's
 //! check and its reply.
 
 use std::ops::ControlFlow;
@@ -35,10 +35,10 @@ use anyhow::Context;
 use gmem::kvm::{
     ConversionOutcome, ConversionPolicy, ConversionRequest, ExitRegs, GuestIo, VcpuStop,
 };
+use gmem::vm_memory::GuestMemoryGmem;
 use gmem::{Attribute, GuestMemfd, PAGE_SIZE};
 use indicatif::ProgressBar;
 use serde::Serialize;
-use gmem::vm_memory::GuestMemoryGmem;
 use vm_memory::{GuestAddress, GuestMemory};
 
 use crate::guest::{
