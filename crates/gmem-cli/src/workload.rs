@@ -518,23 +518,19 @@ fn run_threads<M: GuestMemory + Sync>(
                 break;
             }
             let id = vcpu.id();
-            let (kick, kicks) = std::sync::mpsc::channel();
-            let (answer, served) = std::sync::mpsc::sync_channel(1);
-            let spawned = std::thread::Builder::new()
-                .name(format!("virtio {id}"))
-                .spawn_scoped(s, move || {
-                    virtio_thread(state, device_memory, id, kicks, answer)
-                });
-            match spawned {
-                Ok(device) => devices.push(device),
+            let doorbell = match spawn_virtio(s, state, device_memory, id) {
+                Ok((device, doorbell)) => {
+                    devices.push(device);
+                    doorbell
+                }
                 Err(e) => {
                     failed = Some(anyhow::anyhow!("starting virtio device thread {id}: {e}"));
                     break;
                 }
-            }
+            };
             let mut io = WorkloadIo {
                 state: state.clone(),
-                doorbell: Doorbell { kick, served },
+                doorbell,
             };
             let mut vcpu = vcpu;
             let spawned = std::thread::Builder::new()
@@ -566,6 +562,24 @@ fn run_threads<M: GuestMemory + Sync>(
         }
         Ok(elapsed)
     })
+}
+
+/// Starts the virtio device thread of vCPU `id`'s queue; gives the
+/// vCPU's doorbell to it.
+fn spawn_virtio<'scope, M: GuestMemory + Sync>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    state: &'scope RunState,
+    device_memory: &'scope M,
+    id: u64,
+) -> std::io::Result<(std::thread::ScopedJoinHandle<'scope, ()>, Doorbell)> {
+    let (kick, kicks) = std::sync::mpsc::channel();
+    let (answer, served) = std::sync::mpsc::sync_channel(1);
+    let device = std::thread::Builder::new()
+        .name(format!("virtio {id}"))
+        .spawn_scoped(s, move || {
+            virtio_thread(state, device_memory, id, kicks, answer)
+        })?;
+    Ok((device, Doorbell { kick, served }))
 }
 
 /// Each vCPU's region: an equal share of the memory past the firmware area,
