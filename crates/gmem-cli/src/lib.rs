@@ -1,5 +1,6 @@
 //! The library behind the `gmem` command: the guest program, test machines,
-//! the bundled workload, the self-test scenarios, the stress torture and the benchmarks.
+//! the bundled workload and its virtio device, the self-test scenarios, the stress torture and
+//! the benchmarks.
 
 pub mod bench;
 pub mod floor;
@@ -8,4 +9,5 @@ pub mod machine;
 pub mod progress;
 pub mod scenarios;
 pub mod stress;
+pub mod virtio;
 pub mod workload;

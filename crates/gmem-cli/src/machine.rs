@@ -2,8 +2,9 @@
 //! address 0, the interpreter loaded, and vCPUs that run command lists.
 //!
 //! Guest memory layout: the first [`FIRMWARE_SIZE`] bytes hold the code
-//! (at [`CODE_GPA`]), the stacks, and one command area per vCPU; they stay
-//! shared. The rest is the guest's to convert.
+//! (at [`CODE_GPA`]), the stacks, one virtqueue per vCPU ([`queue_layout`])
+//! and one command area per vCPU; they stay shared. The rest is the guest's
+//! to convert.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -13,22 +14,34 @@ use gmem::kvm::{
     ConversionOutcome, ConversionRequest, ExitRegs, GuestIo, HostSupport, Memslot, MemslotFlags,
     Vcpu, VcpuStop, Vm,
 };
-use gmem::{Attribute, Flags, GuestMemfd, HostMapping, Options};
+use gmem::{Attribute, Flags, GuestMemfd, HostMapping, Options, PAGE_SIZE};
 
 use crate::guest::{
     CHECK_PORT, CODE_GPA, Command, NOTIFY_PORT, REPORT_PORT, RESULT_PORT, RequestPath, STACK_TOP,
     interpreter,
 };
+use crate::virtio::{QUEUE_PAGES, QueueLayout};
 
 /// Bytes at the start of guest memory for code, stacks and command lists.
 pub const FIRMWARE_SIZE: u64 = 4 << 20;
 /// The most vCPUs a machine runs.
 pub const MAX_VCPUS: u64 = 4;
 const COMMANDS_GPA: u64 = 0x10000;
+/// Where the vCPUs' virtqueues begin, past the stacks.
+const QUEUES_GPA: u64 = STACK_TOP;
+const _: () = assert!(QUEUES_GPA + MAX_VCPUS * QUEUE_PAGES * PAGE_SIZE <= COMMANDS_GPA);
 const COMMAND_AREA: u64 = (FIRMWARE_SIZE - COMMANDS_GPA) / MAX_VCPUS;
 
 /// The most commands one vCPU's list may hold, `Halt` included.
 pub const MAX_COMMANDS: usize = (COMMAND_AREA / 16) as usize;
+
+/// Where vCPU `id`'s virtqueue lives (the interpreter gets its base in
+/// `esi`).
+pub fn queue_layout(id: u64) -> QueueLayout {
+    QueueLayout {
+        base: QUEUES_GPA + id * QUEUE_PAGES * PAGE_SIZE,
+    }
+}
 
 /// A VM with one guest_memfd and the interpreter loaded.
 pub struct Machine {
@@ -125,7 +138,7 @@ impl Machine {
         let list = COMMANDS_GPA + id * COMMAND_AREA;
         self.map.write(list, &Command::encode_list(commands))?;
         vcpu.enter_protected_mode(CODE_GPA, STACK_TOP - id * 0x1000)?;
-        vcpu.set_arguments(list, 0)?;
+        vcpu.set_arguments(list, queue_layout(id).base)?;
         Ok(())
     }
 

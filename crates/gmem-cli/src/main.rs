@@ -83,8 +83,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 2)]
     vcpus: u64,
     /// Rounds over each vCPU's memory: at least 1, and each round takes 5
-    /// guest commands a chunk of the 64511 a vCPU holds (up to 107 rounds
-    /// with the default memory, vCPUs and chunk).
+    /// guest commands a chunk and 1 more of the 64511 a vCPU holds (up to 107
+    /// rounds with the default memory, vCPUs and chunk).
     #[arg(long, default_value_t = 16)]
     rounds: u32,
     /// KiB the guest converts per request: a multiple of 4 (the page), up to
@@ -312,6 +312,15 @@ fn print_summary(s: &Summary) {
     println!(
         "  verified         {} bytes by the guest, {} bytes by the host",
         s.guest_bytes_verified, s.host_bytes_verified
+    );
+    let v = &s.virtio;
+    println!(
+        "  virtio           {} requests on {} queues, {} bytes, {} buffer conversions, {} let-go retries",
+        v.requests, v.queues, v.bytes, v.conversions, v.let_go_retries
+    );
+    println!(
+        "  virtio errors    {} data, {} access, {} bad chains",
+        v.data_errors, v.access_errors, v.bad_chains
     );
     if s.ok {
         println!("  invariants       all held");

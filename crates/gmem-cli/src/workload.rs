@@ -4,15 +4,30 @@
 //!
 //! Each vCPU owns a region of guest memory cut into chunks. For every chunk,
 //! every round, the guest: takes the chunk private, checks the pattern the
-//! host left there, writes its own pattern, gives the chunk back (shared),
-//! and notifies the VMM. On the notification the VMM's device model pins the
-//! chunk, checks the guest's pattern and writes the host's pattern for the
-//! next round. Meanwhile device threads pin small buffers in the chunk each
-//! vCPU will convert next, write and read back their own bytes, and hold the
-//! pin until the VMM asks them to let go (on `EAGAIN`) or a while passes.
+//! host's virtio device left there, writes its own pattern, gives the chunk
+//! back (shared), and posts it as a virtio request on its own split
+//! virtqueue ([`crate::virtio`]), notifying by port I/O, and goes on with
+//! the next chunk. The notification's exit handler only rings the queue's
+//! virtio device thread, which pops the chain, checks the guest's pattern,
+//! rewrites the chunk with its own (the one the guest checks next round)
+//! and adds the used entry. The guest waits for used entries only when its
+//! queue's slots are all in flight, and at the end of each round
+//! (`Complete`), before it converts those chunks again; every request's
+//! status must be 0.
+//! Meanwhile device threads pin small buffers in the chunk each vCPU will
+//! convert next, write and read back their own bytes, and hold the pin until
+//! the VMM asks them to let go (on `EAGAIN`) or a while passes.
+//!
+//! The virtio devices reach guest memory through gmem's vm-memory view
+//! (`gmem::vm_memory::GuestMemoryGmem`), whose slices pin their pages and
+//! whose accesses to private pages fail instead of faulting; they also pin
+//! each request's buffers for the whole request, and their rings for the
+//! run (`PinnedBuffers`), so that no conversion lands between a request's
+//! check and its reply.
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,14 +35,18 @@ use anyhow::Context;
 use gmem::kvm::{
     ConversionOutcome, ConversionPolicy, ConversionRequest, ExitRegs, GuestIo, VcpuStop,
 };
+use gmem::vm_memory::GuestMemoryGmem;
 use gmem::{Attribute, GuestMemfd, PAGE_SIZE};
 use indicatif::ProgressBar;
 use serde::Serialize;
+use vm_memory::{GuestAddress, GuestMemory};
 
 use crate::guest::{
-    CHECK_PORT, Command, NOTIFY_PORT, RESULT_PORT, RequestPath, fill_page, page_matches,
+    CHECK_PORT, Command, RESULT_PORT, RequestPath, VIRTIO_NOTIFY_PORT, VIRTIO_STATUS_PORT,
+    VIRTIO_WAIT_PORT, VIRTIO_WAIT_SLICE, fill_page,
 };
-use crate::machine::{FIRMWARE_SIZE, MAX_COMMANDS, MAX_VCPUS, Machine};
+use crate::machine::{FIRMWARE_SIZE, MAX_COMMANDS, MAX_VCPUS, Machine, queue_layout};
+use crate::virtio::{BufferAccess, DeviceStats, HoldRefused, PatternDevice, reply_seed};
 
 /// What `gmem run` runs.
 #[derive(Debug, Clone)]
@@ -165,8 +184,8 @@ impl RunFlags {
         }
         let chunk = self.chunk_kib << 10;
         let chunks = (share_kib << 10) / chunk;
-        // Five commands a chunk a round, and the closing halt.
-        let max_rounds = (MAX_COMMANDS as u64 - 1) / (5 * chunks);
+        // The commands of each round, and the closing halt.
+        let max_rounds = (MAX_COMMANDS as u64 - 1) / commands_per_round(chunks);
         if self.rounds == 0 || u64::from(self.rounds) > max_rounds {
             let why = if max_rounds == 0 {
                 format!(
@@ -179,7 +198,7 @@ impl RunFlags {
                 format!(
                     "must be 1 to {max_rounds}: each round of {chunks} chunks a vCPU takes {} guest commands of \
                      the {} a vCPU holds (bigger chunks allow more rounds)",
-                    5 * chunks,
+                    commands_per_round(chunks),
                     MAX_COMMANDS - 1
                 )
             };
@@ -216,6 +235,28 @@ pub struct EagainSummary {
     pub resolved: u64,
     /// Guest requests that failed in the end.
     pub failed: u64,
+}
+
+/// What the virtio devices did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VirtioSummary {
+    /// Virtqueues (one a vCPU), each served by its own device thread.
+    pub queues: u64,
+    /// Requests served (popped, checked, rewritten, used).
+    pub requests: u64,
+    /// Payload bytes of the requests served.
+    pub bytes: u64,
+    /// Conversions of the requests' buffers by the guest (both directions).
+    pub conversions: u64,
+    /// Payload dwords without the guest's pattern (0 on success).
+    pub data_errors: u64,
+    /// Requests failed on a buffer the device could not hold (0 on success).
+    pub access_errors: u64,
+    /// Times a device dropped a request's buffers on a let-go request (a
+    /// conversion met `EAGAIN` on them) and served it after.
+    pub let_go_retries: u64,
+    /// Chains that were not requests (0 on success).
+    pub bad_chains: u64,
 }
 
 /// The result of a run.
@@ -259,6 +300,8 @@ pub struct Summary {
     pub guest_bytes_verified: u64,
     /// Bytes the host checked.
     pub host_bytes_verified: u64,
+    /// The virtio devices' requests.
+    pub virtio: VirtioSummary,
     /// Broken invariants; empty on success.
     pub broken: Vec<String>,
     /// Whether every invariant held.
@@ -270,9 +313,13 @@ fn guest_seed(round: u32) -> u32 {
     0x6000_0011 | round << 8
 }
 
-/// The seed of the host's pattern for `round`.
+/// The seed of the host's pattern for `round`: the virtio device's reply to
+/// the guest's pattern of the round before.
 fn host_seed(round: u32) -> u32 {
-    0x4000_0022 | round << 8
+    match round {
+        0 => 0x4000_0022,
+        _ => reply_seed(guest_seed(round - 1)),
+    }
 }
 
 /// Where device thread `t` writes in each page: clear of the patterns'
@@ -302,6 +349,10 @@ struct RunState {
     device_pins_refused: AtomicU64,
     guest_bytes: AtomicU64,
     host_bytes: AtomicU64,
+    /// The virtio devices' counts, added as each device thread ends.
+    virtio: Mutex<DeviceStats>,
+    /// Conversions of virtio buffers the guest asked for and got.
+    buffer_conversions: AtomicU64,
     stop: AtomicBool,
     broken: Mutex<Vec<String>>,
     progress: ProgressBar,
@@ -356,9 +407,10 @@ pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary>
     for (id, &(start, end)) in state.regions.iter().enumerate() {
         vcpus.push(machine.vcpu(id as u64, &commands(start, end, config))?);
     }
-    let elapsed = run_threads(&state, vcpus, config.device_threads)?;
+    let device_memory = device_memory(&machine)?;
+    let elapsed = run_threads(&state, &device_memory, vcpus, config.device_threads)?;
     state.progress.finish_and_clear();
-    check_final_state(&state);
+    check_final_state(&state, config);
     Ok(summarize(config, &machine, &state, elapsed))
 }
 
@@ -384,10 +436,35 @@ impl RunState {
             device_pins_refused: AtomicU64::new(0),
             guest_bytes: AtomicU64::new(0),
             host_bytes: AtomicU64::new(0),
+            virtio: Mutex::new(DeviceStats::default()),
+            buffer_conversions: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             broken: Mutex::new(Vec::new()),
             progress,
         }
+    }
+
+    /// Adds a virtio device's counts; a request it did not serve well
+    /// breaks the run.
+    fn add_virtio(&self, queue: u64, device: &PatternDevice) {
+        let stats = device.stats();
+        if stats.data_errors + stats.access_errors + stats.bad_chains != 0 {
+            self.broke(format!(
+                "virtio queue {queue}: {} data errors, {} access errors, {} bad chains; last: {}",
+                stats.data_errors,
+                stats.access_errors,
+                stats.bad_chains,
+                device.last_failure().unwrap_or("none")
+            ));
+        }
+        let mut total = self.virtio.lock().unwrap_or_else(|e| e.into_inner());
+        total.requests += stats.requests;
+        total.served += stats.served;
+        total.bytes += stats.bytes;
+        total.data_errors += stats.data_errors;
+        total.access_errors += stats.access_errors;
+        total.let_go_retries += stats.let_go_retries;
+        total.bad_chains += stats.bad_chains;
     }
 
     /// The VMM's let-go request on `EAGAIN`: device threads holding pins in
@@ -398,11 +475,20 @@ impl RunState {
     }
 }
 
-/// Runs the vCPUs to their halt with the device threads beside them;
-/// returns the time from start to the last halt. Fails if a thread cannot be
+/// The virtio devices' view of guest memory: the guest_memfd at guest
+/// address 0 (its one slot), through gmem's vm-memory view.
+fn device_memory(machine: &Machine) -> anyhow::Result<GuestMemoryGmem> {
+    GuestMemoryGmem::from_regions([(GuestAddress(0), machine.mem.clone(), 0, machine.size())])
+        .context("the virtio devices' view of guest memory")
+}
+
+/// Runs the vCPUs to their halt with the device threads beside them, and a
+/// virtio device thread for each vCPU's queue over `device_memory`; returns
+/// the time from start to the last halt. Fails if a thread cannot be
 /// started (after joining those that were).
-fn run_threads(
+fn run_threads<M: GuestMemory + Sync>(
     state: &Arc<RunState>,
+    device_memory: &M,
     vcpus: Vec<gmem::kvm::Vcpu>,
     device_threads: usize,
 ) -> anyhow::Result<Duration> {
@@ -432,8 +518,19 @@ fn run_threads(
                 break;
             }
             let id = vcpu.id();
+            let doorbell = match spawn_virtio(s, state, device_memory, id) {
+                Ok((device, doorbell)) => {
+                    devices.push(device);
+                    doorbell
+                }
+                Err(e) => {
+                    failed = Some(anyhow::anyhow!("starting virtio device thread {id}: {e}"));
+                    break;
+                }
+            };
             let mut io = WorkloadIo {
                 state: state.clone(),
+                doorbell,
             };
             let mut vcpu = vcpu;
             let spawned = std::thread::Builder::new()
@@ -465,6 +562,24 @@ fn run_threads(
         }
         Ok(elapsed)
     })
+}
+
+/// Starts the virtio device thread of vCPU `id`'s queue; gives the
+/// vCPU's doorbell to it.
+fn spawn_virtio<'scope, M: GuestMemory + Sync>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    state: &'scope RunState,
+    device_memory: &'scope M,
+    id: u64,
+) -> std::io::Result<(std::thread::ScopedJoinHandle<'scope, ()>, Doorbell)> {
+    let (kick, kicks) = std::sync::mpsc::channel();
+    let (answer, served) = std::sync::mpsc::sync_channel(1);
+    let device = std::thread::Builder::new()
+        .name(format!("virtio {id}"))
+        .spawn_scoped(s, move || {
+            virtio_thread(state, device_memory, id, kicks, answer)
+        })?;
+    Ok((device, Doorbell { kick, served }))
 }
 
 /// Each vCPU's region: an equal share of the memory past the firmware area,
@@ -500,9 +615,7 @@ fn plan(config: &RunConfig) -> anyhow::Result<Vec<(u64, u64)>> {
         FIRMWARE_SIZE >> 20
     );
     let chunks = share / config.chunk;
-    let needed = (chunks as usize)
-        .saturating_mul(5)
-        .saturating_mul(config.rounds as usize);
+    let needed = (commands_per_round(chunks) as usize).saturating_mul(config.rounds as usize);
     anyhow::ensure!(
         needed < MAX_COMMANDS,
         "{} rounds of {chunks} chunks need {needed} guest commands, over the {} a vCPU holds: fewer rounds or bigger chunks",
@@ -512,6 +625,12 @@ fn plan(config: &RunConfig) -> anyhow::Result<Vec<(u64, u64)>> {
     Ok((0..config.vcpus)
         .map(|v| (FIRMWARE_SIZE + v * share, FIRMWARE_SIZE + (v + 1) * share))
         .collect())
+}
+
+/// The guest commands of one round over `chunks` chunks: five a chunk, and
+/// the round's closing `Complete`.
+fn commands_per_round(chunks: u64) -> u64 {
+    5 * chunks + 1
 }
 
 /// The guest's command list for the region `[start, end)`.
@@ -542,13 +661,15 @@ fn commands(start: u64, end: u64, config: &RunConfig) -> Vec<Command> {
                     pages,
                     to: Attribute::Shared,
                 },
-                Command::Notify {
-                    a: gpa,
-                    b: pages,
-                    c: round,
+                Command::Post {
+                    gpa,
+                    pages,
+                    seed: guest_seed(round),
                 },
             ]);
         }
+        // The next round converts these chunks again: their requests first.
+        list.push(Command::Complete);
     }
     list
 }
@@ -575,19 +696,23 @@ fn seed_host_pattern(
     Ok(())
 }
 
-/// The VMM side of a vCPU: results, checks and the device model.
+/// A vCPU's line to its virtio device thread: a kick per notification, and
+/// a word from the device after each round of serving.
+struct Doorbell {
+    kick: Sender<()>,
+    served: Receiver<()>,
+}
+
+/// The VMM side of a vCPU: results, checks and virtio notifications.
 struct WorkloadIo {
     state: Arc<RunState>,
+    doorbell: Doorbell,
 }
 
 impl GuestIo for WorkloadIo {
     fn io_out(&mut self, vcpu: u64, port: u16, _data: &[u8], regs: &ExitRegs) -> ControlFlow<()> {
         let state = &*self.state;
-        let (a, b, c) = (
-            regs.rbx as u32 as u64,
-            regs.rcx as u32 as u64,
-            regs.rsi as u32,
-        );
+        let (a, b) = (regs.rbx as u32 as u64, regs.rcx as u32 as u64);
         match port {
             RESULT_PORT if regs.rax as u32 != 0 => {
                 // KVM's convention: the negative errno (in 32 bits here).
@@ -606,57 +731,116 @@ impl GuestIo for WorkloadIo {
                     ));
                 }
             }
-            NOTIFY_PORT => device_model(state, vcpu, a, b, c),
+            VIRTIO_NOTIFY_PORT => self.notified(vcpu, a),
+            VIRTIO_WAIT_PORT => {
+                // Until the device has served, or a slice passes: the guest
+                // looks again either way, and gives up after its own limit.
+                let _ = self.doorbell.served.recv_timeout(VIRTIO_WAIT_SLICE);
+            }
+            VIRTIO_STATUS_PORT => state.broke(format!(
+                "vCPU {vcpu}: the virtio request for {a:#x} ended with status {:#x}",
+                regs.rax as u32
+            )),
             other => state.broke(format!("vCPU {vcpu}: write to unknown port {other:#x}")),
         }
         ControlFlow::Continue(())
     }
 
-    fn converted(&mut self, request: &ConversionRequest, _: &ConversionOutcome) {
+    fn converted(&mut self, request: &ConversionRequest, outcome: &ConversionOutcome) {
         // Guest-physical addresses are file offsets here (one slot at 0).
         self.state
             .conversion_over(request.gpa, request.pages * PAGE_SIZE);
+        if outcome.result.is_ok() {
+            self.state
+                .buffer_conversions
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
-/// The device model's answer to a notification: pin the chunk the guest just
-/// shared, check the guest's pattern, write the host's for the next round.
-fn device_model(state: &RunState, vcpu: u64, gpa: u64, pages: u64, round: u32) {
-    let pin = match state.mem.pin(gpa, pages * PAGE_SIZE) {
-        Ok(pin) => pin,
-        Err(e) => {
-            return state.broke(format!(
-                "vCPU {vcpu}: pinning the notified chunk {gpa:#x}: {e}"
-            ));
+impl WorkloadIo {
+    /// The guest posted a request for the chunk at `gpa`: ring the device
+    /// thread (which does the work on its own thread) and let the guest go
+    /// on.
+    fn notified(&mut self, vcpu: u64, gpa: u64) {
+        let state = &*self.state;
+        if self.doorbell.kick.send(()).is_err() {
+            state.broke(format!("vCPU {vcpu}: the virtio device thread is gone"));
         }
-    };
-    state.device_pins.fetch_add(1, Ordering::Relaxed);
-    let mut page = vec![0u8; PAGE_SIZE as usize];
-    let mut wrong = 0;
-    for i in 0..pages {
-        let at = i * PAGE_SIZE;
-        let page_gpa = gpa + at;
-        let copied = pin.read(at, &mut page).and_then(|()| {
-            wrong += u64::from(!page_matches(&page, guest_seed(round), page_gpa));
-            fill_page(&mut page, host_seed(round + 1), page_gpa);
-            pin.write(at, &page[..4])?;
-            pin.write(at + PAGE_SIZE - 4, &page[PAGE_SIZE as usize - 4..])
-        });
-        if let Err(e) = copied {
-            return state.broke(format!(
-                "vCPU {vcpu}: copy through a pin at {page_gpa:#x}: {e}"
-            ));
+        let (start, _) = state.regions[vcpu as usize];
+        state.cursor[vcpu as usize].store((gpa - start) / state.chunk, Ordering::Relaxed);
+        state.progress.inc(1);
+    }
+}
+
+/// Holds virtio buffers for the device by pinning them through gmem for the
+/// whole request; the VMM's let-go requests reach the device through it.
+struct PinnedBuffers<'s> {
+    state: &'s RunState,
+}
+
+impl BufferAccess for PinnedBuffers<'_> {
+    type Hold<'a>
+        = gmem::Pin<'a>
+    where
+        Self: 'a;
+
+    fn hold(&self, gpa: GuestAddress, len: u64) -> Result<gmem::Pin<'_>, HoldRefused> {
+        // Guest-physical addresses are file offsets here (one slot at 0).
+        let pin = self.state.mem.pin(gpa.0, len).map_err(|e| HoldRefused {
+            gpa: gpa.0,
+            len,
+            why: e.to_string(),
+        })?;
+        self.state.device_pins.fetch_add(1, Ordering::Relaxed);
+        Ok(pin)
+    }
+
+    fn asked_to_let_go(&self, gpa: GuestAddress, len: u64) -> bool {
+        self.state.asked_to_let_go(gpa.0, len)
+    }
+}
+
+/// A virtio device thread: serves vCPU `queue`'s virtqueue at each kick
+/// (and says so on `served`, for a vCPU waiting), until the vCPU is done.
+/// Holds a pin on the queue's rings throughout: they stay shared for the
+/// run.
+fn virtio_thread<M: GuestMemory>(
+    state: &RunState,
+    mem: &M,
+    queue: u64,
+    kicks: Receiver<()>,
+    served: SyncSender<()>,
+) {
+    let layout = queue_layout(queue);
+    let access = PinnedBuffers { state };
+    let rings = access
+        .hold(GuestAddress(layout.base), layout.len())
+        .map_err(|e| format!("its rings: {e}"));
+    let device = rings
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|_| PatternDevice::new(layout, mem).map_err(|e| e.to_string()));
+    let mut device = device
+        .map_err(|why| state.broke(format!("virtio queue {queue}: {why}")))
+        .ok();
+    while let Ok(()) = kicks.recv() {
+        // One pass serves every chain published before it: the kicks that
+        // came meanwhile are answered too.
+        while kicks.try_recv().is_ok() {}
+        if let Some(serving) = &mut device
+            && let Err(e) = serving.serve(mem, &access)
+        {
+            state.broke(format!("virtio queue {queue}: {e}"));
+            device = None;
         }
+        // Full: the vCPU has a word it has not read yet, which will do.
+        let _ = served.try_send(());
     }
-    state.host_bytes.fetch_add(pages * 8, Ordering::Relaxed);
-    if wrong != 0 {
-        state.broke(format!(
-            "vCPU {vcpu}: {wrong} pages of {gpa:#x} lack the guest's pattern of round {round}"
-        ));
+    if let Some(device) = device {
+        state.add_virtio(queue, &device);
     }
-    let index = (gpa - state.regions[vcpu as usize].0) / state.chunk;
-    state.cursor[vcpu as usize].store(index, Ordering::Relaxed);
-    state.progress.inc(1);
+    drop(rings);
 }
 
 /// A device thread: DMA into the chunk each vCPU converts next.
@@ -726,8 +910,25 @@ fn device_thread(state: &RunState, thread: usize) {
     }
 }
 
-/// After the run: no pin left, and every region shared again.
-fn check_final_state(state: &RunState) {
+/// After the run: every request served, no pin left, and every region
+/// shared again.
+fn check_final_state(state: &RunState, config: &RunConfig) {
+    let chunks: u64 = state
+        .regions
+        .iter()
+        .map(|(s, e)| (e - s) / state.chunk)
+        .sum();
+    let posted = chunks * u64::from(config.rounds);
+    let served = state
+        .virtio
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .served;
+    if served != posted {
+        state.broke(format!(
+            "the virtio devices served {served} of the {posted} requests posted"
+        ));
+    }
     let stats = state.mem.stats();
     if stats.pins_live != 0 {
         state.broke(format!("{} pins still live after the run", stats.pins_live));
@@ -749,6 +950,7 @@ fn summarize(
 ) -> Summary {
     let stats = machine.mem.stats();
     let totals = machine.vm.conversion_totals();
+    let virtio = *state.virtio.lock().unwrap_or_else(|e| e.into_inner());
     let conversions = stats.conversions_to_private + stats.conversions_to_shared;
     let broken = state
         .broken
@@ -783,7 +985,18 @@ fn summarize(
         device_pins: state.device_pins.load(Ordering::Relaxed),
         device_pins_refused: state.device_pins_refused.load(Ordering::Relaxed),
         guest_bytes_verified: state.guest_bytes.load(Ordering::Relaxed),
-        host_bytes_verified: state.host_bytes.load(Ordering::Relaxed),
+        host_bytes_verified: state.host_bytes.load(Ordering::Relaxed)
+            + virtio.bytes / PAGE_SIZE * 8,
+        virtio: VirtioSummary {
+            queues: config.vcpus,
+            requests: virtio.served,
+            bytes: virtio.bytes,
+            conversions: state.buffer_conversions.load(Ordering::Relaxed),
+            data_errors: virtio.data_errors,
+            access_errors: virtio.access_errors,
+            let_go_retries: virtio.let_go_retries,
+            bad_chains: virtio.bad_chains,
+        },
         ok: broken.is_empty(),
         broken,
     }
@@ -840,7 +1053,7 @@ mod tests {
         let regions = plan(&config).unwrap();
         assert!(regions.iter().all(|&(_, end)| end <= GUEST_MEMORY_END));
         // The most rounds validate allows fit the command area.
-        let max = (MAX_COMMANDS as u64 - 1) / (5 * 120);
+        let max = (MAX_COMMANDS as u64 - 1) / commands_per_round(120);
         let flags = RunFlags {
             rounds: max as u32,
             ..defaults()

@@ -61,6 +61,28 @@ fn run_json_reports_a_clean_workload() {
     assert!(summary["host_bytes_verified"].as_u64() > Some(0));
 }
 
+/// The guest's virtio requests are all served, with their bytes and
+/// conversions counted and no errors.
+#[test]
+fn run_json_reports_the_virtio_requests() {
+    if !kvm() {
+        return;
+    }
+    let (ok, out) = gmem(&["run", "--json", "--memory-mib", "16", "--rounds", "2"]);
+    assert!(ok, "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let virtio = &summary["virtio"];
+    // 12 MiB in 256 KiB chunks, one request a chunk a round.
+    assert_eq!(virtio["requests"], 48 * 2, "{out}");
+    assert_eq!(virtio["bytes"], 48 * 2 * (256 << 10), "{out}");
+    assert_eq!(virtio["conversions"], 48 * 2 * 2, "{out}");
+    assert_eq!(virtio["queues"], 2, "{out}");
+    for errors in ["data_errors", "access_errors", "bad_chains"] {
+        assert_eq!(virtio[errors], 0, "{errors}: {out}");
+    }
+    assert_eq!(summary["ok"], true, "{out}");
+}
+
 #[test]
 fn run_rejects_bad_arguments_with_a_message() {
     if !kvm() {
