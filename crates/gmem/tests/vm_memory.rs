@@ -205,7 +205,10 @@ fn resident_pages_refuse_conversion_until_the_view_drops() {
     assert!(!view.is_resident(GuestAddress(0), P + 59));
     assert!(view.is_resident(GuestAddress(3 * P + 8), P - 8));
     assert!(view.is_resident(GuestAddress(4 * P), 8));
-    assert!(!view.is_resident(GuestAddress(4 * P - 8), 16), "cut at the region end");
+    assert!(
+        !view.is_resident(GuestAddress(4 * P - 8), 16),
+        "cut at the region end"
+    );
     assert!(!view.is_resident(GuestAddress(2 * P), 1));
     for (file, offset) in [(&a, 0), (&a, P), (&a, 3 * P), (&b, P)] {
         let err = to_private(file, offset).unwrap_err();
@@ -214,11 +217,16 @@ fn resident_pages_refuse_conversion_until_the_view_drops() {
     // Accesses there work and their slices hold no pin; outside, they pin.
     view.write_obj(0x55aa_u16, GuestAddress(P + 2)).unwrap();
     assert_eq!(view.read_obj::<u16>(GuestAddress(P + 2)).unwrap(), 0x55aa);
-    view.write_slice(&[7u8; 32], GuestAddress(4 * P - 16)).unwrap();
+    view.write_slice(&[7u8; 32], GuestAddress(4 * P - 16))
+        .unwrap();
     assert_eq!(slice_pin(&view, 8, 16), None);
     assert_eq!(slice_pin(&view, 4 * P, 8), None);
     assert_eq!(slice_pin(&view, 2 * P + 8, 16), Some((2 * P + 8, 16)));
-    assert_eq!(slice_pin(&view, 4 * P + 8, 16), Some((P + 8, 16)), "past the range");
+    assert_eq!(
+        slice_pin(&view, 4 * P + 8, 16),
+        Some((P + 8, 16)),
+        "past the range"
+    );
     // A slice that starts inside a resident range and leaves it pins.
     assert_eq!(slice_pin(&view, P + 50, 16), Some((P + 50, 16)));
     to_private(&a, 2 * P).expect("a page outside the resident ranges");
@@ -238,7 +246,13 @@ fn the_builder_refuses_bad_resident_ranges() {
     let refused = |resident: &[(u64, u64)]| two_files_resident(resident).unwrap_err();
     for (at, len) in [(6 * P, 1), (5 * P, 2 * P), (P, 0), (u64::MAX, 2)] {
         let err = refused(&[(at, len)]);
-        assert_eq!(err, ViewError::ResidentOutside { guest_addr: at, len });
+        assert_eq!(
+            err,
+            ViewError::ResidentOutside {
+                guest_addr: at,
+                len
+            }
+        );
         assert_eq!(err.errno(), EINVAL);
     }
     // Over a private page: the files and a view without resident ranges.
