@@ -192,8 +192,7 @@ fn slice_pin(view: &GuestMemoryGmem, at: u64, count: usize) -> Option<(u64, u64)
         .next()
         .unwrap()
         .expect("slice");
-    let pin = slice.bitmap().pin().map(|pin| (pin.offset(), pin.len()));
-    pin
+    slice.bitmap().pin().map(|pin| (pin.offset(), pin.len()))
 }
 
 #[test]
