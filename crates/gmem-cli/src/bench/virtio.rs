@@ -39,7 +39,9 @@ const F_WRITE: u16 = 2;
 pub struct VirtioChain<M: GuestMemory> {
     mem: M,
     queue: Queue,
+    /// The payload, from `payload_at` (page-aligned) on.
     data: Vec<u8>,
+    payload_at: usize,
     header: [u8; HEADER_LEN as usize],
 }
 
@@ -72,13 +74,12 @@ impl<M: GuestMemory> VirtioChain<M> {
         queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
         queue.set_ready(true);
         assert!(queue.is_valid(&mem), "the queue's layout is valid");
-        let data = (0..u32::from(BUFFER_COUNT) * BUFFER_LEN)
-            .map(|i| i as u8)
-            .collect();
+        let (data, payload_at) = page_aligned_payload();
         VirtioChain {
             mem,
             queue,
             data,
+            payload_at,
             header: [0; HEADER_LEN as usize],
         }
     }
@@ -89,8 +90,10 @@ impl<M: GuestMemory> VirtioChain<M> {
             mem,
             queue,
             data,
+            payload_at,
             header,
         } = self;
+        let data = &data[*payload_at..];
         queue.set_next_avail(0);
         queue.set_next_used(0);
         let chain = queue.pop_descriptor_chain(&*mem).expect("a chain");
@@ -111,6 +114,23 @@ impl<M: GuestMemory> VirtioChain<M> {
         queue.add_used(&*mem, head, written).expect("used");
         written
     }
+}
+
+/// The payload a chain writes, in a buffer where it starts on a page
+/// boundary, as the guest's buffers do: where the payload starts in the page
+/// changes how fast the copies run (a source a few bytes behind the
+/// destination in the page is one of `memmove`'s slow cases; the floor
+/// moved between 1.1 and 1.9 us from one build to the next), so both sides
+/// copy from the same alignment. Returns the buffer and the payload's start.
+fn page_aligned_payload() -> (Vec<u8>, usize) {
+    const PAGE: usize = 4096;
+    let len = usize::from(BUFFER_COUNT) * BUFFER_LEN as usize;
+    let mut data = vec![0u8; len + PAGE];
+    let at = data.as_ptr().align_offset(PAGE);
+    for (i, byte) in data[at..at + len].iter_mut().enumerate() {
+        *byte = i as u8;
+    }
+    (data, at)
 }
 
 /// The device on gmem's view of a memfd-backed file, with its rings
