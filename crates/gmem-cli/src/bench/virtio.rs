@@ -118,9 +118,9 @@ impl<M: GuestMemory> VirtioChain<M> {
 
 /// The payload a chain writes, in a buffer where it starts on a page
 /// boundary, as the guest's buffers do: where the payload starts in the page
-/// changes how fast the copies run (a source a few bytes behind the
-/// destination in the page is one of `memmove`'s slow cases; the floor
-/// moved between 1.1 and 1.9 us from one build to the next), so both sides
+/// changes how fast the copies run (a source and a destination a few bytes
+/// apart in the page are one of `memmove`'s slow cases: the floor moved
+/// between 1.1 and 1.9 us from one build to the next), so both sides
 /// copy from the same alignment. Returns the buffer and the payload's start.
 fn page_aligned_payload() -> (Vec<u8>, usize) {
     const PAGE: usize = 4096;
