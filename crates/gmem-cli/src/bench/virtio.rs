@@ -160,15 +160,16 @@ pub fn mmap_side() -> VirtioChain<GuestMemoryMmap<()>> {
 /// (resident here) and 17 to the header and buffers, each pinned, and each
 /// cloned once by vm-memory (`VolatileSlice::offset`), so 34 pins a chain.
 /// On the development host (2 cores, shared) the floor serves the chain in
-/// about 1.08 us, so 1.1 leaves 108 ns for all 38 accesses (2.8 ns each).
+/// about 1.0 us, so 1.1 leaves 100 ns for all 38 accesses (2.6 ns each).
 /// A bare pin and release alone costs 8.5 ns (a locked add; the release is
-/// parked in the batch): 17 of them are 145 ns, 1.13 before anything else.
+/// parked in the batch): 17 of them are 145 ns, 1.15 before anything else.
 /// Measured per access against `GuestMemoryMmap` (16-byte `read_obj` 6 ns,
 /// 4 KiB `write_slice` 37 ns): a resident access costs 17 ns more with no
-/// atomic at all (vm-memory's slice code is not inlined for a bitmap that
-/// is not a ZST, and moves the 48-byte slice through memory: store-forwarding
+/// atomic at all (vm-memory's slice code is not inlined around a bitmap
+/// with a drop, and moves the 48-byte slice through memory: store-forwarding
 /// stalls), a pinned one 37 ns more (the pin and its clone's). 21 x 17 +
-/// 17 x 37 = 990 ns over the floor's 1.08 us: the measured 1.9.
+/// 17 x 37 = 990 ns over the floor: the measured 2.0 (3.7 before the rings
+/// were resident and the clone's pin inlined).
 pub fn virtio_chain() -> Vec<CaseResult> {
     let (mut ours, mut floor) = (gmem_side(), mmap_side());
     assert_eq!(ours.serve(), floor.serve());
