@@ -1,6 +1,7 @@
 //! The vm-memory view: `Bytes` across regions and files, slices that pin
-//! their pages (and their clones), private pages as errors, the builder's
-//! refusals, and accesses racing conversions.
+//! their pages (and their clones), resident ranges pinned for the view's
+//! life, private pages as errors, the builder's refusals, and accesses
+//! racing conversions.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +12,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions}
 
 const P: u64 = PAGE_SIZE;
 const EAGAIN: i32 = 11;
+const EFAULT: i32 = 14;
+const EINVAL: i32 = 22;
 
 fn shared(pages: u64) -> Arc<GuestMemfd> {
     Arc::new(GuestMemfd::new(pages * P, Flags::MMAP | Flags::INIT_SHARED).expect("memfd"))
@@ -104,7 +107,12 @@ fn a_clone_keeps_the_pin_after_the_original_drops() {
     assert_eq!(to_private(&a, 3 * P).unwrap_err().errno(), EAGAIN);
     drop(clone);
     assert_eq!(to_private(&a, 3 * P).unwrap_err().errno(), EAGAIN);
+    // The failed conversions unmapped the page for the fast path: a clone
+    // now takes the general path, and holds the page as well.
+    let late = sub.clone();
     drop(sub);
+    assert_eq!(to_private(&a, 3 * P).unwrap_err().errno(), EAGAIN);
+    drop(late);
     to_private(&a, 3 * P).expect("every copy dropped");
 }
 
@@ -158,6 +166,108 @@ fn the_builder_refuses_bad_regions() {
     // Adjacent regions of one file, unaligned ones included, are fine.
     let view = GuestMemoryGmem::from_regions([region(0, 0, P + 1), region(P + 1, P + 1, 10)]);
     assert_eq!(view.expect("adjacent").num_regions(), 2);
+}
+
+/// Guest `[0, 4P)` in file `a` and `[4P, 6P)` in file `b`, as `two_files`,
+/// with `resident` pinned for the view's life.
+fn two_files_resident(
+    resident: &[(u64, u64)],
+) -> Result<(Arc<GuestMemfd>, Arc<GuestMemfd>, GuestMemoryGmem), ViewError> {
+    let (a, b) = (shared(4), shared(4));
+    let view = GuestMemoryGmem::from_regions_with_resident(
+        [
+            (GuestAddress(4 * P), b.clone(), P, 2 * P),
+            (GuestAddress(0), a.clone(), 0, 4 * P),
+        ],
+        resident.iter().map(|&(at, len)| (GuestAddress(at), len)),
+    )?;
+    Ok((a, b, view))
+}
+
+/// The pin a slice of `count` bytes at guest `at` holds, as (offset, len).
+fn slice_pin(view: &GuestMemoryGmem, at: u64, count: usize) -> Option<(u64, u64)> {
+    let slice = view
+        .get_slices(GuestAddress(at), count, Permissions::Read)
+        .unwrap()
+        .next()
+        .unwrap()
+        .expect("slice");
+    slice.bitmap().pin().map(|pin| (pin.offset(), pin.len()))
+}
+
+#[test]
+fn resident_pages_refuse_conversion_until_the_view_drops() {
+    // Two ranges that overlap, and one that crosses from file a into b.
+    let (a, b, view) = two_files_resident(&[(0, 100), (50, P + 8), (3 * P + 8, P)]).unwrap();
+    // The first two merge into [0, P + 58).
+    assert!(view.is_resident(GuestAddress(0), P + 58));
+    assert!(!view.is_resident(GuestAddress(0), P + 59));
+    assert!(view.is_resident(GuestAddress(3 * P + 8), P - 8));
+    assert!(view.is_resident(GuestAddress(4 * P), 8));
+    assert!(
+        !view.is_resident(GuestAddress(4 * P - 8), 16),
+        "cut at the region end"
+    );
+    assert!(!view.is_resident(GuestAddress(2 * P), 1));
+    for (file, offset) in [(&a, 0), (&a, P), (&a, 3 * P), (&b, P)] {
+        let err = to_private(file, offset).unwrap_err();
+        assert_eq!((err.errno(), err.error_offset()), (EAGAIN, offset));
+    }
+    // Accesses there work and their slices hold no pin; outside, they pin.
+    view.write_obj(0x55aa_u16, GuestAddress(P + 2)).unwrap();
+    assert_eq!(view.read_obj::<u16>(GuestAddress(P + 2)).unwrap(), 0x55aa);
+    view.write_slice(&[7u8; 32], GuestAddress(4 * P - 16))
+        .unwrap();
+    assert_eq!(slice_pin(&view, 8, 16), None);
+    assert_eq!(slice_pin(&view, 4 * P, 8), None);
+    assert_eq!(slice_pin(&view, 2 * P + 8, 16), Some((2 * P + 8, 16)));
+    assert_eq!(
+        slice_pin(&view, 4 * P + 8, 16),
+        Some((P + 8, 16)),
+        "past the range"
+    );
+    // A slice that starts inside a resident range and leaves it pins.
+    assert_eq!(slice_pin(&view, P + 50, 16), Some((P + 50, 16)));
+    to_private(&a, 2 * P).expect("a page outside the resident ranges");
+    // A clone of the view keeps the pins after the original drops.
+    let clone = view.clone();
+    drop(view);
+    assert_eq!(to_private(&a, 0).unwrap_err().errno(), EAGAIN);
+    assert_eq!(clone.read_obj::<u16>(GuestAddress(P + 2)).unwrap(), 0x55aa);
+    drop(clone);
+    for (file, offset) in [(&a, 0), (&a, P), (&a, 3 * P), (&b, P)] {
+        to_private(file, offset).expect("the view is gone");
+    }
+}
+
+#[test]
+fn the_builder_refuses_bad_resident_ranges() {
+    let refused = |resident: &[(u64, u64)]| two_files_resident(resident).unwrap_err();
+    for (at, len) in [(6 * P, 1), (5 * P, 2 * P), (P, 0), (u64::MAX, 2)] {
+        let err = refused(&[(at, len)]);
+        assert_eq!(
+            err,
+            ViewError::ResidentOutside {
+                guest_addr: at,
+                len
+            }
+        );
+        assert_eq!(err.errno(), EINVAL);
+    }
+    // Over a private page: the files and a view without resident ranges.
+    let (a, b, _) = two_files_resident(&[]).unwrap();
+    to_private(&b, 2 * P).unwrap(); // guest 5P
+    let regions = [
+        (GuestAddress(0), a.clone(), 0, 4 * P),
+        (GuestAddress(4 * P), b.clone(), P, 2 * P),
+    ];
+    let resident = [(GuestAddress(0), P), (GuestAddress(4 * P + 8), 2 * P - 8)];
+    let err = GuestMemoryGmem::from_regions_with_resident(regions, resident).unwrap_err();
+    assert_eq!(err, ViewError::ResidentPrivate { guest_addr: 5 * P });
+    assert_eq!(err.errno(), EFAULT);
+    // Nothing stays pinned: the range pinned before the refusal went too.
+    to_private(&a, 0).expect("no resident pin left");
+    to_private(&b, P).expect("no resident pin left");
 }
 
 /// A device thread copies through the view while another converts the
