@@ -644,16 +644,21 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
         self.boundary(self.floor(page)).attr()
     }
 
-    /// The runs overlapping `pages`, clipped to it.
+    /// The runs overlapping `pages`, clipped to it. Stops at the run holding
+    /// the last page, without looking at the one after.
     pub(crate) fn runs_in(&self, pages: Range<u64>) -> impl Iterator<Item = Run> + '_ {
         let first = (!pages.is_empty()).then(|| self.floor(pages.start));
-        let end = pages.end;
-        self.runs_from(first)
-            .take_while(move |run| run.pages.0 < end)
-            .map(move |run| Run {
+        let mut runs = self.runs_from(first);
+        iter::from_fn(move || {
+            let run = runs.next().filter(|run| run.pages.0 < pages.end)?;
+            if run.pages.1 >= pages.end {
+                runs.at = None;
+            }
+            Some(Run {
                 pages: (run.pages.0.max(pages.start), run.pages.1.min(pages.end)),
                 attr: run.attr,
             })
+        })
     }
 
     /// The first page in `pages` whose state is not `attr`.
@@ -786,6 +791,16 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             return false;
         }
         node.splice(from..to, added);
+        // The finger to the run holding `pages.end`: the last boundary put
+        // in, else the one before the range; a set is often followed by one
+        // just after it.
+        if let Some(index) = (from + added.len()).checked_sub(1) {
+            let at = Cursor {
+                leaf: at.leaf,
+                index,
+            };
+            *self.finger.get_mut() = Finger::pack(at);
+        }
         true
     }
 
