@@ -182,6 +182,7 @@ fn adopt_guest_memfd(vm_fd: &VmFd) -> Result<GuestMemfd, BoxError> {
 
 /// How the guest asks for conversions: `vmcall` where KVM delivers
 /// `KVM_HC_MAP_GPA_RANGE` to userspace, else gmem's port-I/O request.
+/// (gmem's probe runs a one-`vmcall` guest once a process to find out.)
 fn request_channel(vm: &Vm) -> RequestChannel {
     let delivered = HostSupport::probe().is_ok_and(|s| s.hypercall_exit_delivered);
     if vm.hypercall_exits() && delivered {
@@ -289,7 +290,7 @@ fn emit_post_and_wait(a: &mut CodeAssembler, timeout: CodeLabel) -> Result<(), I
     a.jnz(poll)?;
     a.jmp(timeout)?;
     a.set_label(&mut done)?;
-    a.nop()
+    a.nop() // A label marks an instruction.
 }
 
 /// Asks for the buffer page to get `attrs` (`KVM_HC_MAP_GPA_RANGE`'s
