@@ -438,3 +438,30 @@ fn the_port_request_returns_the_negative_errno_to_the_guest() {
         "the malformed one converts nothing"
     );
 }
+
+/// The VM's slots as a vm-memory view: one access across both files, and a
+/// resident range that refuses conversion while the view lives.
+#[test]
+fn the_slots_as_a_vm_memory_view() {
+    use vm_memory::{Bytes, GuestAddress};
+    let Some(_) = kvm_common::host() else { return };
+    let vm = Vm::new().unwrap();
+    let [(a, _sa), (b, _sb)] = two_slots(&vm, SHARED);
+    let view = vm
+        .gpa_map()
+        .guest_memory([(GuestAddress(7 * P), P)])
+        .unwrap();
+    assert_eq!(view.num_regions(), 2);
+    // Across the two slots, so the two files.
+    view.write_slice(b"gmem", GuestAddress(4 * P - 2)).unwrap();
+    let (mut head, mut tail) = ([0u8; 2], [0u8; 2]);
+    a.pin(4 * P - 2, 2).unwrap().read(0, &mut head).unwrap();
+    b.pin(0, 2).unwrap().read(0, &mut tail).unwrap();
+    assert_eq!((&head, &tail), (b"gm", b"em"));
+    // The resident page (file b's last) is pinned for the view's life.
+    let busy = vm.convert(7 * P, 1, Attribute::Private);
+    assert_eq!(busy.errno(), libc::EAGAIN);
+    drop(view);
+    let done = vm.convert(7 * P, 1, Attribute::Private);
+    assert_eq!(done.result, Ok(()));
+}

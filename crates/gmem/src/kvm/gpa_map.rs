@@ -229,6 +229,34 @@ impl GpaMap {
         slots
     }
 
+    /// A vm-memory view of the slots as they are now, for rust-vmm devices:
+    /// every slot a region, its slices pinned for their life; `resident`
+    /// ranges (a device's rings) stay pinned for the view's life. Slots bound
+    /// or deleted later are not in it: build the view again at the device's
+    /// activation or reset.
+    ///
+    /// Errors as [`GuestMemoryGmem::from_regions_with_resident`](crate::vm_memory::GuestMemoryGmem::from_regions_with_resident).
+    #[cfg(feature = "vm-memory")]
+    pub fn guest_memory(
+        &self,
+        resident: impl IntoIterator<Item = (::vm_memory::GuestAddress, u64)>,
+    ) -> Result<crate::vm_memory::GuestMemoryGmem, crate::vm_memory::ViewError> {
+        let regions: Vec<_> = self
+            .table()
+            .entries
+            .iter()
+            .map(|e| {
+                (
+                    ::vm_memory::GuestAddress(e.gpa),
+                    e.mem.clone(),
+                    e.offset,
+                    e.len,
+                )
+            })
+            .collect();
+        crate::vm_memory::GuestMemoryGmem::from_regions_with_resident(regions, resident)
+    }
+
     /// Sets how conversions that meet `EAGAIN` are retried.
     pub fn set_policy(&self, policy: ConversionPolicy) {
         *lock(&self.policy) = ConversionPolicy {
