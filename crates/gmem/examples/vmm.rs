@@ -168,8 +168,8 @@ fn adopt_guest_memfd(vm_fd: &VmFd) -> Result<GuestMemfd, BoxError> {
         reserved: [0; 6],
     };
     let raw = vm_fd.create_guest_memfd(request)?;
-    // SAFETY: KVM_CREATE_GUEST_MEMFD just returned this descriptor; nothing
-    // else owns it or will close it.
+    // KVM_CREATE_GUEST_MEMFD just returned this descriptor: take it over.
+    // SAFETY: nothing else owns the descriptor or will close it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let flags = Flags::MMAP | Flags::INIT_SHARED;
     Ok(GuestMemfd::from_kernel_guest_memfd(
