@@ -109,7 +109,13 @@ fn run_vmm() -> Result<Option<Summary>, BoxError> {
     mem.mmap()?.write(CODE_GPA, &guest_program(channel)?)?;
 
     // The device thread, and the let-go that asks it to drop its pins.
-    let view = GuestMemoryGmem::from_regions([(GuestAddress(0), Arc::clone(&mem), 0, MEM_SIZE)])?;
+    // The view over the VM's slots, with the ring page resident: pinned once
+    // for the view's life instead of at every ring access (the guest never
+    // converts it; a conversion of it would fail with EAGAIN until the view
+    // goes, at device reset).
+    let view = vm
+        .gpa_map()
+        .guest_memory([(GuestAddress(DESC_TABLE), PAGE_SIZE)])?;
     let device = Device::new(Arc::new(view))?;
     let (to_device, inbox) = mpsc::channel();
     let let_go = to_device.clone();
