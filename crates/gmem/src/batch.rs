@@ -299,9 +299,9 @@ impl Drop for LocalBatches {
 /// file's id with the cached one.
 #[inline(always)]
 pub(crate) fn with_local<R>(refs: &Arc<References>, f: impl FnOnce(&PinBatch) -> R) -> Option<R> {
-    match HOT.with(Cell::get) {
-        (file, Some(batch)) if file == refs.id() => Some(f(batch)),
-        _ => miss(refs, f),
+    match cached(refs) {
+        Some(batch) => Some(f(batch)),
+        None => miss(refs, f),
     }
 }
 
@@ -309,12 +309,15 @@ pub(crate) fn with_local<R>(refs: &Arc<References>, f: impl FnOnce(&PinBatch) ->
 /// cached one; `false` (counting nothing) otherwise.
 #[inline(always)]
 pub(crate) fn count_taken_cached(refs: &References) -> bool {
+    cached(refs).map(PinBatch::count_taken).is_some()
+}
+
+/// This thread's batch for `refs`'s file, if it is the one cached in `HOT`.
+#[inline(always)]
+fn cached(refs: &References) -> Option<&'static PinBatch> {
     match HOT.with(Cell::get) {
-        (file, Some(batch)) if file == refs.id() => {
-            batch.count_taken();
-            true
-        }
-        _ => false,
+        (file, Some(batch)) if file == refs.id() => Some(batch),
+        _ => None,
     }
 }
 

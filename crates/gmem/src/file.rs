@@ -66,8 +66,6 @@ pub mod falloc {
 #[derive(Debug)]
 pub struct GuestMemfd {
     pub(crate) state: Arc<FileState>,
-    /// `state.refs` again, one load nearer: the pin fast path starts here.
-    pub(crate) refs: Arc<References>,
 }
 
 /// Everything one file owns. Host mappings keep it alive.
@@ -168,9 +166,7 @@ impl GuestMemfd {
             call: "allocating the reference table",
             errno: rustix::io::Errno::NOMEM,
         })?;
-        let refs = Arc::new(refs);
         Ok(GuestMemfd {
-            refs: refs.clone(),
             state: Arc::new(FileState {
                 size,
                 flags,
@@ -184,7 +180,7 @@ impl GuestMemfd {
                 direct,
                 backing,
                 attrs: RwLock::new(AttributeMap::new(pages, initial)),
-                refs,
+                refs: Arc::new(refs),
                 mappings: Mappings::default(),
                 listeners: Listeners::default(),
                 counters: Counters::default(),

@@ -89,13 +89,25 @@ impl GuestMemfd {
         if len.wrapping_sub(1) >= size || offset > size - len {
             return Err(range_error(offset, len, size));
         }
-        if !self.refs.try_pin_small(page_range(offset, offset + len)) {
+        if !self.try_pin_counted(page_range(offset, offset + len)) {
             return self.take_pin_general(offset, len);
         }
-        if !crate::batch::count_taken_cached(&self.refs) {
+        Ok(())
+    }
+
+    /// The fast path of a pin of `pages` (a few small folios of one chunk):
+    /// a reference on each, counted in the thread's batch. `false`, holding
+    /// nothing, when the pin is not of that kind or a page is not mapped for
+    /// it; the caller then takes the general path.
+    #[inline(always)]
+    fn try_pin_counted(&self, pages: Range<u64>) -> bool {
+        if !self.state.refs.try_pin_small(pages) {
+            return false;
+        }
+        if !crate::batch::count_taken_cached(&self.state.refs) {
             self.count_pin_slowly();
         }
-        Ok(())
+        true
     }
 
     /// A pin the small-run fast path did not take: any range, fast or slow.
@@ -103,7 +115,7 @@ impl GuestMemfd {
     #[inline(never)]
     fn take_pin_general(&self, offset: u64, len: u64) -> Result<(), Error> {
         let pages = page_range(offset, offset + len);
-        match self.refs.try_pin_fast(pages.clone()) {
+        match self.state.refs.try_pin_fast(pages.clone()) {
             Ok(()) => Ok(()),
             Err(miss) => self.pin_missed(pages, miss),
         }
@@ -114,7 +126,7 @@ impl GuestMemfd {
     #[cold]
     #[inline(never)]
     fn count_pin_slowly(&self) {
-        self.refs.count_pin();
+        self.state.refs.count_pin();
     }
 
     /// A pin the fast path did not take.
@@ -241,7 +253,7 @@ impl<F: Deref<Target = GuestMemfd>> Drop for PinnedRange<F> {
     #[inline]
     fn drop(&mut self) {
         let pages = page_range(self.offset, self.offset + self.len);
-        self.file.refs.unpin(pages);
+        self.file.state.refs.unpin(pages);
     }
 }
 
@@ -335,11 +347,8 @@ impl<'a> Pin<'a> {
     pub(crate) fn repin(&self) -> Pin<'a> {
         let range = &self.range;
         let file: &'a GuestMemfd = range.file;
-        let pages = page_range(range.offset, range.offset + range.len);
-        if !file.refs.try_pin_small(pages.clone()) {
-            file.repin_general(pages);
-        } else if !crate::batch::count_taken_cached(&file.refs) {
-            file.count_pin_slowly();
+        if !file.try_pin_counted(page_range(range.offset, range.offset + range.len)) {
+            file.repin_general(range.offset, range.len);
         }
         Pin {
             range: PinnedRange {
@@ -357,17 +366,15 @@ impl GuestMemfd {
     #[cfg_attr(not(feature = "vm-memory"), allow(dead_code))]
     #[cold]
     #[inline(never)]
-    fn repin_general(&self, pages: Range<u64>) {
-        if let Err(miss) = self.refs.try_pin_fast(pages.clone()) {
-            // The fast path misses only after a conversion cleared MAPPED (it
-            // then failed: the pin being copied blocks it) or at a full
-            // count; the slow path maps the pages back, and they are shared
-            // and allocated.
-            if let Err(err) = self.pin_missed(pages, miss) {
-                // As `Arc` does on a count overflow: 2^31 live references.
-                tracing::error!(%err, "a pinned range cannot take another reference");
-                std::process::abort();
-            }
+    fn repin_general(&self, offset: u64, len: u64) {
+        // The fast path misses only after a conversion cleared MAPPED (it
+        // then failed: the pin being copied blocks it) or at a full count;
+        // the slow path maps the pages back, and they are shared and
+        // allocated.
+        if let Err(err) = self.take_pin_general(offset, len) {
+            // As `Arc` does on a count overflow: 2^31 live references.
+            tracing::error!(%err, "a pinned range cannot take another reference");
+            std::process::abort();
         }
     }
 }
