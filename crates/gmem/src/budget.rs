@@ -93,6 +93,10 @@ pub(crate) struct VmaBudget {
     /// Changed only under the file's registry lock; Relaxed throughout (the
     /// lock orders the changes, the process counter is its own).
     spent: AtomicU64,
+    /// VMAs of forsaken mappings (a failed remap may have left a gap, so
+    /// they are never unmapped): charged for good, to the file while it
+    /// lives and to the process after.
+    leaked: AtomicU64,
 }
 
 impl VmaBudget {
@@ -100,6 +104,7 @@ impl VmaBudget {
         VmaBudget {
             limit,
             spent: AtomicU64::new(0),
+            leaked: AtomicU64::new(0),
         }
     }
 
@@ -137,20 +142,37 @@ impl VmaBudget {
         Ok(())
     }
 
-    /// Makes the file's charge `to`, what its mappings need now, giving back
-    /// the rest. Everything a mapping needs was taken first, so `to` is never
-    /// more than what is spent.
+    /// Charges `vmas` of a forsaken mapping for good: every later settle
+    /// keeps them. They were spent already (the mapping was charged).
+    pub(crate) fn leak(&self, vmas: u64) {
+        // Relaxed: see `spent`.
+        self.leaked.fetch_add(vmas, Ordering::Relaxed);
+    }
+
+    /// Makes the file's charge `to`, what its mappings need now, plus what
+    /// forsaken mappings leaked, giving back the rest. Everything a mapping
+    /// needs was taken first, so that is never more than what is spent.
     pub(crate) fn settle(&self, to: u64) {
+        // Relaxed: see `spent`.
+        let leaked = self.leaked.load(Ordering::Relaxed);
         let spent = self.spent();
         debug_assert!(to <= spent, "settling at {to} with {spent} taken");
-        let to = to.min(spent);
+        // Leaked VMAs exist whatever the budget says: they may push the
+        // charge past what was taken (a remap that took 2 failed and left
+        // the region's own VMA too).
+        let to = to.min(spent) + leaked;
         self.spent.store(to, Ordering::Relaxed);
         // Relaxed: see `take`.
-        PROCESS_SPENT.fetch_sub(spent - to, Ordering::Relaxed);
+        if to >= spent {
+            PROCESS_SPENT.fetch_add(to - spent, Ordering::Relaxed);
+        } else {
+            PROCESS_SPENT.fetch_sub(spent - to, Ordering::Relaxed);
+        }
     }
 }
 
 impl Drop for VmaBudget {
+    /// Gives back all but the leaked VMAs, which the process keeps.
     fn drop(&mut self) {
         self.settle(0);
     }

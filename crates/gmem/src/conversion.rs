@@ -2,10 +2,12 @@
 //! on a gmem file, step by step as the specification numbers them.
 
 use std::ops::Range;
+use std::panic::{self, AssertUnwindSafe};
 
 use crate::attributes::{Attribute, AttributeMap};
 use crate::file::{FileState, GuestMemfd};
-use crate::listener::{self, Refusal};
+use crate::held::{self, InFlight, View};
+use crate::listener::Refusal;
 use crate::mapping::MappingFailure;
 use crate::stats::Counters;
 use crate::{ConversionError, PAGE_SHIFT, PAGE_SIZE};
@@ -18,8 +20,13 @@ impl GuestMemfd {
     /// thread's batch once on the first referenced page, and only then hides
     /// the range in every host mapping. Private to shared has no check.
     /// Contents are kept both ways. All or nothing: on error no page changed
-    /// state and no host mapping shows a change, so a failed conversion is
-    /// invisible to raw host accesses.
+    /// state and no host mapping shows a change. A failed conversion is
+    /// invisible to raw host accesses but for one case: a listener that
+    /// refuses (or panics) in its commit phase runs after the range was
+    /// hidden, so a raw access racing that conversion on another thread may
+    /// fault until the hiding is undone, as one racing a conversion that
+    /// succeeds does. Once `set_attributes` has returned, the host mappings
+    /// match the state.
     ///
     /// Errors: `EINVAL` for a malformed range; `EAGAIN` with the offset of a
     /// page still referenced; `EBUSY` if a listener refused (before, or in
@@ -36,7 +43,7 @@ impl GuestMemfd {
         let pages = self.conversion_pages(offset, len)?;
         let state = &*self.state;
         let file = state.refs.id();
-        if listener::is_held(file) {
+        if held::is_held(file) {
             // A listener's callback of this file: the lock is this thread's.
             return Err(ConversionError::WouldDeadlock {
                 error_offset: offset,
@@ -53,17 +60,17 @@ impl GuestMemfd {
         attrs.prepare().map_err(|_| ConversionError::NoMemory {
             error_offset: offset,
         })?;
-        if to == Attribute::Private && state.listeners.any() {
-            listener::with_held(file, &attrs, || state.ask_listeners(offset, len))?;
+        let listening = state.listeners.any();
+        if to == Attribute::Private && listening {
+            held::with_held(file, &View::new(&attrs), || {
+                state.ask_listeners(offset, len)
+            })?;
         }
         // 4. The reference check, then the host mappings; then the
         //    listeners' commit phase, which may still undo it all.
-        let old_cost = state.change_mappings(&attrs, pages.clone(), to, offset)?;
-        let listening = state.listeners.any();
+        let costs = state.change_mappings(&attrs, pages.clone(), to, offset, listening)?;
         if listening {
-            listener::with_held(file, &attrs, || {
-                state.commit_phase(&attrs, pages.clone(), to, offset, old_cost)
-            })?;
+            state.commit_phase(&attrs, pages.clone(), to, offset, costs)?;
         }
         // 5. Point of no return: store the new state. (Guest mappings are
         //    KVM's and stay valid: on a software-protected VM both states are
@@ -75,7 +82,7 @@ impl GuestMemfd {
             Attribute::Shared => &state.counters.to_shared,
         });
         if listening {
-            listener::with_held(file, &attrs, || {
+            held::with_held(file, &View::new(&attrs), || {
                 state.listeners.converted(file, offset, len, to);
             });
         }
@@ -128,22 +135,24 @@ impl FileState {
     /// mapping, with the VMA budget taken first. Host mappings hold no
     /// counted references (a fast-path pin's "PTE" is the MAPPED bit, cleared
     /// by the check), so they change only after it passes. On error nothing
-    /// changed. Returns what a fallback mapping cost before, for an undo.
+    /// changed. With a commit phase to come (`committing`), nothing is given
+    /// back yet: its undo may need it.
     fn change_mappings(
         &self,
         attrs: &AttributeMap,
         pages: Range<u64>,
         to: Attribute,
         offset: u64,
-    ) -> Result<u64, ConversionError> {
+        committing: bool,
+    ) -> Result<Costs, ConversionError> {
         // The registry stays locked to the end: the mappings changed are
         // the mappings charged for.
         let mut mappings = self.mappings.lock();
-        let old_cost = mappings.fallback_cost();
+        let before = mappings.fallback_cost();
         let changing = || changing_runs(attrs, pages.clone(), to);
         let private_runs_after = || attrs.private_runs_after(pages.clone(), to);
-        let cost = mappings
-            .take_for_change(self, changing, to, private_runs_after)
+        let after = mappings
+            .take_for_change(self, private_runs_after)
             .map_err(|over| ConversionError::VmaBudget {
                 error_offset: offset,
                 needed: over.needed,
@@ -158,31 +167,70 @@ impl FileState {
                 .apply(self, changing, to)
                 .map_err(|failure| mapping_error(failure, offset))
         });
-        mappings.settle(self, changed.is_ok().then_some(cost));
-        changed.map(|()| old_cost)
+        let settle_at = match committing {
+            false => after,
+            true => before.max(after),
+        };
+        mappings.settle(self, changed.is_ok().then_some(settle_at));
+        changed.map(|()| Costs { before, after })
     }
 
-    /// Step 4c: the listeners' commit phase. A refusal undoes the host
-    /// mappings' change (poisoning a mapping that cannot be put back) and
-    /// fails with `EBUSY`.
+    /// Step 4c: the listeners' commit phase, with the range in flight
+    /// published to their callbacks (no access reaches it). A refusal undoes
+    /// the host mappings' change (poisoning a mapping that cannot be put
+    /// back) and fails with `EBUSY`; a panic undoes it too and goes on
+    /// unwinding.
     fn commit_phase(
         &self,
         attrs: &AttributeMap,
         pages: Range<u64>,
         to: Attribute,
         offset: u64,
-        old_cost: u64,
+        costs: Costs,
     ) -> Result<(), ConversionError> {
         let len = (pages.end - pages.start) << PAGE_SHIFT;
         let file = self.refs.id();
-        let Err(refusal) = self.listeners.commit(file, offset, len, to) else {
-            return Ok(());
+        let in_flight = InFlight {
+            pages: pages.clone(),
+            folios: self.refs.folios_around(pages.clone()),
         };
+        let view = View::committing(attrs, in_flight);
+        let commit =
+            || held::with_held(file, &view, || self.listeners.commit(file, offset, len, to));
+        let refusal = match panic::catch_unwind(AssertUnwindSafe(commit)) {
+            Ok(Ok(())) => {
+                self.mappings.lock().settle(self, Some(costs.after));
+                return Ok(());
+            }
+            Ok(Err(refusal)) => refusal,
+            Err(panic) => {
+                if let Err(failure) = self.undo_change(attrs, pages, to, costs) {
+                    tracing::error!(
+                        ?failure,
+                        "a listener panicked in its commit phase and the undo failed"
+                    );
+                }
+                panic::resume_unwind(panic);
+            }
+        };
+        self.undo_change(attrs, pages, to, costs)
+            .map_err(|failure| mapping_error(failure, offset))?;
+        Err(self.refused(offset, len, refusal))
+    }
+
+    /// Puts back the host mappings' change of a conversion whose commit
+    /// phase refused, and settles the charge as before it.
+    fn undo_change(
+        &self,
+        attrs: &AttributeMap,
+        pages: Range<u64>,
+        to: Attribute,
+        costs: Costs,
+    ) -> Result<(), MappingFailure> {
         let mut mappings = self.mappings.lock();
         let undone = mappings.undo(self, || changing_runs(attrs, pages.clone(), to), to.other());
-        mappings.settle(self, Some(old_cost));
-        undone.map_err(|failure| mapping_error(failure, offset))?;
-        Err(self.refused(offset, len, refusal))
+        mappings.settle(self, Some(costs.before));
+        undone
     }
 
     /// Step 4 of a shared to private conversion: remove the pages from the
@@ -201,6 +249,13 @@ impl FileState {
         tracing::debug!(offset, error_offset, "conversion failed: page referenced");
         Err(ConversionError::Again { error_offset })
     }
+}
+
+/// What a fallback mapping costs before and after a conversion's change.
+#[derive(Debug, Clone, Copy)]
+struct Costs {
+    before: u64,
+    after: u64,
 }
 
 /// The runs of `pages` not in state `to`: those a conversion changes.

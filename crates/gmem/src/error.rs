@@ -85,8 +85,11 @@ pub enum Error {
     #[error("the kernel refuses guard markers on this mapping")]
     GuardsRefused,
     /// The remap fallback would exceed the file's or the process's VMA
-    /// budget (`ENOMEM`, as `mmap` gives at `vm.max_map_count`).
-    #[error("the mapping would need {needed} VMAs, over the budget of {budget}")]
+    /// budget (`ENOMEM`, as `mmap` gives at `vm.max_map_count`). Guard-marker
+    /// mappings never fail for VMAs.
+    #[error(
+        "the empty-file remap (fallback) mapping would need {needed} VMAs, over the budget of {budget}"
+    )]
     VmaBudget {
         /// The VMAs the file's fallback mappings would need.
         needed: u64,
@@ -196,10 +199,12 @@ pub enum ConversionError {
         /// The start of the request.
         error_offset: u64,
     },
-    /// The remap fallback would spend more VMAs than the file's or the
-    /// process's budget allows (`ENOMEM`).
+    /// The empty-file remap fallback would spend more VMAs than the file's
+    /// or the process's budget allows (`ENOMEM`). Only fallback mappings
+    /// refuse a conversion for VMAs: guard-marker mappings hide and show
+    /// without one when the budget is spent.
     #[error(
-        "converting at {error_offset:#x} would need {needed} VMAs for fallback mappings, over the budget of {budget}"
+        "converting at {error_offset:#x} would need {needed} VMAs for the file's empty-file remap (fallback) mappings, over the budget of {budget}"
     )]
     VmaBudget {
         /// The start of the request.

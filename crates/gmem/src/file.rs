@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::attributes::{Attribute, AttributeMap};
 use crate::backing::{Backing, BackingKind};
 use crate::budget::VmaBudget;
+use crate::held::{self, View};
 use crate::listener::{ConversionListener, ListenerId, Listeners};
 use crate::mapping::{Hiding, HostMapping, Mappings};
 use crate::refs::References;
@@ -380,7 +381,7 @@ impl GuestMemfd {
         state.with_attrs(|attrs| {
             let id = state.listeners.add(listener.clone());
             let shared = || shared_runs(attrs, state.size);
-            crate::listener::with_held(state.refs.id(), attrs, || {
+            held::with_held(state.refs.id(), &View::new(attrs), || {
                 Listeners::replay(&*listener, shared());
             });
             id
@@ -454,11 +455,18 @@ impl FileState {
     /// (a fault), or, in a conversion listener's callback on this thread,
     /// on the map its conversion holds.
     pub(crate) fn with_attrs<R>(&self, f: impl FnOnce(&AttributeMap) -> R) -> R {
+        self.with_view(|view| f(view.attrs()))
+    }
+
+    /// Runs `f` on the state as this thread's accesses see it: under the
+    /// invalidate lock held shared, or in a listener's callback on the map
+    /// its conversion holds, with the range in flight in a commit phase.
+    pub(crate) fn with_view<R>(&self, f: impl FnOnce(&View<'_>) -> R) -> R {
         let file = self.refs.id();
-        if crate::listener::is_held(file) {
-            return crate::listener::held(file, f).expect("held by this thread");
+        if held::is_held(file) {
+            return held::held(file, f).expect("held by this thread");
         }
-        f(&self.read_attrs())
+        f(&View::new(&self.read_attrs()))
     }
 
     /// Takes the invalidate lock shared (a fault).
@@ -478,7 +486,7 @@ impl FileState {
         if offset >= end {
             return Ok(());
         }
-        if crate::listener::is_held(self.refs.id()) {
+        if held::is_held(self.refs.id()) {
             return Err(Error::WouldDeadlock);
         }
         let pages = page_range(offset, end);

@@ -68,6 +68,8 @@ mod conversion;
 mod error;
 mod file;
 mod folios;
+#[allow(unsafe_code)] // Erases the lifetime of a map published to callbacks.
+mod held;
 #[cfg(test)]
 mod hiding_tests;
 mod listener;

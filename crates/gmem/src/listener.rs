@@ -5,12 +5,11 @@
 //!
 //! Callbacks run with the file's invalidate lock held exclusively by the
 //! converting thread. So that a callback never deadlocks, the conversion
-//! publishes the attribute map it holds in a scoped thread-local while
-//! callbacks run ([`with_held`]): queries from the callback (`attribute`,
-//! `stats`, slow-path pins, allocation, checked copies) are served from it,
-//! and what cannot be served there (converting, punching or mapping the same
-//! file) fails with `EDEADLK`. A listener is never called after
-//! [`GuestMemfd::remove_listener`](crate::GuestMemfd::remove_listener)
+//! publishes the map it holds (`held.rs`): queries from the callback
+//! (`attribute`, `stats`, slow-path pins, allocation, checked copies) are
+//! served from it, and what cannot be served there (converting, punching or
+//! mapping the same file) fails with `EDEADLK`. A listener is never called
+//! after [`GuestMemfd::remove_listener`](crate::GuestMemfd::remove_listener)
 //! returns: every call holds its entry's `calls` lock shared, and removal
 //! marks the entry and then takes that lock exclusively.
 
@@ -19,16 +18,33 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::Attribute;
-use crate::attributes::AttributeMap;
 
 /// Hears of conversions of one file.
 ///
-/// Callbacks run with the file's invalidate lock held. They may query the
-/// file (`attribute`, `stats`, `shared_runs`), pin (fast or slow path),
-/// allocate, copy through pins and host mappings, drop pins, and add or
-/// remove listeners (a listener may remove itself); converting, punching or
-/// mapping the same file from a callback fails with `EDEADLK`. A callback
-/// must not wait for another thread that is converting the same file.
+/// Callbacks run on the converting thread with the file's invalidate lock
+/// held; the file's queries, pins and copies made from a callback are served
+/// from the map the conversion holds. What a callback may do, by phase:
+///
+/// * [`before_private`](Self::before_private): query, pin (fast or slow
+///   path), allocate, copy through pins and host mappings, drop pins, add or
+///   remove listeners (a listener may remove itself). A pin of the range
+///   kept past the callback makes the conversion fail with `EAGAIN`.
+/// * [`commit`](Self::commit): the range has passed the check and is hidden
+///   (to private) or shown (to shared) in the host mappings, but its new
+///   state is not stored. Queries see the old state; pins, checked copies
+///   and vm-memory accesses of the range fail as on a private page
+///   (`EFAULT`), and so do pins anywhere in the huge folios around it. The
+///   rest of the file is as before.
+/// * [`converted`](Self::converted): the new state is stored and everything
+///   is as after the conversion.
+///
+/// In every phase converting, punching or mapping the same file fails with
+/// `EDEADLK`. A callback may convert another file (whose listeners may then
+/// query this one), but must not wait for another thread that is converting
+/// this file. A panic in a callback reaches the caller of `set_attributes`
+/// after the conversion is undone (`before_private`, `commit`) or with it
+/// done (`converted`): the file stays usable, its state and host mappings
+/// agree, and later listeners of that phase are not called.
 pub trait ConversionListener: Send + Sync {
     /// `[offset, offset + len)` is about to become private. Returning an error
     /// refuses the conversion: it then fails with `EBUSY` and nothing changes.
@@ -100,31 +116,15 @@ pub(crate) struct Listeners {
 thread_local! {
     /// (file, listener) whose callback this thread is running, if any.
     static CALLING: Cell<Option<(u64, ListenerId)>> = const { Cell::new(None) };
-    /// The file whose attribute map `HELD` is, while its callbacks run.
-    static HELD_FILE: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
-scoped_tls::scoped_thread_local!(static HELD: AttributeMap);
+/// Puts `CALLING` back as it was when dropped, on return or unwind.
+struct RestoreCalling(Option<(u64, ListenerId)>);
 
-/// Runs `f` with `attrs`, the locked map of `file`, published to this
-/// thread's callbacks (see the module documentation).
-pub(crate) fn with_held<R>(file: u64, attrs: &AttributeMap, f: impl FnOnce() -> R) -> R {
-    let outer = HELD_FILE.replace(Some(file));
-    let result = HELD.set(attrs, f);
-    HELD_FILE.set(outer);
-    result
-}
-
-/// Whether this thread is in a callback of `file`, holding its invalidate
-/// lock: then its map is served by [`held`], and a lock would deadlock.
-pub(crate) fn is_held(file: u64) -> bool {
-    HELD_FILE.get() == Some(file)
-}
-
-/// Runs `f` on the map of `file` held by this thread's conversion, if it is
-/// in one of its callbacks.
-pub(crate) fn held<R>(file: u64, f: impl FnOnce(&AttributeMap) -> R) -> Option<R> {
-    is_held(file).then(|| HELD.with(f))
+impl Drop for RestoreCalling {
+    fn drop(&mut self) {
+        CALLING.set(self.0);
+    }
 }
 
 impl Listeners {
@@ -197,10 +197,8 @@ impl Listeners {
             if entry.removed.load(Ordering::Acquire) {
                 continue;
             }
-            let outer = CALLING.replace(Some((file, entry.id)));
-            let result = f(&*entry.listener);
-            CALLING.set(outer);
-            result?;
+            let _restore = RestoreCalling(CALLING.replace(Some((file, entry.id))));
+            f(&*entry.listener)?;
         }
         Ok(())
     }

@@ -101,7 +101,7 @@ const LARGE_RUN: u64 = 512;
 impl HostMapping {
     pub(crate) fn new(file: &Arc<FileState>, len: u64) -> Result<HostMapping, Error> {
         // A listener's callback: its conversion is changing the mappings.
-        if crate::listener::is_held(file.refs.id()) {
+        if crate::held::is_held(file.refs.id()) {
             return Err(Error::WouldDeadlock);
         }
         // A fault: the state cannot change while the mapping is set up.
@@ -131,11 +131,10 @@ impl HostMapping {
         let hidden = live.apply(file, private, Attribute::Private);
         if hidden.is_ok() {
             registry.live.push(live.clone());
-        } else if live.hiding == Hiding::EmptyFileRemap || live.any_remapped.load(Ordering::Relaxed)
-        {
-            // The region is dropped unregistered; a remap that failed
-            // may have left a gap, which `forsake` keeps us out of.
-            live.region.forsake();
+        } else if live.region.is_forsaken() {
+            // Dropped unregistered, but a failed remap left its VMAs to the
+            // process for good.
+            file.vma_budget.leak(live.leaked_vmas(fallback_cost));
         }
         registry.settle(file, hidden.is_ok().then_some(fallback_cost));
         hidden.map_err(|(call, errno)| Error::Os { call, errno })?;
@@ -229,14 +228,14 @@ impl HostMapping {
         if offset.checked_add(len).is_none_or(|end| end > limit) {
             return Err(Error::OutOfRange { offset, len, limit });
         }
-        self.file.with_attrs(|attrs| {
+        self.file.with_view(|view| {
             // Checked under the lock: a conversion poisons with it held.
             if self.is_poisoned() {
                 return Err(Error::MappingPoisoned);
             }
             if len > 0 {
                 let pages = page_range(offset, offset + len);
-                if let Some(page) = attrs.first_not(pages, Attribute::Shared) {
+                if let Some(page) = view.first_hidden(pages) {
                     return Err(Error::Private {
                         offset: page << PAGE_SHIFT,
                     });
@@ -310,10 +309,12 @@ impl LiveMapping {
     }
 
     /// Shows `runs` in a guard-marker mapping: the remapped parts are mapped
-    /// to the file again (a remapped run cut in two stays charged for both
-    /// halves: the caller took the VMAs first), then the guards go from the
-    /// runs not wholly remapped (the walk over a large run costs as much as
-    /// the remap).
+    /// to the file again, then the guards go from the runs not wholly
+    /// remapped (the walk over a large run costs as much as the remap).
+    /// A share that cuts a remapped run in two takes 2 VMAs from the budget
+    /// for the halves; when it cannot, the whole run goes back to the file
+    /// and its remnants get guards, which take no VMA. So a share never
+    /// fails for VMAs here.
     fn show_guarded<I: Iterator<Item = Range<u64>>>(
         &self,
         file: &FileState,
@@ -328,6 +329,13 @@ impl LiveMapping {
         for run in runs() {
             let mut shown_pages = 0;
             while let Some((start, end)) = overlapping(&remapped, &run) {
+                let cuts = start < run.start && run.end < end;
+                if cuts && file.vma_budget.take(2).is_err() {
+                    self.dissolve(file, start..end, &run)?;
+                    remapped.remove(&start);
+                    shown_pages = run.end - run.start;
+                    continue;
+                }
                 let shown = start.max(run.start)..end.min(run.end);
                 self.remap(file, shown.clone(), Attribute::Shared)?;
                 shown_pages += shown.end - shown.start;
@@ -348,17 +356,28 @@ impl LiveMapping {
         self.set_guards(runs().filter(|run| !wholly.contains(&run.start)), false)
     }
 
-    /// How many remapped runs of this mapping one of `runs` would cut in two.
-    fn cuts<I: Iterator<Item = Range<u64>>>(&self, runs: impl Fn() -> I) -> u64 {
-        if !self.any_remapped.load(Ordering::Relaxed) {
-            return 0;
-        }
-        let remapped = self.remapped();
-        let cut = |run: &Range<u64>| {
-            overlapping(&remapped, run)
-                .is_some_and(|(start, end)| start < run.start && run.end < end)
-        };
-        runs().filter(cut).count() as u64
+    /// Shows `run`, inside the remapped run `remapped`, with no VMA more:
+    /// the whole remapped run goes back to the file with guards on the
+    /// remnants either side, in one move (no private page is reachable at
+    /// any moment).
+    fn dissolve(
+        &self,
+        file: &FileState,
+        remapped: Range<u64>,
+        run: &Range<u64>,
+    ) -> Result<(), (&'static str, Errno)> {
+        let bytes = |pages: Range<u64>| (pages.start << PAGE_SHIFT)..(pages.end << PAGE_SHIFT);
+        let remnants = [remapped.start..run.start, run.end..remapped.end].map(bytes);
+        let whole = bytes(remapped);
+        let fd = file.backing.as_fd();
+        self.region
+            .remap_guarded(
+                whole.start,
+                whole.end - whole.start,
+                fd,
+                remnants.into_iter(),
+            )
+            .map_err(|errno| ("mremap(MREMAP_FIXED)", errno))
     }
 
     /// Maps the pages `run` as `to` says: the file, or the empty file.
@@ -400,6 +419,16 @@ impl LiveMapping {
             Hiding::EmptyFileRemap => fallback_cost,
             Hiding::GuardMarkers if !self.any_remapped.load(Ordering::Relaxed) => 0,
             Hiding::GuardMarkers => 2 * self.remapped().len() as u64,
+        }
+    }
+
+    /// The VMAs this mapping keeps for good once forsaken: a fallback
+    /// mapping's charge; a guard-marker mapping's remapped runs, its own
+    /// VMA and the 2 a failed remap may have cut out.
+    fn leaked_vmas(&self, fallback_cost: u64) -> u64 {
+        match self.hiding {
+            Hiding::EmptyFileRemap => fallback_cost,
+            Hiding::GuardMarkers => self.charge(fallback_cost) + 3,
         }
     }
 
@@ -447,6 +476,9 @@ pub(crate) struct Mappings {
 #[derive(Debug, Default)]
 pub(crate) struct RegistryState {
     live: Vec<Arc<LiveMapping>>,
+    /// Poisoned mappings, no longer changed by conversions but still
+    /// charged for their VMAs until dropped (and for good if forsaken).
+    poisoned: Vec<Arc<LiveMapping>>,
     /// What each fallback mapping is charged: `2 * private runs + 1` at the
     /// last change (kept only while there are fallback mappings).
     fallback_cost: u64,
@@ -481,7 +513,14 @@ impl Mappings {
 
     fn unregister(&self, file: &FileState, mapping: &Arc<LiveMapping>) {
         let mut registry = self.lock();
-        registry.live.retain(|other| !Arc::ptr_eq(other, mapping));
+        let other = |other: &Arc<LiveMapping>| !Arc::ptr_eq(other, mapping);
+        registry.live.retain(other);
+        registry.poisoned.retain(other);
+        if mapping.region.is_forsaken() {
+            // Never unmapped: its VMAs stay in the process.
+            file.vma_budget
+                .leak(mapping.leaked_vmas(registry.fallback_cost));
+        }
         registry.settle(file, None);
     }
 
@@ -523,17 +562,15 @@ impl Registry<'_> {
         Ok(cost)
     }
 
-    /// Takes the VMAs changing `runs` to `to` may need, before anything
+    /// Takes the VMAs changing the file's runs may need, before anything
     /// changes: the fallback mappings' growth once the file has
-    /// `private_runs_after()` private runs (asked only if there are any),
-    /// and 2 for each remapped run of a guard-marker mapping that a run to
-    /// show cuts in two. Returns what a fallback mapping will cost; settle
-    /// with it once the change is made.
-    pub(crate) fn take_for_change<I: Iterator<Item = Range<u64>>>(
+    /// `private_runs_after()` private runs (asked only if there are any).
+    /// Guard-marker mappings take what their remaps need as they go, and
+    /// hide or show without a VMA when the budget is spent. Returns what a
+    /// fallback mapping will cost; settle with it once the change is made.
+    pub(crate) fn take_for_change(
         &self,
         file: &FileState,
-        runs: impl Fn() -> I,
-        to: Attribute,
         private_runs_after: impl FnOnce() -> u64,
     ) -> Result<u64, OverBudget> {
         let fallbacks = self.remapped();
@@ -541,14 +578,7 @@ impl Registry<'_> {
             0 => self.fallback_cost,
             _ => budget::mapping_cost(private_runs_after()),
         };
-        let mut needed = fallbacks * cost.saturating_sub(self.fallback_cost);
-        if to == Attribute::Shared {
-            let guarded = self
-                .live
-                .iter()
-                .filter(|m| m.hiding == Hiding::GuardMarkers);
-            needed += guarded.map(|mapping| 2 * mapping.cuts(&runs)).sum::<u64>();
-        }
+        let needed = fallbacks * cost.saturating_sub(self.fallback_cost);
         if needed > 0 {
             file.vma_budget.take(needed)?;
         }
@@ -576,9 +606,7 @@ impl Registry<'_> {
                 failed.get_or_insert((call, errno));
             }
         }
-        // Relaxed: set by this thread just above.
-        self.live
-            .retain(|mapping| !mapping.poisoned.load(Ordering::Relaxed));
+        self.set_aside_poisoned();
         match failed {
             None => Ok(()),
             Some((call, errno)) => Err(MappingFailure {
@@ -587,6 +615,18 @@ impl Registry<'_> {
                 poisoned: true,
             }),
         }
+    }
+
+    /// Moves the mappings just poisoned out of the live ones: conversions no
+    /// longer change them, but they stay charged.
+    fn set_aside_poisoned(&mut self) {
+        let state = &mut *self.state;
+        // Relaxed: set by this thread, under the registry lock.
+        let (poisoned, live) = std::mem::take(&mut state.live)
+            .into_iter()
+            .partition(|mapping| mapping.poisoned.load(Ordering::Relaxed));
+        state.live = live;
+        state.poisoned.extend::<Vec<_>>(poisoned);
     }
 
     /// Makes the file's charge what its mappings need now, with fallback
@@ -600,7 +640,8 @@ impl Registry<'_> {
             return;
         }
         let cost = self.fallback_cost;
-        let charge = self.live.iter().map(|mapping| mapping.charge(cost)).sum();
+        let mappings = self.live.iter().chain(&self.poisoned);
+        let charge = mappings.map(|mapping| mapping.charge(cost)).sum();
         file.vma_budget.settle(charge);
     }
 
@@ -629,9 +670,7 @@ impl Registry<'_> {
                     poisoned = true;
                 }
             }
-            // Relaxed: set by this thread just above.
-            self.live
-                .retain(|mapping| !mapping.poisoned.load(Ordering::Relaxed));
+            self.set_aside_poisoned();
             return Err(MappingFailure {
                 call,
                 errno,

@@ -8,8 +8,8 @@ use std::ops::{Deref, Range};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use crate::attributes::Attribute;
 use crate::file::{GuestMemfd, page_range};
+use crate::held::View;
 use crate::refs::PinMiss;
 use crate::{Error, PAGE_SHIFT};
 
@@ -145,31 +145,28 @@ impl GuestMemfd {
     /// state, allocate, and map the pages for the fast path.
     fn pin_slow(&self, pages: Range<u64>) -> Result<(), Error> {
         let state = &self.state;
-        state.with_attrs(|attrs| self.pin_mapped(pages, attrs))
+        state.with_view(|view| self.pin_mapped(pages, view))
     }
 
-    /// The slow path's work, under the invalidate lock.
-    fn pin_mapped(
-        &self,
-        pages: Range<u64>,
-        attrs: &crate::attributes::AttributeMap,
-    ) -> Result<(), Error> {
+    /// The slow path's work, under the invalidate lock (or in a listener's
+    /// callback, on its conversion's view: the range in flight is refused).
+    fn pin_mapped(&self, pages: Range<u64>, view: &View<'_>) -> Result<(), Error> {
         let state = &self.state;
-        if let Some(page) = attrs.first_not(pages.clone(), Attribute::Shared) {
+        if let Some(page) = view.first_unpinnable(pages.clone()) {
             return Err(Error::Private {
                 offset: page << PAGE_SHIFT,
             });
         }
         let missing = state
             .refs
-            .to_allocate(pages.clone(), |range| attrs.is_uniform(range));
+            .to_allocate(pages.clone(), |range| view.is_uniform(range));
         if !missing.is_empty() {
             let (start, end) = (missing.start << PAGE_SHIFT, missing.end << PAGE_SHIFT);
             state.backing.allocate(start, end - start)?;
         }
         state
             .refs
-            .pin_mapped(pages, |range| attrs.is_uniform(range))
+            .pin_mapped(pages, |range| view.is_uniform(range))
             .map_err(|page| Error::TooManyPins {
                 offset: page << PAGE_SHIFT,
             })

@@ -615,6 +615,12 @@ impl References {
         }
     }
 
+    /// The pages of the folios holding the first and last page of `pages`
+    /// (non-empty), and all between.
+    pub(crate) fn folios_around(&self, pages: Range<u64>) -> Range<u64> {
+        self.folio_of(pages.start).start..self.folio_of(pages.end - 1).end
+    }
+
     /// Bytes of reference metadata.
     pub(crate) fn footprint(&self) -> u64 {
         self.table.footprint()

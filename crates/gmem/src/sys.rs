@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::io::Errno;
-use rustix::mm::{MapFlags, ProtFlags};
+use rustix::mm::{MapFlags, MremapFlags, ProtFlags};
 
 /// An owned `MAP_SHARED` mapping of a file; `Drop` unmaps it.
 ///
@@ -43,6 +43,12 @@ unsafe impl Sync for MappedRegion {}
 impl MappedRegion {
     /// Maps `len` bytes (page-aligned, non-zero) of `fd` from offset 0, shared.
     pub(crate) fn map_shared(fd: BorrowedFd<'_>, len: usize) -> Result<MappedRegion, Errno> {
+        Self::map_shared_at(fd, len, 0)
+    }
+
+    /// Maps `len` bytes (page-aligned, non-zero) of `fd` from `offset`
+    /// (page-aligned), shared, where the kernel picks.
+    fn map_shared_at(fd: BorrowedFd<'_>, len: usize, offset: u64) -> Result<MappedRegion, Errno> {
         // SAFETY: a new mapping at an address the kernel picks overlaps nothing we own.
         let addr = unsafe {
             rustix::mm::mmap(
@@ -51,7 +57,7 @@ impl MappedRegion {
                 ProtFlags::READ | ProtFlags::WRITE,
                 MapFlags::SHARED | MapFlags::NORESERVE,
                 fd,
-                0,
+                offset,
             )?
         };
         let addr = NonNull::new(addr.cast::<u8>()).ok_or(Errno::NOMEM)?;
@@ -154,25 +160,92 @@ impl MappedRegion {
     /// pages accessible; mapping an empty file makes every access `SIGBUS`
     /// (the offset is past its end), and keeps offsets contiguous so that the
     /// kernel merges neighbouring pieces into one VMA.
+    ///
+    /// A failed `MAP_FIXED` may have unmapped the range before it failed,
+    /// and someone else may map there: the region is then forsaken (never
+    /// unmapped), whatever the caller does next.
     pub(crate) fn remap(&self, start: u64, len: u64, fd: impl AsFd) -> Result<(), Errno> {
         let end = start.checked_add(len).ok_or(Errno::INVAL)?;
         if end > self.len as u64 || len == 0 {
             return Err(Errno::INVAL);
         }
-        faults::injected()?;
-        // Nobody holds a Rust reference into the region (raw copies only).
-        // SAFETY: the range lies inside this region, so MAP_FIXED replaces only our own pages.
-        unsafe {
-            rustix::mm::mmap(
-                self.as_ptr().add(start as usize).cast(),
-                len as usize,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED | MapFlags::FIXED | MapFlags::NORESERVE,
-                fd.as_fd(),
-                start,
-            )?;
+        let mapped = faults::injected().and_then(|()| {
+            // Nobody holds a Rust reference into the region (raw copies only).
+            // SAFETY: the range lies inside this region, so MAP_FIXED replaces only our own pages.
+            unsafe {
+                rustix::mm::mmap(
+                    self.as_ptr().add(start as usize).cast(),
+                    len as usize,
+                    ProtFlags::READ | ProtFlags::WRITE,
+                    MapFlags::SHARED | MapFlags::FIXED | MapFlags::NORESERVE,
+                    fd.as_fd(),
+                    start,
+                )
+            }
+        });
+        if let Err(errno) = mapped {
+            self.forsake();
+            return Err(errno);
         }
         Ok(())
+    }
+
+    /// Whether the region was forsaken: it will never be unmapped, so its
+    /// VMAs stay in the process for good.
+    pub(crate) fn is_forsaken(&self) -> bool {
+        // Relaxed: set and read under the owner's registry lock, or by the
+        // last user.
+        self.forsaken.load(Ordering::Relaxed)
+    }
+
+    /// Replaces `[start, start + len)` of this region with `fd` at file
+    /// offset `start`, as [`remap`](Self::remap) does, but with guard markers
+    /// already on the byte ranges `guarded` (inside the range): the file is
+    /// mapped elsewhere, guarded there, and moved over the range by
+    /// `mremap`, which keeps guard markers. So no page of `guarded` is
+    /// reachable at any moment, and the range ends as one VMA with its
+    /// neighbours where offsets meet. A failure after the move began may
+    /// leave a gap: the region is then forsaken, as after a failed remap.
+    pub(crate) fn remap_guarded(
+        &self,
+        start: u64,
+        len: u64,
+        fd: impl AsFd,
+        guarded: impl Iterator<Item = Range<u64>>,
+    ) -> Result<(), Errno> {
+        let end = start.checked_add(len).ok_or(Errno::INVAL)?;
+        if end > self.len as u64 || len == 0 {
+            return Err(Errno::INVAL);
+        }
+        faults::injected()?;
+        let staging = MappedRegion::map_shared_at(fd.as_fd(), len as usize, start)?;
+        let within = guarded.map(|range| (range.start - start)..(range.end - start));
+        staging.set_guards(within, true)?;
+        // Nobody holds a Rust reference into either region (raw copies only).
+        // SAFETY: `staging` is our own mapping of `len` bytes, and the
+        // destination lies inside this region, so MREMAP_FIXED replaces only
+        // our own pages.
+        let moved = unsafe {
+            rustix::mm::mremap_fixed(
+                staging.as_ptr().cast(),
+                len as usize,
+                len as usize,
+                MremapFlags::MAYMOVE,
+                self.as_ptr().add(start as usize).cast(),
+            )
+        };
+        match moved {
+            Ok(_) => {
+                // The staging range is gone: moved here, owned by this region.
+                std::mem::forget(staging);
+                Ok(())
+            }
+            Err(errno) => {
+                self.forsake();
+                staging.forsake();
+                Err(errno)
+            }
+        }
     }
 
     /// Copies `buf.len()` bytes from `offset` of the region into `buf`, with

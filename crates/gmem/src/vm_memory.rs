@@ -67,7 +67,6 @@ use ::vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
 use ::vm_memory::guest_memory::GuestMemorySliceIterator;
 use ::vm_memory::{GuestAddress, GuestMemory, GuestMemoryError, Permissions, VolatileSlice};
 
-use crate::attributes::Attribute;
 use crate::file::{GuestMemfd, page_range};
 use crate::{Error, OwnedPin, Pin};
 
@@ -433,7 +432,7 @@ impl GuestMemoryGmem {
             let offset = region.file_offset + within;
             let pages = page_range(offset, offset + len);
             let state = &region.file.state;
-            if state.with_attrs(|attrs| attrs.first_not(pages, Attribute::Shared).is_some()) {
+            if state.with_view(|view| view.first_hidden(pages).is_some()) {
                 return false;
             }
             (addr, count) = (addr + len, count - len);
