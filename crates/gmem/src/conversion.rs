@@ -175,8 +175,8 @@ impl FileState {
         changed.map(|()| Costs { before, after })
     }
 
-    /// Step 4c: the listeners' commit phase, with the range in flight
-    /// published to their callbacks (no access reaches it). A refusal undoes
+    /// Step 4c: the listeners' commit phase, with the range in flight to
+    /// private published to their callbacks (no access reaches it). A refusal undoes
     /// the host mappings' change (poisoning a mapping that cannot be put
     /// back) and fails with `EBUSY`; a panic undoes it too and goes on
     /// unwinding.
@@ -190,11 +190,19 @@ impl FileState {
     ) -> Result<(), ConversionError> {
         let len = (pages.end - pages.start) << PAGE_SHIFT;
         let file = self.refs.id();
-        let in_flight = InFlight {
-            pages: pages.clone(),
-            folios: self.refs.folios_around(pages.clone()),
+        // To private, the range passed the check and is hidden: no access
+        // may reach it. To shared, the pages changing are private until the
+        // state is stored, and the map says so already.
+        let view = match to {
+            Attribute::Private => View::committing(
+                attrs,
+                InFlight {
+                    pages: pages.clone(),
+                    folios: self.refs.folios_around(pages.clone()),
+                },
+            ),
+            Attribute::Shared => View::new(attrs),
         };
-        let view = View::committing(attrs, in_flight);
         let commit =
             || held::with_held(file, &view, || self.listeners.commit(file, offset, len, to));
         let refusal = match panic::catch_unwind(AssertUnwindSafe(commit)) {

@@ -9,8 +9,8 @@
 //! published maps form a stack (a chain of frames on the Rust stack, one per
 //! [`with_held`] under way on this thread), searched by file.
 //!
-//! In the commit phase the map still holds the old state, but the range in
-//! flight has passed the check and (to private) is hidden already: a
+//! In the commit phase the map still holds the old state, but a range in
+//! flight to private has passed the check and is hidden already: a
 //! [`View`] reads it as its old state and lets no access reach it (pins,
 //! checked copies and the vm-memory view fail as on a private page), widened
 //! for pins to whole folios, so that no reference lands where the check

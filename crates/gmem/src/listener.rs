@@ -31,10 +31,11 @@ use crate::Attribute;
 ///   kept past the callback makes the conversion fail with `EAGAIN`.
 /// * [`commit`](Self::commit): the range has passed the check and is hidden
 ///   (to private) or shown (to shared) in the host mappings, but its new
-///   state is not stored. Queries see the old state; pins, checked copies
-///   and vm-memory accesses of the range fail as on a private page
-///   (`EFAULT`), and so do pins anywhere in the huge folios around it. The
-///   rest of the file is as before.
+///   state is not stored, and queries see the old one. To private, pins,
+///   checked copies and vm-memory accesses of the range fail as on a
+///   private page (`EFAULT`), and so do pins anywhere in the huge folios
+///   around it; to shared, the pages changing are still private. The rest
+///   of the file is as before.
 /// * [`converted`](Self::converted): the new state is stored and everything
 ///   is as after the conversion.
 ///

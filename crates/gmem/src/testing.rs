@@ -144,6 +144,16 @@ pub enum Op {
         /// Whether it refuses.
         refuse: bool,
     },
+    /// Registers a listener that, in every commit phase, pins `page` (and
+    /// keeps the pin if `keep`, until it is removed) and reads it through a
+    /// mapping of its own: both must fail inside the range in flight or on
+    /// a private page, and succeed elsewhere.
+    AddProbe {
+        /// The page it pins and reads (modulo the file's pages).
+        page: u64,
+        /// Whether it keeps its pins.
+        keep: bool,
+    },
     /// Removes a listener (one of those ever added: a removed one again
     /// answers false).
     RemoveListener {
@@ -211,6 +221,9 @@ macro_rules! ensure_eq {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Heard {
     BeforePrivate(u64, u64),
+    /// A commit phase, with the errno of the probe's pin and read (0: it
+    /// succeeded).
+    Committed(u64, u64, Attribute, i32, i32),
     Converted(u64, u64, Attribute),
 }
 
@@ -218,6 +231,37 @@ enum Heard {
 struct Recorder {
     refuse: bool,
     log: Mutex<Vec<Heard>>,
+    probe: Option<Probe>,
+}
+
+/// What a probing listener pins and reads in its commit phases.
+struct Probe {
+    page: u64,
+    keep: bool,
+    file: std::sync::Weak<GuestMemfd>,
+    /// Its own mapping (none can be made in a callback); dropped with the
+    /// listener's removal, which breaks the cycle through the file.
+    map: Mutex<Option<HostMapping>>,
+    kept: Mutex<Vec<crate::OwnedPin>>,
+}
+
+impl Probe {
+    /// Pins and reads the page: the errnos (0 for success).
+    fn probe(&self) -> (i32, i32) {
+        let file = self.file.upgrade().expect("the model holds the file");
+        let pin = file.pin_owned(self.page * P, P);
+        let pinned = pin.as_ref().map_or_else(Error::errno, |_| 0);
+        if let (Ok(pin), true) = (pin, self.keep) {
+            self.kept.lock().unwrap().push(pin);
+        }
+        let map = self.map.lock().unwrap();
+        let mut buf = [0u8; 8];
+        let read = map.as_ref().map(|map| map.read(self.page * P, &mut buf));
+        (
+            pinned,
+            read.map_or(0, |r| r.map_or_else(|e| e.errno(), |()| 0)),
+        )
+    }
 }
 
 impl ConversionListener for Recorder {
@@ -231,6 +275,15 @@ impl ConversionListener for Recorder {
         } else {
             Ok(())
         }
+    }
+
+    fn commit(&self, offset: u64, len: u64, to: Attribute) -> Result<(), Refusal> {
+        if let Some(probe) = &self.probe {
+            let (pin, read) = probe.probe();
+            let heard = Heard::Committed(offset, len, to, pin, read);
+            self.log.lock().unwrap().push(heard);
+        }
+        Ok(())
     }
 
     fn converted(&self, offset: u64, len: u64, to: Attribute) {
@@ -247,6 +300,8 @@ struct Listening {
     recorder: Arc<Recorder>,
     live: bool,
     expected: Vec<Heard>,
+    /// Pins its probe keeps.
+    kept: u64,
 }
 
 /// The reference model.
@@ -313,6 +368,51 @@ impl Model {
         for p in pages {
             self.touched[p] = true;
         }
+    }
+
+    /// The commit phase of a conversion of `pages` to `to` that goes
+    /// through: every live probe pins and reads its page, which fails in the
+    /// range in flight and on a private page; a pin kept holds its page.
+    /// Called before the model stores the new state.
+    fn hear_commit(&mut self, pages: Range<usize>, to: Attribute) {
+        let (offset, len) = (pages.start as u64 * P, pages.len() as u64 * P);
+        for index in 0..self.listeners.len() {
+            let l = &self.listeners[index];
+            let Some(probe) = l.recorder.probe.as_ref().filter(|_| l.live) else {
+                continue;
+            };
+            let (page, keep) = (probe.page as usize, probe.keep);
+            // To private the range is in flight; to shared its changing
+            // pages are private until stored.
+            let in_flight = to == Attribute::Private && pages.contains(&page);
+            let hidden = in_flight || self.attrs[page] == Attribute::Private;
+            let errno = if hidden { libc::EFAULT } else { 0 };
+            self.listeners[index]
+                .expected
+                .push(Heard::Committed(offset, len, to, errno, errno));
+            if !hidden {
+                self.allocate(page..page + 1);
+                if keep {
+                    self.pinned[page] += 1;
+                    self.listeners[index].kept += 1;
+                } else {
+                    self.maybe_parked[page] = true;
+                }
+            }
+        }
+    }
+
+    /// Drops the pins a probing listener kept, on this thread.
+    fn release_kept(&mut self, index: usize) {
+        let l = &mut self.listeners[index];
+        let Some(probe) = &l.recorder.probe else {
+            return;
+        };
+        probe.kept.lock().unwrap().clear();
+        probe.map.lock().unwrap().take();
+        let page = probe.page as usize;
+        self.pinned[page] -= std::mem::take(&mut l.kept) as u32;
+        self.maybe_parked[page] = true;
     }
 
     /// Every live listener hears `what`.
@@ -384,7 +484,8 @@ fn check_all(
         .count() as u64;
     ensure_eq!(stats.pages_private, private, "pages_private");
     ensure_eq!(stats.pages_shared, PAGES - private, "pages_shared");
-    ensure_eq!(stats.pins_live, model.pins.len() as u64, "pins_live");
+    let kept: u64 = model.listeners.iter().map(|l| l.kept).sum();
+    ensure_eq!(stats.pins_live, model.pins.len() as u64 + kept, "pins_live");
     ensure_eq!(stats.eagain, model.eagain, "eagain");
     ensure_eq!(stats.refused, model.refused, "refused");
     ensure_eq!(stats.conversions_to_private, model.to_private, "to_private");
@@ -486,7 +587,8 @@ pub fn run(case: &Case) -> Result<(), String> {
     } else {
         Flags::MMAP
     };
-    let mem = GuestMemfd::new(SIZE, flags).unwrap();
+    // In an `Arc`: probing listeners pin it owned.
+    let mem = Arc::new(GuestMemfd::new(SIZE, flags).unwrap());
     let mut maps = vec![mem.mmap().unwrap()];
     let mut model = Model::new(if case.init_shared {
         Attribute::Shared
@@ -504,8 +606,9 @@ pub fn run(case: &Case) -> Result<(), String> {
     // Every pin dropped and every listener gone: the whole file converts to
     // private at once, and back, with its contents.
     pins.clear();
-    for l in &model.listeners {
-        mem.remove_listener(l.id);
+    for index in 0..model.listeners.len() {
+        mem.remove_listener(model.listeners[index].id);
+        model.release_kept(index);
     }
     ensure_eq!(mem.stats().pins_live, 0, "pins_live at the end");
     mem.set_attributes(0, SIZE, Attribute::Private)
@@ -519,8 +622,36 @@ pub fn run(case: &Case) -> Result<(), String> {
     Ok(())
 }
 
+/// Registers a recorder (probing if `probe`) and tells the model.
+fn add_listener(
+    mem: &GuestMemfd,
+    model: &mut Model,
+    refuse: bool,
+    probe: Option<Probe>,
+    desc: &str,
+) -> Result<(), String> {
+    let recorder = Arc::new(Recorder {
+        refuse,
+        log: Mutex::new(Vec::new()),
+        probe,
+    });
+    let id = mem.add_listener(recorder.clone());
+    ensure!(
+        model.listeners.iter().all(|l| l.id != id),
+        "{desc}: listener id {id:?} reused"
+    );
+    model.listeners.push(Listening {
+        id,
+        recorder,
+        live: true,
+        expected: Vec::new(),
+        kept: 0,
+    });
+    Ok(())
+}
+
 fn step_once<'m>(
-    mem: &'m GuestMemfd,
+    mem: &'m Arc<GuestMemfd>,
     maps: &mut Vec<HostMapping>,
     model: &mut Model,
     pins: &mut Vec<Pin<'m>>,
@@ -549,6 +680,7 @@ fn step_once<'m>(
             } else if to == Attribute::Shared {
                 ensure!(result.is_ok(), "{desc}: {result:?}");
                 ensure_eq!(observed, model.drains, "{desc}: to shared drained");
+                model.hear_commit(pages.clone(), to);
                 model.attrs[pages].fill(to);
                 model.to_shared += 1;
                 model.hear(Heard::Converted(offset, len, to));
@@ -570,7 +702,10 @@ fn step_once<'m>(
                     model.refused += 1;
                     return Ok(());
                 }
-                match model.first_pinned(pages.clone()) {
+                // The check and its drain come before the commit phase.
+                let pinned = model.first_pinned(pages.clone());
+                model.check_drain(pages.clone(), observed)?;
+                match pinned {
                     Some(page) => {
                         let err = result.expect_err(desc);
                         ensure_eq!(err.errno(), libc::EAGAIN, "{desc}");
@@ -579,12 +714,12 @@ fn step_once<'m>(
                     }
                     None => {
                         ensure!(result.is_ok(), "{desc}: {result:?}");
+                        model.hear_commit(pages.clone(), to);
                         model.attrs[pages.clone()].fill(to);
                         model.to_private += 1;
                         model.hear(Heard::Converted(offset, len, to));
                     }
                 }
-                model.check_drain(pages, observed)?;
             }
         }
         Op::Pin { offset, len } => {
@@ -797,22 +932,16 @@ fn step_once<'m>(
                 maps.remove(index);
             }
         }
-        Op::AddListener { refuse } => {
-            let recorder = Arc::new(Recorder {
-                refuse,
-                log: Mutex::new(Vec::new()),
-            });
-            let id = mem.add_listener(recorder.clone());
-            ensure!(
-                model.listeners.iter().all(|l| l.id != id),
-                "{desc}: listener id {id:?} reused"
-            );
-            model.listeners.push(Listening {
-                id,
-                recorder,
-                live: true,
-                expected: Vec::new(),
-            });
+        Op::AddListener { refuse } => add_listener(mem, model, refuse, None, desc)?,
+        Op::AddProbe { page, keep } => {
+            let probe = Probe {
+                page: page % PAGES,
+                keep,
+                file: Arc::downgrade(mem),
+                map: Mutex::new(Some(mem.mmap().unwrap())),
+                kept: Mutex::new(Vec::new()),
+            };
+            add_listener(mem, model, false, Some(probe), desc)?;
         }
         Op::RemoveListener { index } => {
             if !model.listeners.is_empty() {
@@ -820,6 +949,7 @@ fn step_once<'m>(
                 let l = &mut model.listeners[index];
                 ensure_eq!(mem.remove_listener(l.id), l.live, "{desc}");
                 l.live = false;
+                model.release_kept(index);
             }
         }
         Op::Create {
@@ -1018,7 +1148,11 @@ mod arbitrary_ops {
                 37 | 38 => Op::AddListener {
                     refuse: u.ratio(1, 3)?,
                 },
-                39 | 40 => Op::RemoveListener {
+                39 => Op::AddProbe {
+                    page: u.int_in_range(0..=PAGES - 1)?,
+                    keep: bool::arbitrary(u)?,
+                },
+                40 => Op::RemoveListener {
                     index: usize::arbitrary(u)?,
                 },
                 _ => Op::Create {

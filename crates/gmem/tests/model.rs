@@ -73,6 +73,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => map_len().prop_map(|len| Op::Map { len }),
         1 => any::<usize>().prop_map(|index| Op::Unmap { index }),
         1 => any::<bool>().prop_map(|refuse| Op::AddListener { refuse }),
+        1 => (0..PAGES, any::<bool>()).prop_map(|(page, keep)| Op::AddProbe { page, keep }),
         1 => any::<usize>().prop_map(|index| Op::RemoveListener { index }),
         1 => (create_size(), prop_oneof![4 => 0..=3u64, 1 => any::<u64>()], any::<bool>())
             .prop_map(|(size, flags, huge_folios)| Op::Create { size, flags, huge_folios }),
