@@ -393,6 +393,21 @@ impl GuestMemfd {
         state.with_attrs(|attrs| shared_runs(attrs, state.size).collect())
     }
 
+    /// The shared runs within the byte range `range` (page-aligned, inside
+    /// the file), clipped to it, in order: a walk of the range's runs only.
+    /// Under the invalidate lock held shared, or, in a conversion listener's
+    /// callback, from the map the conversion holds.
+    #[cfg(feature = "kvm")]
+    pub(crate) fn shared_runs_in(&self, range: Range<u64>) -> Vec<Range<u64>> {
+        let pages = page_range(range.start, range.end);
+        self.state.with_attrs(|attrs| {
+            let runs = attrs.runs_in(pages);
+            runs.filter(|run| run.attr == Attribute::Shared)
+                .map(|run| (run.pages.0 << PAGE_SHIFT)..(run.pages.1 << PAGE_SHIFT))
+                .collect()
+        })
+    }
+
     /// Runs `f` on the shared runs of the file (byte ranges, in order)
     /// under the invalidate lock held shared, so that no conversion runs
     /// meanwhile.
