@@ -128,10 +128,12 @@ impl GuestMemfd {
     /// GUEST_MEMFD_FLAG_INIT_SHARED`: gmem maps it whole and decides itself
     /// which pages the host may touch. What can be verified is: that it is a
     /// kvm guest_memfd, that its size is `size` (both `EINVAL`,
-    /// [`Error::NotAdoptable`]), and that it maps (else the `mmap` error,
-    /// `ENODEV` without `MMAP`); `INIT_SHARED` cannot be checked. gmem does
-    /// not know its VM: [`Vm::bind`](crate::kvm::Vm::bind) lets the kernel
-    /// judge it.
+    /// [`Error::NotAdoptable`]), that it maps (else the `mmap` error,
+    /// `ENODEV` without `MMAP`), and that the host can fault in its page 0
+    /// (`EINVAL`, [`Error::NotAdoptable`], where it was made without
+    /// `INIT_SHARED`: the first copy through a pin would raise `SIGBUS`);
+    /// that probe allocates page 0. gmem does not know its VM:
+    /// [`Vm::bind`](crate::kvm::Vm::bind) lets the kernel judge it.
     #[cfg(feature = "kvm")]
     pub fn from_kernel_guest_memfd(
         fd: OwnedFd,
@@ -142,7 +144,9 @@ impl GuestMemfd {
         Self::validate(size, flags)?;
         Backing::check_kernel_guest_memfd(fd.as_fd(), size)?;
         let backing = Backing::from_fd(fd, BackingKind::KernelGuestMemfd, None);
-        Self::with_backing(backing, size, flags, options)
+        let file = Self::with_backing(backing, size, flags, options)?;
+        Backing::check_host_faults(&file.state.direct)?;
+        Ok(file)
     }
 
     /// A file over a backing of `size` bytes that the host may map in full;

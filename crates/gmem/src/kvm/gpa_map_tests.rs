@@ -215,7 +215,10 @@ fn the_rollback_snapshot_holds_only_the_request_runs() {
     // A run reaching past either end is clipped to the range.
     mem.set_attributes(98 * P, 8 * P, Attribute::Shared)
         .unwrap();
-    assert_eq!(mem.shared_runs_in(101 * P..103 * P), vec![(101 * P)..(103 * P)]);
+    assert_eq!(
+        mem.shared_runs_in(101 * P..103 * P),
+        vec![(101 * P)..(103 * P)]
+    );
 }
 
 /// Records what `shared_runs_in` gives in the commit phase.
