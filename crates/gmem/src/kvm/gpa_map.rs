@@ -22,7 +22,7 @@
 //! make requests through the map (they run under the lock: it would
 //! deadlock). A VMM's own [`GuestMemfd::set_attributes`] calls on a bound
 //! file bypass the lock: they are atomic per file, but may interleave
-//! with a request spanning slots.
+//! with a request spanning slots, whose rollback may then undo them.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
