@@ -8,8 +8,12 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
+#[cfg(feature = "kvm")]
+use rustix::io::Errno;
 
 use crate::Error;
+#[cfg(feature = "kvm")]
+use crate::sys::MappedRegion;
 
 /// What kind of file backs a [`GuestMemfd`](crate::GuestMemfd).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +79,26 @@ impl Backing {
         Ok(())
     }
 
+    /// Checks that the host may fault in page 0 of `direct`, gmem's own
+    /// mapping of an adopted kernel guest_memfd (it allocates that page). A
+    /// guest_memfd made without `GUEST_MEMFD_FLAG_INIT_SHARED` is private to
+    /// the kernel throughout (Linux 6.18 has no in-place conversion): every
+    /// host access to it raises `SIGBUS`, so the first copy through a pin
+    /// would kill the VMM. `MADV_POPULATE_READ` finds it out as `EFAULT`.
+    #[cfg(feature = "kvm")]
+    pub(crate) fn check_host_faults(direct: &MappedRegion) -> Result<(), Error> {
+        match direct.populate_read(0..crate::PAGE_SIZE) {
+            Ok(()) => Ok(()),
+            Err(Errno::FAULT) => Err(Error::NotAdoptable {
+                reason: "the host cannot fault in its page 0 (MADV_POPULATE_READ: EFAULT): \
+                         it was made without GUEST_MEMFD_FLAG_INIT_SHARED, or the kernel \
+                         holds the page private"
+                    .into(),
+            }),
+            Err(errno) => Err(Error::os("madvise(MADV_POPULATE_READ)")(errno)),
+        }
+    }
+
     /// The KVM VM that owns a kernel guest_memfd.
     pub(crate) fn owner_vm(&self) -> Option<u64> {
         self.owner_vm
@@ -128,5 +152,26 @@ impl Backing {
 impl AsFd for Backing {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+#[cfg(all(test, feature = "kvm"))]
+mod tests {
+    use super::*;
+    use crate::PAGE_SIZE;
+
+    /// A page past the end of the file raises `SIGBUS` as a private page of
+    /// a guest_memfd does: the check refuses it without touching it.
+    #[test]
+    fn a_page_the_host_cannot_fault_in_is_not_adoptable() {
+        let page = Backing::memfd(PAGE_SIZE).unwrap();
+        let region = MappedRegion::map_shared(page.as_fd(), PAGE_SIZE as usize).unwrap();
+        assert_eq!(Backing::check_host_faults(&region), Ok(()));
+        let hole = Backing::empty().unwrap();
+        let region = MappedRegion::map_shared(hole.as_fd(), PAGE_SIZE as usize).unwrap();
+        let refused = Backing::check_host_faults(&region).unwrap_err();
+        assert!(matches!(refused, Error::NotAdoptable { .. }), "{refused}");
+        assert_eq!(refused.errno(), libc::EINVAL);
+        assert!(refused.to_string().contains("INIT_SHARED"), "{refused}");
     }
 }

@@ -104,8 +104,9 @@ pub enum Error {
     /// converted, where it would deadlock (`EDEADLK`): punching or mapping.
     #[error("called from a conversion listener of the same file: it would deadlock")]
     WouldDeadlock,
-    /// A file given to adopt as a kernel guest_memfd is not one, or not of
-    /// the size given (`EINVAL`).
+    /// A file given to adopt as a kernel guest_memfd is not one, not of the
+    /// size given, or one whose pages the host cannot fault in (made
+    /// without `INIT_SHARED`) (`EINVAL`).
     #[error("cannot adopt the file as a kernel guest_memfd: {reason}")]
     NotAdoptable {
         /// What is wrong with it.

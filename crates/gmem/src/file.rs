@@ -129,10 +129,12 @@ impl GuestMemfd {
     /// GUEST_MEMFD_FLAG_INIT_SHARED`: gmem maps it whole and decides itself
     /// which pages the host may touch. What can be verified is: that it is a
     /// kvm guest_memfd, that its size is `size` (both `EINVAL`,
-    /// [`Error::NotAdoptable`]), and that it maps (else the `mmap` error,
-    /// `ENODEV` without `MMAP`); `INIT_SHARED` cannot be checked. gmem does
-    /// not know its VM: [`Vm::bind`](crate::kvm::Vm::bind) lets the kernel
-    /// judge it.
+    /// [`Error::NotAdoptable`]), that it maps (else the `mmap` error,
+    /// `ENODEV` without `MMAP`), and that the host can fault in its page 0
+    /// (`EINVAL`, [`Error::NotAdoptable`], where it was made without
+    /// `INIT_SHARED`: the first copy through a pin would raise `SIGBUS`);
+    /// that probe allocates page 0. gmem does not know its VM:
+    /// [`Vm::bind`](crate::kvm::Vm::bind) lets the kernel judge it.
     #[cfg(feature = "kvm")]
     pub fn from_kernel_guest_memfd(
         fd: OwnedFd,
@@ -143,7 +145,9 @@ impl GuestMemfd {
         Self::validate(size, flags)?;
         Backing::check_kernel_guest_memfd(fd.as_fd(), size)?;
         let backing = Backing::from_fd(fd, BackingKind::KernelGuestMemfd, None);
-        Self::with_backing(backing, size, flags, options)
+        let file = Self::with_backing(backing, size, flags, options)?;
+        Backing::check_host_faults(&file.state.direct)?;
+        Ok(file)
     }
 
     /// A file over a backing of `size` bytes that the host may map in full;
@@ -392,6 +396,21 @@ impl GuestMemfd {
     pub fn shared_runs(&self) -> Vec<Range<u64>> {
         let state = &self.state;
         state.with_attrs(|attrs| shared_runs(attrs, state.size).collect())
+    }
+
+    /// The shared runs within the byte range `range` (page-aligned, inside
+    /// the file), clipped to it, in order: a walk of the range's runs only.
+    /// Under the invalidate lock held shared, or, in a conversion listener's
+    /// callback, from the map the conversion holds.
+    #[cfg(feature = "kvm")]
+    pub(crate) fn shared_runs_in(&self, range: Range<u64>) -> Vec<Range<u64>> {
+        let pages = page_range(range.start, range.end);
+        self.state.with_attrs(|attrs| {
+            let runs = attrs.runs_in(pages);
+            runs.filter(|run| run.attr == Attribute::Shared)
+                .map(|run| (run.pages.0 << PAGE_SHIFT)..(run.pages.1 << PAGE_SHIFT))
+                .collect()
+        })
     }
 
     /// Runs `f` on the shared runs of the file (byte ranges, in order)

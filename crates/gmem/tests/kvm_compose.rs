@@ -34,9 +34,14 @@ fn vm_fd() -> Arc<VmFd> {
 
 /// A kernel guest_memfd made with raw `kvm-ioctls`, as a VMM would.
 fn raw_guest_memfd(vm: &VmFd, size: u64) -> OwnedFd {
+    raw_guest_memfd_with(vm, size, 3) // GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+}
+
+/// A kernel guest_memfd made with raw `kvm-ioctls` and the kernel's `flags`.
+fn raw_guest_memfd_with(vm: &VmFd, size: u64, flags: u64) -> OwnedFd {
     let request = kvm_create_guest_memfd {
         size,
-        flags: 3, // GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+        flags,
         reserved: [0; 6],
     };
     let fd = vm.create_guest_memfd(request).unwrap();
@@ -145,6 +150,31 @@ fn a_kernel_guest_memfd_made_by_the_vmm_is_adopted_and_checked() {
             errno: rustix::io::Errno::INVAL
         }
     );
+}
+
+/// A guest_memfd made without `INIT_SHARED` is private to the kernel
+/// throughout: adopting it would let the first pinned copy raise `SIGBUS`,
+/// so adoption refuses it, whatever gmem's own flags say.
+#[test]
+fn a_kernel_guest_memfd_made_without_init_shared_is_refused() {
+    let Some(_) = kvm_common::host() else { return };
+    let vm = vm_fd();
+    for flags in [SHARED, Flags::MMAP] {
+        let fd = raw_guest_memfd_with(&vm, 4 * P, 1); // GUEST_MEMFD_FLAG_MMAP only
+        let refused = GuestMemfd::from_kernel_guest_memfd(fd, 4 * P, flags, Options::default())
+            .expect_err("a guest_memfd the host cannot fault in");
+        assert_eq!(refused.errno(), libc::EINVAL, "{refused}");
+        assert!(
+            matches!(refused, gmem::Error::NotAdoptable { .. }),
+            "{refused:?}"
+        );
+        assert!(refused.to_string().contains("INIT_SHARED"), "{refused}");
+    }
+    let fd = raw_guest_memfd_with(&vm, 4 * P, 3);
+    let mem = GuestMemfd::from_kernel_guest_memfd(fd, 4 * P, SHARED, Options::default()).unwrap();
+    let mut buf = [1u8; 4];
+    mem.pin(0, 4).unwrap().read(0, &mut buf).unwrap();
+    assert_eq!(buf, [0; 4], "the probe only faulted page 0 in");
 }
 
 /// Sets the size of a fresh memfd (so that only its kind is wrong).

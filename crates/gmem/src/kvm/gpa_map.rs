@@ -5,10 +5,28 @@
 //!
 //! Memslots ([`Memslot`](super::Memslot)) add and remove their entries;
 //! vCPUs and a VMM's own run loop convert through it.
+//!
+//! **Serialization.** A request within one slot is one
+//! [`GuestMemfd::set_attributes`], atomic on its own under the file's
+//! invalidate lock. A request spanning slots is several, and its rollback
+//! puts back what it saw before converting: were another request to convert
+//! the same pages in between, the rollback would undo a conversion that
+//! vCPU was told succeeded. So every request holds the map's request lock:
+//! shared for one part (concurrent single-slot requests still run in
+//! parallel, each atomic on its file), exclusive for several parts, from the
+//! snapshot through the last part or the end of the rollback. Requests thus
+//! take effect in some serial order, a failed one having changed nothing.
+//! Two consequences: a request spanning slots waits for every request under
+//! way, and others wait for it (its `EAGAIN` retries and pauses included);
+//! and the let-go callback and conversion listeners of the files must not
+//! make requests through the map (they run under the lock: it would
+//! deadlock). A VMM's own [`GuestMemfd::set_attributes`] calls on a bound
+//! file bypass the lock: they are atomic per file, but may interleave
+//! with a request spanning slots, whose rollback may then undo them.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use super::attributes::{AttributeSync, changing_runs};
@@ -164,6 +182,9 @@ struct Part {
 /// on it. Reach it with [`Vm::gpa_map`](super::Vm::gpa_map).
 pub struct GpaMap {
     table: Mutex<SlotTable>,
+    /// The request lock (see the module doc): shared for a request in one
+    /// slot, exclusive for one spanning slots, with its rollback.
+    requests: RwLock<()>,
     policy: Mutex<ConversionPolicy>,
     let_go: Mutex<Option<Arc<LetGo>>>,
     totals: Totals,
@@ -189,6 +210,7 @@ impl GpaMap {
     pub(super) fn new(sync: AttributeSync) -> GpaMap {
         GpaMap {
             table: Mutex::new(SlotTable::default()),
+            requests: RwLock::new(()),
             policy: Mutex::new(ConversionPolicy::default()),
             let_go: Mutex::new(None),
             totals: Totals::default(),
@@ -297,6 +319,11 @@ impl GpaMap {
     /// already converted are put back to the state each page had; a part
     /// that cannot be put back is reported in
     /// [`ConversionOutcome::rollback_failures`].
+    ///
+    /// Requests through the map take effect in some serial order (see the
+    /// module doc of `gpa_map`): one spanning slots holds the map's request
+    /// lock exclusively, so never make a request from the let-go callback
+    /// or from a conversion listener of a bound file.
     pub fn convert(&self, gpa: u64, pages: u64, to: Attribute) -> ConversionOutcome {
         Totals::bump(&self.totals.requests);
         let outcome = match self.parts(gpa, pages) {
@@ -354,14 +381,21 @@ impl GpaMap {
         Ok(parts)
     }
 
+    /// Converts `parts` in order under the request lock, rolling back the
+    /// converted ones if one fails.
     fn convert_parts(&self, parts: &[Part], to: Attribute) -> ConversionOutcome {
+        // Poisoning is ignored: the lock guards no data, only the order.
+        let _order = if parts.len() == 1 {
+            RequestOrder::Shared(self.requests.read().unwrap_or_else(|e| e.into_inner()))
+        } else {
+            RequestOrder::Exclusive(self.requests.write().unwrap_or_else(|e| e.into_inner()))
+        };
         let mut done: Vec<(Part, Vec<Range<u64>>)> = Vec::new();
         let mut attempts = 0;
         for (index, part) in parts.iter().enumerate() {
             // What a rollback would put back: the runs this part changes.
             let changing = if index + 1 < parts.len() {
-                let shared = part.mem.shared_runs();
-                changing_runs(&shared, part.offset..part.offset + part.len, to)
+                rollback_runs(part, to)
             } else {
                 Vec::new()
             };
@@ -432,6 +466,19 @@ impl GpaMap {
     }
 }
 
+/// The request lock as a request holds it.
+enum RequestOrder<'a> {
+    Shared(#[allow(dead_code, reason = "held for its drop")] RwLockReadGuard<'a, ()>),
+    Exclusive(#[allow(dead_code, reason = "held for its drop")] RwLockWriteGuard<'a, ()>),
+}
+
+/// The runs of `part` that a conversion to `to` changes: what a rollback
+/// puts back. Only the part's own runs are read, not the whole file's.
+fn rollback_runs(part: &Part, to: Attribute) -> Vec<Range<u64>> {
+    let range = part.offset..part.offset + part.len;
+    changing_runs(&part.mem.shared_runs_in(range.clone()), range, to)
+}
+
 /// The file range whose pins must go for a conversion of `[offset, offset +
 /// len)` that failed at `error_offset`: the request, widened to the folio of
 /// the failing page (a pin anywhere in a huge folio blocks it).
@@ -449,19 +496,5 @@ pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn guest_ret_is_the_negative_errno() {
-        let outcome = ConversionOutcome::failed(ConversionError::Again { error_offset: 0 }, 1, 0);
-        assert_eq!(outcome.guest_ret() as i64, -11);
-        let ok = ConversionOutcome {
-            result: Ok(()),
-            attempts: 1,
-            failed_gpa: None,
-            rollback_failures: Vec::new(),
-        };
-        assert_eq!(ok.guest_ret(), 0);
-    }
-}
+#[path = "gpa_map_tests.rs"]
+mod tests;

@@ -6,8 +6,10 @@
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, mpsc};
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use kvm_bindings::{
-    KVM_MEM_GUEST_MEMFD, kvm_create_guest_memfd, kvm_regs, kvm_userspace_memory_region2,
+    KVM_MEM_GUEST_MEMFD, kvm_create_guest_memfd, kvm_regs, kvm_run, kvm_userspace_memory_region2,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use rustix::io::Errno;
@@ -15,6 +17,7 @@ use rustix::io::Errno;
 use super::KvmError;
 use super::uapi::{KVM_SET_MEMORY_ATTRIBUTES2, KvmMemoryAttributes2};
 use crate::GuestMemfd;
+use crate::sys::MappedRegion;
 
 /// `KVM_CREATE_GUEST_MEMFD`, adopting the new fd at once.
 pub(super) fn create_guest_memfd(vm: &VmFd, size: u64, flags: u64) -> Result<OwnedFd, KvmError> {
@@ -200,15 +203,21 @@ pub(super) struct Kick {
 /// `kick.after`, sets the vCPU's `kvm_run.immediate_exit` (every later
 /// `KVM_RUN` returns `EINTR` at once, so a kick landing between two runs is
 /// not lost) and signals the thread every `kick.every` until it returns.
-/// Always joins; `None` if the thread panicked.
+/// Always joins; `None` if the thread panicked, or if the `kvm_run` page
+/// could not be mapped for the kick (then `run` is not called).
 pub(super) fn run_kicked<V: Send, R: Send>(
     target: &mut V,
     vcpu_of: fn(&mut V) -> &mut VcpuFd,
     run: impl FnOnce(&mut V) -> R + Send,
     kick: Kick,
 ) -> Option<R> {
-    let flag = std::ptr::NonNull::from(&mut vcpu_of(target).get_kvm_run().immediate_exit);
-    let flag = SendPtr(flag);
+    let flag = match ImmediateExit::map(vcpu_of(target)) {
+        Ok(flag) => flag,
+        Err(errno) => {
+            tracing::warn!(%errno, "cannot map the vCPU's kvm_run page to kick it; not running");
+            return None;
+        }
+    };
     std::thread::scope(|scope| {
         let (started_tx, started_rx) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
@@ -223,13 +232,7 @@ pub(super) fn run_kicked<V: Send, R: Send>(
         if let (Some(thread), Err(mpsc::RecvTimeoutError::Timeout)) =
             (thread, done_rx.recv_timeout(kick.after))
         {
-            // The vCPU's thread makes no non-atomic access to the byte: only
-            // the kernel reads it, at `KVM_RUN`. `target` is borrowed by the
-            // scope, so the vCPU (and its `kvm_run` mapping) outlives it.
-            // SAFETY: the mapping is alive (see above); a byte is always aligned.
-            let flag = unsafe { std::sync::atomic::AtomicU8::from_ptr(flag.0.as_ptr()) };
-            // SeqCst: a store other threads' KVM_RUN reads in the kernel.
-            flag.store(1, std::sync::atomic::Ordering::SeqCst);
+            flag.set();
             loop {
                 // The thread is not joined before the scope ends, so its id is valid.
                 // SAFETY: `thread` names a live or unjoined thread of this process.
@@ -245,12 +248,40 @@ pub(super) fn run_kicked<V: Send, R: Send>(
     })
 }
 
-/// A pointer to `kvm_run.immediate_exit`, sent to the kicking side.
-struct SendPtr(std::ptr::NonNull<u8>);
+/// The kicking side's own mapping of a vCPU's `kvm_run` page, through which
+/// it sets `immediate_exit` while the vCPU's thread holds the `VcpuFd` for
+/// `KVM_RUN` (and `kvm-ioctls` makes a `&mut kvm_run` of its own mapping at
+/// every exit). A pointer derived from that `&mut` would be invalidated by
+/// the next one; this mapping is a separate allocation that no Rust
+/// reference ever covers, and it holds the vCPU file, so it stays valid
+/// whatever becomes of the `VcpuFd`.
+struct ImmediateExit(MappedRegion);
 
-// Only used for one atomic store to a byte of the shared `kvm_run` mapping.
-// SAFETY: any thread may make that store.
-unsafe impl Send for SendPtr {}
+/// `kvm_run.immediate_exit` lies in the first page of the structure.
+const IMMEDIATE_EXIT: usize = std::mem::offset_of!(kvm_run, immediate_exit);
+const _: () = assert!(IMMEDIATE_EXIT < crate::PAGE_SIZE as usize);
+
+impl ImmediateExit {
+    /// Maps the first page of `vcpu`'s `kvm_run` (offset 0 of its fd).
+    fn map(vcpu: &VcpuFd) -> Result<ImmediateExit, Errno> {
+        // SAFETY: `vcpu` owns the fd and is borrowed for this call; the mapping takes its own reference to the file.
+        let fd = unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) };
+        MappedRegion::map_shared(fd, crate::PAGE_SIZE as usize).map(ImmediateExit)
+    }
+
+    /// Sets `immediate_exit` to 1.
+    fn set(&self) {
+        let byte = self.0.as_ptr().wrapping_add(IMMEDIATE_EXIT);
+        // No Rust access other than this store reaches the byte through
+        // this mapping; the kernel reads it at `KVM_RUN`. `kvm-ioctls`
+        // never writes `immediate_exit` in `run`.
+        // SAFETY: the byte is inside the page this value maps (asserted above) and lives as long as `self`; a byte is always aligned.
+        let flag = unsafe { AtomicU8::from_ptr(byte) };
+        // SeqCst: pairs with nothing in Rust; the vCPU thread's next
+        // `KVM_RUN` reads it in the kernel, after the signal that follows.
+        flag.store(1, Ordering::SeqCst);
+    }
+}
 
 /// A no-op handler for `signal`, installed process-wide while this value
 /// lives, so that the signal interrupts `KVM_RUN` without killing the
@@ -291,5 +322,80 @@ impl Drop for KickHandler {
                 "restoring the previous handler of the vCPU kick signal failed"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PAGE_SIZE;
+    use kvm_bindings::kvm_userspace_memory_region;
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    /// A VM whose one vCPU spins (`jmp $` in real mode at 0x1000) in a
+    /// memfd slot; `None`, with the reason printed, where KVM is missing
+    /// (a failure instead where `GMEM_REQUIRE_KVM` is set).
+    fn spinning_vcpu() -> Option<(VmFd, VcpuFd, MappedRegion)> {
+        let kvm = match kvm_ioctls::Kvm::new() {
+            Ok(kvm) => kvm,
+            Err(e) => {
+                let why = format!("KVM unavailable: {e}");
+                assert!(std::env::var_os("GMEM_REQUIRE_KVM").is_none(), "{why}");
+                eprintln!("skipped: {why}");
+                return None;
+            }
+        };
+        let vm = kvm.create_vm().unwrap();
+        let file = crate::backing::Backing::memfd(16 * PAGE_SIZE).unwrap();
+        let memory = MappedRegion::map_shared(file.as_fd(), 16 * PAGE_SIZE as usize).unwrap();
+        memory.write(0x1000, &[0xeb, 0xfe]);
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: 16 * PAGE_SIZE,
+            userspace_addr: memory.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: `memory` is returned with the VM and outlives its use by the guest.
+        unsafe { vm.set_user_memory_region(region) }.unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        (sregs.cs.base, sregs.cs.selector) = (0, 0);
+        vcpu.set_sregs(&sregs).unwrap();
+        let regs = kvm_regs {
+            rip: 0x1000,
+            rflags: 2,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs).unwrap();
+        Some((vm, vcpu, memory))
+    }
+
+    fn itself(vcpu: &mut VcpuFd) -> &mut VcpuFd {
+        vcpu
+    }
+
+    /// A vCPU that never exits is kicked out of `KVM_RUN` with `EINTR`
+    /// (through the kicking side's own mapping of `kvm_run`), and every
+    /// later run returns at once.
+    #[test]
+    fn a_spinning_vcpu_is_kicked_out() {
+        let Some((_vm, mut vcpu, _memory)) = spinning_vcpu() else {
+            return;
+        };
+        // Not the probe's signal: unit tests run in parallel.
+        let signal = libc::SIGRTMIN() + 8;
+        let _handler = KickHandler::install(signal).unwrap();
+        let kick = Kick {
+            after: Duration::from_millis(50),
+            every: Duration::from_millis(10),
+            signal,
+        };
+        let run = |vcpu: &mut VcpuFd| vcpu.run().map(|_| ()).map_err(|e| e.errno());
+        let stopped = run_kicked(&mut vcpu, itself, run, kick);
+        assert_eq!(stopped, Some(Err(libc::EINTR)));
+        assert_eq!(vcpu.get_kvm_run().immediate_exit, 1);
+        assert_eq!(run(&mut vcpu), Err(libc::EINTR), "immediate_exit stays set");
     }
 }

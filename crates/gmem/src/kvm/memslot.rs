@@ -308,8 +308,9 @@ impl ConversionListener for KvmAttributeListener {
         };
         debug_assert_eq!(mem.file_id(), self.file_id);
         // Served from the map the conversion holds: the state before it.
-        let shared = mem.shared_runs();
-        let runs = changing_runs(&shared, offset..offset + len, to);
+        // Only the request's runs: a commit costs its range, not the file.
+        let range = offset..offset + len;
+        let runs = changing_runs(&mem.shared_runs_in(range.clone()), range, to);
         let requests = self.requests(&mem, &runs, to);
         self.apply(&mem, &requests).map_err(|(index, errno, undo)| {
             Refusal::new(match undo {
