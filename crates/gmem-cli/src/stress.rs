@@ -9,8 +9,11 @@
 //! dropped, so the shadow never counts more than is live) and converts any
 //! range, meeting `EAGAIN` from other threads' pins. A conversion listener
 //! checks, under the invalidate lock, that no page turned private holds a
-//! shadow pin, and refuses a few conversions (`EBUSY`). Threads exit and are
-//! replaced now and then, so batches are retired while others drain.
+//! shadow pin, and refuses a few conversions (`EBUSY`). A second listener
+//! (`stress/probing.rs`) pins, reads and queries the file from inside every
+//! phase of every conversion, checks what each phase allows, and now and
+//! then panics (the converting worker catches it and goes on). Threads exit
+//! and are replaced now and then, so batches are retired while others drain.
 //!
 //! Invariants checked: no conversion to private succeeds over a live pin; a
 //! page under a live pin is shared; contents written through pins and
@@ -32,6 +35,8 @@ use gmem::{
 use serde::Serialize;
 
 use crate::workload::BadFlag;
+
+mod probing;
 
 const P: u64 = PAGE_SIZE;
 /// Pins a thread holds at most.
@@ -121,11 +126,12 @@ enum Kind {
     Copy,
     Mapping,
     ThreadExit,
+    ListenerPanic,
     Check,
     BytesVerified,
 }
 
-const KINDS: [(Kind, &str); 20] = [
+const KINDS: [(Kind, &str); 21] = [
     (Kind::Pin, "pins"),
     (Kind::PinPrivate, "pins_refused_private"),
     (Kind::Unpin, "unpins"),
@@ -144,6 +150,7 @@ const KINDS: [(Kind, &str); 20] = [
     (Kind::Copy, "copies"),
     (Kind::Mapping, "short_mappings"),
     (Kind::ThreadExit, "thread_exits"),
+    (Kind::ListenerPanic, "listener_panics_caught"),
     (Kind::Check, "invariant_checks"),
     (Kind::BytesVerified, "bytes_verified"),
 ];
@@ -427,7 +434,19 @@ impl<'a> Worker<'a> {
             Attribute::Shared
         };
         let (offset, len) = (pages.start * P, (pages.end - pages.start) * P);
-        let result = self.mem.set_attributes(offset, len, to);
+        let converting = || self.mem.set_attributes(offset, len, to);
+        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(converting)) {
+            Ok(result) => result,
+            Err(panic) if panic.downcast_ref::<&str>() == Some(&probing::PANIC) => {
+                // The thread and the file go on: the next call must work.
+                self.counters.add(Kind::ListenerPanic, 1);
+                if let Err(err) = self.mem.attribute(offset) {
+                    self.violation(format!("after a listener's panic: {err}"));
+                }
+                return;
+            }
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
         self.check();
         match (to, result) {
             (Attribute::Private, Ok(())) => self.counters.add(Kind::ToPrivate, 1),
@@ -727,6 +746,9 @@ pub struct StressSummary {
     pub bytes_verified: u64,
     /// Conversions the listener heard of: to private, to shared.
     pub listener_heard: [u64; 2],
+    /// The probing listener's pins and reads from inside callbacks: granted,
+    /// refused as the phase requires, and its panics (caught).
+    pub probes: [u64; 3],
     /// The file's own counters at the end.
     pub drains: u64,
     /// Huge folio splits and merges (huge folios only).
@@ -783,6 +805,8 @@ pub fn run(
         ..Options::default()
     };
     let mem = GuestMemfd::with_options(size, Flags::MMAP | Flags::INIT_SHARED, options)?;
+    // In an `Arc`: the probing listener pins it owned.
+    let mem = Arc::new(mem);
     let map = mem.mmap()?;
     let per = pages / threads;
     let stripes: Vec<Range<u64>> = (0..threads)
@@ -805,6 +829,11 @@ pub fn run(
         listener_checks: AtomicU64::new(0),
     });
     let listener = mem.add_listener(Arc::new(Checker(shadow.clone())));
+    // After the checker, so that a panic in `converted` never hides a
+    // conversion from it.
+    let probing = Arc::new(probing::Probing::new(&mem, shadow.clone())?);
+    let probing_id = mem.add_listener(probing.clone());
+    let _quiet = QuietPanics::install();
     let live = Live {
         shadow: shadow.clone(),
     };
@@ -820,7 +849,7 @@ pub fn run(
             .iter()
             .enumerate()
             .map(|(t, stripe)| {
-                let (mem, map, shadow, stop) = (&mem, &map, &*shadow, &stop);
+                let (mem, map, shadow, stop) = (&*mem, &map, &*shadow, &stop);
                 let stripe = stripe.clone();
                 scope.spawn(move || {
                     let counters = &shadow.stripes[t];
@@ -899,6 +928,8 @@ pub fn run(
 
     // The end: no pin is live, no reference leaked, every stripe exact.
     shadow.refusing.store(false, Relaxed);
+    mem.remove_listener(probing_id);
+    probing.release_all();
     let end_check = |ok: bool, what: String| {
         if !ok {
             shadow.violation(what);
@@ -963,6 +994,11 @@ pub fn run(
         invariant_checks: shadow.total(Kind::Check),
         bytes_verified: shadow.total(Kind::BytesVerified),
         listener_heard: heard,
+        probes: [
+            probing.granted.load(Relaxed),
+            probing.refused.load(Relaxed),
+            probing.panics.load(Relaxed),
+        ],
         drains: stats.drains,
         folio_splits: stats.folio_splits,
         folio_merges: stats.folio_merges,
@@ -974,6 +1010,34 @@ pub fn run(
             .clone(),
         ok: violations == 0,
     })
+}
+
+/// Silences the panic hook for the probing listener's own panics while it
+/// lives (they are caught and counted); any other panic is reported as
+/// before.
+struct QuietPanics(Arc<Hook>);
+
+type Hook = dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync;
+
+impl QuietPanics {
+    fn install() -> QuietPanics {
+        let previous: Arc<Hook> = Arc::from(std::panic::take_hook());
+        let hook = previous.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<&str>() != Some(&probing::PANIC) {
+                hook(info);
+            }
+        }));
+        QuietPanics(previous)
+    }
+}
+
+impl Drop for QuietPanics {
+    /// Puts the previous hook back.
+    fn drop(&mut self) {
+        let previous = self.0.clone();
+        std::panic::set_hook(Box::new(move |info| previous(info)));
+    }
 }
 
 impl StressSummary {
@@ -1001,6 +1065,10 @@ impl StressSummary {
         println!(
             "  listener heard   {} to private, {} to shared",
             self.listener_heard[0], self.listener_heard[1]
+        );
+        println!(
+            "  callback probes  {} granted, {} refused as the phase requires, {} listener panics",
+            self.probes[0], self.probes[1], self.probes[2]
         );
         println!("  drains           {}", self.drains);
         if self.huge_folios {
