@@ -84,9 +84,10 @@ struct RunArgs {
     vcpus: u64,
     /// Rounds over each vCPU's memory: at least 1, and each round takes 5
     /// guest commands a chunk and 1 more of the 64511 a vCPU holds (up to 107
-    /// rounds with the default memory, vCPUs and chunk).
-    #[arg(long, default_value_t = 16)]
-    rounds: u32,
+    /// rounds with the default memory, vCPUs and chunk). Default: 16, or the
+    /// most that fit where fewer do.
+    #[arg(long)]
+    rounds: Option<u32>,
     /// KiB the guest converts per request: a multiple of 4 (the page), up to
     /// each vCPU's share of the memory past the 4 MiB firmware area.
     #[arg(long, default_value_t = 256)]

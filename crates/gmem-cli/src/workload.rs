@@ -70,7 +70,7 @@ impl Default for RunConfig {
         RunConfig {
             memory: 64 << 20,
             vcpus: 2,
-            rounds: 16,
+            rounds: RunFlags::DEFAULT_ROUNDS,
             chunk: 256 << 10,
             device_threads: 2,
             huge_folios: false,
@@ -119,8 +119,9 @@ pub struct RunFlags {
     pub memory_mib: u64,
     /// `--vcpus`.
     pub vcpus: u64,
-    /// `--rounds`.
-    pub rounds: u32,
+    /// `--rounds`; `None` asks for [`RunFlags::DEFAULT_ROUNDS`], or the most
+    /// that fit where fewer do.
+    pub rounds: Option<u32>,
     /// `--chunk-kib`.
     pub chunk_kib: u64,
     /// `--device-threads`.
@@ -134,6 +135,8 @@ impl RunFlags {
     pub const MIN_MEMORY_MIB: u64 = (FIRMWARE_SIZE >> 20) + 1;
     /// The largest `--memory-mib`: guest memory ends before the local APIC.
     pub const MAX_MEMORY_MIB: u64 = GUEST_MEMORY_END >> 20;
+    /// The rounds of a run without `--rounds`, where that many fit.
+    pub const DEFAULT_ROUNDS: u32 = 16;
 
     /// Checks every flag against what the workload and the guest can do and
     /// what this machine has (`available`: bytes of memory available, if
@@ -184,34 +187,44 @@ impl RunFlags {
         }
         let chunk = self.chunk_kib << 10;
         let chunks = (share_kib << 10) / chunk;
-        // The commands of each round, and the closing halt.
-        let max_rounds = (MAX_COMMANDS as u64 - 1) / commands_per_round(chunks);
-        if self.rounds == 0 || u64::from(self.rounds) > max_rounds {
-            let why = if max_rounds == 0 {
-                format!(
-                    "{chunks} chunks of {} KiB a vCPU need more guest commands than the {} a vCPU holds: \
-                     use bigger chunks or less memory",
-                    self.chunk_kib,
-                    MAX_COMMANDS - 1
-                )
-            } else {
-                format!(
-                    "must be 1 to {max_rounds}: each round of {chunks} chunks a vCPU takes {} guest commands of \
-                     the {} a vCPU holds (bigger chunks allow more rounds)",
-                    commands_per_round(chunks),
-                    MAX_COMMANDS - 1
-                )
-            };
-            return bad(format!("--rounds {} {why}", self.rounds));
-        }
+        let rounds = self.rounds(chunks)?;
         Ok(RunConfig {
             memory,
             vcpus: self.vcpus,
-            rounds: self.rounds,
+            rounds,
             chunk,
             device_threads: self.device_threads,
             huge_folios: self.huge_folios,
         })
+    }
+
+    /// The rounds over `chunks` chunks a vCPU: `--rounds` if the command
+    /// area holds them, else the default or the most that fit.
+    fn rounds(&self, chunks: u64) -> Result<u32, BadFlag> {
+        // The commands of each round, and the closing halt.
+        let max_rounds = (MAX_COMMANDS as u64 - 1) / commands_per_round(chunks);
+        let too_many = || {
+            format!(
+                "{chunks} chunks of {} KiB a vCPU need more guest commands than the {} a vCPU holds: \
+                 use bigger chunks or less memory",
+                self.chunk_kib,
+                MAX_COMMANDS - 1
+            )
+        };
+        match self.rounds {
+            None if max_rounds == 0 => Err(BadFlag(too_many())),
+            None => Ok(max_rounds.min(u64::from(Self::DEFAULT_ROUNDS)) as u32),
+            Some(rounds) if rounds > 0 && u64::from(rounds) <= max_rounds => Ok(rounds),
+            Some(rounds) if max_rounds == 0 => {
+                Err(BadFlag(format!("--rounds {rounds} {}", too_many())))
+            }
+            Some(rounds) => Err(BadFlag(format!(
+                "--rounds {rounds} must be 1 to {max_rounds}: each round of {chunks} chunks a vCPU takes {} \
+                 guest commands of the {} a vCPU holds (bigger chunks allow more rounds)",
+                commands_per_round(chunks),
+                MAX_COMMANDS - 1
+            ))),
+        }
     }
 }
 
@@ -1010,7 +1023,7 @@ mod tests {
         RunFlags {
             memory_mib: 64,
             vcpus: 2,
-            rounds: 16,
+            rounds: None,
             chunk_kib: 256,
             device_threads: 2,
             huge_folios: false,
@@ -1045,7 +1058,7 @@ mod tests {
         let flags = RunFlags {
             memory_mib: RunFlags::MAX_MEMORY_MIB,
             chunk_kib: 32 << 10,
-            rounds: 1,
+            rounds: Some(1),
             vcpus: 3,
             ..defaults()
         };
@@ -1055,15 +1068,48 @@ mod tests {
         // The most rounds validate allows fit the command area.
         let max = (MAX_COMMANDS as u64 - 1) / commands_per_round(120);
         let flags = RunFlags {
-            rounds: max as u32,
+            rounds: Some(max as u32),
             ..defaults()
         };
         assert!(plan(&flags.validate(None).unwrap()).is_ok());
         let flags = RunFlags {
-            rounds: max as u32 + 1,
+            rounds: Some(max as u32 + 1),
             ..defaults()
         };
         assert!(flags.validate(None).is_err());
+    }
+
+    /// Without `--rounds`, every memory size and chunk in range runs: the
+    /// default rounds, or the most that fit where fewer do.
+    #[test]
+    fn the_default_rounds_fit_the_memory() {
+        let rounds = |memory_mib, chunk_kib| {
+            let flags = RunFlags {
+                memory_mib,
+                chunk_kib,
+                ..defaults()
+            };
+            let config = flags.validate(None).map_err(|e| e.0)?;
+            plan(&config).map_err(|e| e.to_string())?;
+            Ok::<_, String>(config.rounds)
+        };
+        assert_eq!(rounds(64, 256), Ok(RunFlags::DEFAULT_ROUNDS));
+        assert_eq!(rounds(512, 256), Ok(12));
+        assert_eq!(rounds(1024, 256), Ok(6));
+        assert_eq!(rounds(RunFlags::MAX_MEMORY_MIB, 256), Ok(1));
+        assert_eq!(rounds(64, 4), Ok(1));
+        // No round fits at all: a one-line error that says what to change.
+        let none = rounds(RunFlags::MAX_MEMORY_MIB, 4).unwrap_err();
+        assert!(none.contains("use bigger chunks or less memory"), "{none}");
+        assert!(!none.contains("--rounds"), "{none}");
+        // An explicit count out of range stays an error.
+        let flags = RunFlags {
+            memory_mib: 512,
+            rounds: Some(16),
+            ..defaults()
+        };
+        let err = flags.validate(None).unwrap_err();
+        assert!(err.0.starts_with("--rounds 16 must be 1 to 12"), "{err}");
     }
 
     #[test]

@@ -426,3 +426,42 @@ fn stress_flags_out_of_range_exit_2() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
 }
+
+/// Without `--rounds`, every memory size and chunk in the documented range
+/// runs (16 rounds where they fit, else the most that do); where this host
+/// cannot run the guest, the run still gets past the flags and fails on
+/// what it lacks.
+#[test]
+fn run_defaults_fit_every_memory_size_and_chunk() {
+    for (flags, rounds) in [(["--memory-mib", "512"], 12), (["--chunk-kib", "4"], 1)] {
+        let mut args = vec!["run", "--json"];
+        args.extend_from_slice(&flags);
+        let (code, out, err) = gmem_full(&args, &[]);
+        if code == Some(0) {
+            let summary: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+            assert_eq!(summary["rounds"], rounds, "{args:?}: {out}");
+            assert_eq!(summary["ok"], true, "{args:?}: {out}");
+            continue;
+        }
+        assert_eq!(code, Some(2), "{args:?}: {out}{err}");
+        assert!(
+            !err.starts_with("gmem: --"),
+            "{args:?}: a flag refused: {err}"
+        );
+        let guest_memfd = gmem::kvm::HostSupport::probe().is_ok_and(|s| s.guest_memfd);
+        assert!(!guest_memfd, "{args:?} failed on a guest_memfd host: {err}");
+        assert!(
+            std::env::var_os("GMEM_REQUIRE_KVM").is_none(),
+            "{args:?}: no full run on a KVM host: {err}"
+        );
+        eprintln!("full run skipped: {err}");
+    }
+    // An explicit count out of range is still refused in one line.
+    let (code, _, err) = gmem_full(&["run", "--memory-mib", "512", "--rounds", "16"], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.starts_with("gmem: --rounds 16 must be 1 to 12"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
