@@ -412,6 +412,16 @@ fn bench(
                 .cases
         }
         None => {
+            if let Some(only) = only
+                && !gmem_cli::bench::case_names()
+                    .iter()
+                    .any(|name| name.contains(only))
+            {
+                anyhow::bail!(
+                    "no bench case name contains {only:?} (the names are those of `gmem bench`'s rows, \
+                     e.g. round-trip-4k or pin-unpin)"
+                );
+            }
             let mut progress = |name: &str| {
                 if !json {
                     eprintln!("measuring {name} ...");

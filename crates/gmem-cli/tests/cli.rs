@@ -465,3 +465,46 @@ fn run_defaults_fit_every_memory_size_and_chunk() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// `--only` that names no case is a one-line error and exit 2 (as
+/// `selftest` does), before anything is measured.
+#[test]
+fn bench_only_with_no_matching_case_fails() {
+    let (code, stdout, stderr) = gmem_full(&["bench", "--only", "nonesuch"], &[]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.starts_with("gmem: no bench case name contains \"nonesuch\""),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+/// A reference row (no goal) meets nothing: `"met": null` in the JSON,
+/// which `--from` reads back, with `-` in the table and no miss for
+/// `--check`.
+#[test]
+fn bench_reference_rows_have_no_met() {
+    let dir = std::env::temp_dir().join(format!("gmem-bench-ref-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("reference.json");
+    let rows = serde_json::json!({ "cases": [{
+        "name": "pin-unpin-vs-mutex", "ours_ns": 10.0, "floor_ns": 20.0, "ratio": 2.0,
+        "speedup": true, "compared_with": "mutex design", "goal": null, "met": null,
+    }]});
+    std::fs::write(&path, rows.to_string()).unwrap();
+    let path = path.to_str().unwrap();
+    let (code, stdout, stderr) = gmem_full(&["bench", "--check", "--from", path], &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("pin-unpin-vs-mutex") && l.trim_end().ends_with('-')),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) = gmem_full(&["bench", "--json", "--from", path], &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert!(json["cases"][0]["met"].is_null(), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
