@@ -448,13 +448,16 @@ fn bench(
 
 fn bench_study(markdown: bool, out: &std::path::Path) -> anyhow::Result<ExitCode> {
     use gmem_cli::bench::study;
-    let study = study::run(&mut |line: &str| eprintln!("{line}"))?;
+    // Open both files before the measuring, which takes a while: a bad
+    // `--out` fails at once.
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let json = out.join("study.json");
-    std::fs::write(&json, serde_json::to_string_pretty(&study)? + "\n")
+    let (json, svg) = (out.join("study.json"), out.join("study.svg"));
+    let (mut json_file, mut svg_file) = (open_output(&json)?, open_output(&svg)?);
+    let study = study::run(&mut |line: &str| eprintln!("{line}"))?;
+    let text = serde_json::to_string_pretty(&study)? + "\n";
+    replace_contents(&mut json_file, text.as_bytes())
         .with_context(|| format!("writing {}", json.display()))?;
-    let svg = out.join("study.svg");
-    std::fs::write(&svg, study::plot(&study)?)
+    replace_contents(&mut svg_file, study::plot(&study)?.as_bytes())
         .with_context(|| format!("writing {}", svg.display()))?;
     if markdown {
         print!("{}", study::markdown_table(&study));
@@ -463,6 +466,25 @@ fn bench_study(markdown: bool, out: &std::path::Path) -> anyhow::Result<ExitCode
     }
     eprintln!("wrote {} and {}", json.display(), svg.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Opens `path` for writing, made if missing but not yet emptied (an
+/// earlier result stays until the new one is written).
+fn open_output(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("opening {} for writing", path.display()))
+}
+
+/// Makes `bytes` the whole contents of `file`.
+fn replace_contents(file: &mut std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    file.set_len(0)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 fn info(json: bool) -> anyhow::Result<ExitCode> {

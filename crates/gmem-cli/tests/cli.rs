@@ -508,3 +508,31 @@ fn bench_reference_rows_have_no_met() {
     assert!(json["cases"][0]["met"].is_null(), "{stdout}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--study --out` somewhere that cannot be written fails at once, before
+/// the study's measuring (which takes tens of seconds), in one line.
+#[test]
+fn bench_study_checks_out_before_measuring() {
+    // A file where the directory should be: no user, root included, can
+    // make a directory there.
+    let file = std::env::temp_dir().join(format!("gmem-study-out-{}", std::process::id()));
+    std::fs::write(&file, b"not a directory").unwrap();
+    let out = file.join("study");
+    let started = std::time::Instant::now();
+    let (code, stdout, stderr) =
+        gmem_full(&["bench", "--study", "--out", out.to_str().unwrap()], &[]);
+    let took = started.elapsed();
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "nothing measured: {stderr}");
+    assert!(stderr.starts_with("gmem: creating "), "{stderr}");
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    // A directory where a result file should be.
+    let dir = std::env::temp_dir().join(format!("gmem-study-dir-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("study.svg")).unwrap();
+    let (code, _, stderr) = gmem_full(&["bench", "--study", "--out", dir.to_str().unwrap()], &[]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "nothing measured: {stderr}");
+    assert!(stderr.contains("study.svg for writing"), "{stderr}");
+}
