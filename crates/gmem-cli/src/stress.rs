@@ -778,10 +778,7 @@ pub fn run(
     let size = flags.size_mib << 20;
     let pages = size / P;
     let threads = flags.threads;
-    let options = Options {
-        huge_folios: flags.huge_folios,
-        ..Options::default()
-    };
+    let options = Options::new().huge_folios(flags.huge_folios);
     let mem = GuestMemfd::with_options(size, Flags::MMAP | Flags::INIT_SHARED, options)?;
     let map = mem.mmap()?;
     let per = pages / threads;

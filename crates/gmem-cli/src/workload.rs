@@ -396,10 +396,7 @@ impl RunState {
 /// Runs the workload. `progress` counts chunks notified.
 pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary> {
     let regions = plan(config)?;
-    let options = gmem::Options {
-        huge_folios: config.huge_folios,
-        ..Default::default()
-    };
+    let options = gmem::Options::new().huge_folios(config.huge_folios);
     progress.set_message("setting up the VM");
     let machine = Machine::with_options(config.memory, Attribute::Shared, options)
         .context("setting up the VM")?;

@@ -296,8 +296,11 @@ pub fn case_names() -> Vec<String> {
     names
 }
 
+/// How to measure one case: its rows.
+type Measure<'a> = dyn FnMut() -> Vec<CaseResult> + 'a;
+
 /// Hands each headline case, by name, to `case`, which may run it.
-fn for_each_case(case: &mut dyn FnMut(&str, &mut dyn FnMut() -> Vec<CaseResult>)) {
+fn for_each_case(case: &mut dyn FnMut(&str, &mut Measure<'_>)) {
     for len in [4 * KIB, 2 * MIB, 64 * MIB] {
         let name = format!("round-trip-{}", size_name(len));
         case(&name, &mut || vec![round_trip(&name, len)]);
@@ -704,10 +707,7 @@ fn metadata_64g() -> Vec<CaseResult> {
 fn huge_folio_check() -> CaseResult {
     let len = 64 * MIB;
     let file = |huge_folios| {
-        let options = gmem::Options {
-            huge_folios,
-            ..Default::default()
-        };
+        let options = gmem::Options::new().huge_folios(huge_folios);
         let mem = GuestMemfd::with_options(len, Flags::MMAP | Flags::INIT_SHARED, options)
             .expect("memfd");
         for chunk in (0..len).step_by(2 * MIB as usize) {
