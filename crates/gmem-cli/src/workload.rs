@@ -315,6 +315,9 @@ pub struct Summary {
     pub host_bytes_verified: u64,
     /// The virtio devices' requests.
     pub virtio: VirtioSummary,
+    /// Whether Ctrl-C stopped the run part-way: the counts are those so far,
+    /// and only the invariants that hold at any moment were checked.
+    pub interrupted: bool,
     /// Broken invariants; empty on success.
     pub broken: Vec<String>,
     /// Whether every invariant held.
@@ -367,11 +370,18 @@ struct RunState {
     /// Conversions of virtio buffers the guest asked for and got.
     buffer_conversions: AtomicU64,
     stop: AtomicBool,
+    /// Ctrl-C's flag: once set, each vCPU stops at its next port write.
+    interrupt: &'static AtomicBool,
     broken: Mutex<Vec<String>>,
     progress: ProgressBar,
 }
 
 impl RunState {
+    fn interrupted(&self) -> bool {
+        // Relaxed: a request to stop; nothing else is read through it.
+        self.interrupt.load(Ordering::Relaxed)
+    }
+
     fn broke(&self, what: String) {
         let mut broken = self.broken.lock().unwrap_or_else(|e| e.into_inner());
         if broken.len() < 32 {
@@ -393,15 +403,23 @@ impl RunState {
     }
 }
 
-/// Runs the workload. `progress` counts chunks notified.
-pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary> {
+/// Runs the workload. `progress` counts chunks notified. Once `interrupt`
+/// is set (Ctrl-C), the vCPUs stop at their next port write and the summary
+/// says what was done so far.
+pub fn run(
+    config: &RunConfig,
+    progress: ProgressBar,
+    interrupt: &'static AtomicBool,
+) -> anyhow::Result<Summary> {
     let regions = plan(config)?;
     let options = gmem::Options::new().huge_folios(config.huge_folios);
     progress.set_message("setting up the VM");
     let machine = Machine::with_options(config.memory, Attribute::Shared, options)
         .context("setting up the VM")?;
-    seed_host_pattern(&machine, &regions, &progress)?;
-    let state = Arc::new(RunState::new(&machine, regions, config, progress));
+    seed_host_pattern(&machine, &regions, &progress, interrupt)?;
+    let state = Arc::new(RunState::new(
+        &machine, regions, config, progress, interrupt,
+    ));
     // Device threads hold a pin for at most a few hundred microseconds, but on
     // a loaded host a descheduled thread holds it longer: allow up to about
     // half a second of retries before the guest sees EAGAIN.
@@ -418,7 +436,11 @@ pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary>
         vcpus.push(machine.vcpu(id as u64, &commands(start, end, config))?);
     }
     let device_memory = device_memory(&machine)?;
-    let elapsed = run_threads(&state, &device_memory, vcpus, config.device_threads)?;
+    let elapsed = if state.interrupted() {
+        Duration::ZERO
+    } else {
+        run_threads(&state, &device_memory, vcpus, config.device_threads)?
+    };
     state.progress.finish_and_clear();
     check_final_state(&state, config);
     Ok(summarize(config, &machine, &state, elapsed))
@@ -430,6 +452,7 @@ impl RunState {
         regions: Vec<(u64, u64)>,
         config: &RunConfig,
         progress: ProgressBar,
+        interrupt: &'static AtomicBool,
     ) -> RunState {
         let chunks: u64 = regions.iter().map(|(s, e)| (e - s) / config.chunk).sum();
         progress.set_message("converting chunks");
@@ -449,6 +472,7 @@ impl RunState {
             virtio: Mutex::new(DeviceStats::default()),
             buffer_conversions: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            interrupt,
             broken: Mutex::new(Vec::new()),
             progress,
         }
@@ -566,6 +590,7 @@ fn run_threads<M: GuestMemory + Sync>(
         for result in results {
             match result {
                 Ok(Ok(VcpuStop::Halted)) => {}
+                Ok(Ok(VcpuStop::Stopped)) if state.interrupted() => {}
                 Ok(other) => state.broke(format!("a vCPU ended with {other:?}")),
                 Err(_) => state.broke("a vCPU thread panicked".into()),
             }
@@ -685,11 +710,12 @@ fn commands(start: u64, end: u64, config: &RunConfig) -> Vec<Command> {
 }
 
 /// The host pattern of round 0 in every page the guests will check;
-/// `progress` counts the pages.
+/// `progress` counts the pages. Stops early once `interrupt` is set.
 fn seed_host_pattern(
     machine: &Machine,
     regions: &[(u64, u64)],
     progress: &ProgressBar,
+    interrupt: &AtomicBool,
 ) -> anyhow::Result<()> {
     let pages: u64 = regions.iter().map(|(s, e)| (e - s) / PAGE_SIZE).sum();
     progress.set_message("writing the host's pattern (pages)");
@@ -698,6 +724,10 @@ fn seed_host_pattern(
     let mut page = vec![0u8; PAGE_SIZE as usize];
     for &(start, end) in regions {
         for gpa in (start..end).step_by(PAGE_SIZE as usize) {
+            // Relaxed: a request to stop, as in `RunState::interrupted`.
+            if interrupt.load(Ordering::Relaxed) {
+                return Ok(());
+            }
             fill_page(&mut page, host_seed(0), gpa);
             machine.map.write(gpa, &page)?;
             progress.inc(1);
@@ -752,6 +782,9 @@ impl GuestIo for WorkloadIo {
                 regs.rax as u32
             )),
             other => state.broke(format!("vCPU {vcpu}: write to unknown port {other:#x}")),
+        }
+        if self.state.interrupted() {
+            return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
     }
@@ -920,9 +953,16 @@ fn device_thread(state: &RunState, thread: usize) {
     }
 }
 
-/// After the run: every request served, no pin left, and every region
-/// shared again.
+/// After the run: no pin left, and (unless Ctrl-C stopped it part-way)
+/// every request served and every region shared again.
 fn check_final_state(state: &RunState, config: &RunConfig) {
+    let stats = state.mem.stats();
+    if stats.pins_live != 0 {
+        state.broke(format!("{} pins still live after the run", stats.pins_live));
+    }
+    if state.interrupted() {
+        return;
+    }
     let chunks: u64 = state
         .regions
         .iter()
@@ -938,10 +978,6 @@ fn check_final_state(state: &RunState, config: &RunConfig) {
         state.broke(format!(
             "the virtio devices served {served} of the {posted} requests posted"
         ));
-    }
-    let stats = state.mem.stats();
-    if stats.pins_live != 0 {
-        state.broke(format!("{} pins still live after the run", stats.pins_live));
     }
     for &(start, end) in &state.regions {
         for gpa in (start..end).step_by(state.chunk as usize) {
@@ -1008,6 +1044,7 @@ fn summarize(
             bad_chains: virtio.bad_chains,
         },
         ok: broken.is_empty(),
+        interrupted: state.interrupted(),
         broken,
     }
 }

@@ -536,3 +536,135 @@ fn bench_study_checks_out_before_measuring() {
     assert_eq!(stderr.lines().count(), 1, "nothing measured: {stderr}");
     assert!(stderr.contains("study.svg for writing"), "{stderr}");
 }
+
+/// Whether this host can run the guest (KVM with guest_memfd); panics where
+/// it must (`GMEM_REQUIRE_KVM`).
+fn guest_memfd() -> bool {
+    let why = match gmem::kvm::HostSupport::probe() {
+        Ok(support) if support.guest_memfd => return true,
+        Ok(_) => "KVM has no guest_memfd".to_owned(),
+        Err(e) => format!("KVM unavailable: {e}"),
+    };
+    assert!(
+        std::env::var_os("GMEM_REQUIRE_KVM").is_none(),
+        "skipped on a KVM host: {why}"
+    );
+    eprintln!("skipped: {why}");
+    false
+}
+
+/// Runs `gmem` with stdout on `/dev/full`: (exit code, stderr).
+fn gmem_to_full(args: &[&str]) -> (Option<i32>, String) {
+    let full = std::fs::File::create("/dev/full").expect("/dev/full");
+    let out = Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .args(args)
+        .stdout(full)
+        .output()
+        .expect("gmem runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Output that cannot be written (a full disk) is a one-line error and exit
+/// 2, not a panic (exit 101 and a backtrace).
+#[test]
+fn output_errors_are_one_line() {
+    let dir = std::env::temp_dir().join(format!("gmem-full-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rows = dir.join("rows.json");
+    let row = serde_json::json!({ "cases": [{
+        "name": "round-trip-4k", "ours_ns": 2200.0, "floor_ns": 2000.0, "ratio": 1.1,
+        "goal": "<= 1.5x", "met": true,
+    }]});
+    std::fs::write(&rows, row.to_string()).unwrap();
+    let rows = rows.to_str().unwrap();
+    let mut cases: Vec<Vec<&str>> = vec![
+        vec!["selftest", "host/memfd/convert-pinned-eagain"],
+        vec!["bench", "--from", rows],
+        vec!["bench", "--json", "--from", rows],
+        vec!["stress", "--seconds", "1", "--size-mib", "2"],
+        vec!["stress", "--seconds", "1", "--size-mib", "2", "--json"],
+    ];
+    if kvm() {
+        cases.extend([vec!["info"], vec!["info", "--json"]]);
+    }
+    if guest_memfd() {
+        cases.push(vec!["run", "--json", "--memory-mib", "16", "--rounds", "1"]);
+    }
+    for args in &cases {
+        let (code, stderr) = gmem_to_full(args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            "gmem: writing the output: No space left on device (os error 28)",
+            "{args:?}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Sends `SIGINT` to `gmem args` after `after`; gives (exit code, stdout),
+/// failing if gmem takes more than a few seconds to end.
+fn interrupted(args: &[&str], after: std::time::Duration) -> (Option<i32>, String) {
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("gmem runs");
+    std::thread::sleep(after);
+    let pid = rustix::process::Pid::from_child(&child);
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+    let sent = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if sent.elapsed() > Duration::from_secs(10) {
+            child.kill().expect("kill");
+            panic!("{args:?}: still running 10 s after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("gmem ends");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Ctrl-C stops `gmem stress` cleanly: the summary so far (or its JSON),
+/// every end check made, exit 130.
+#[test]
+fn ctrl_c_ends_stress_with_its_summary() {
+    let after = std::time::Duration::from_millis(1500);
+    let (code, out) = interrupted(&["stress", "--seconds", "30", "--size-mib", "4"], after);
+    assert_eq!(code, Some(130), "{out}");
+    assert!(out.contains("interrupted      by Ctrl-C"), "{out}");
+    assert!(out.contains("invariants       all held"), "{out}");
+    let args = ["stress", "--seconds", "30", "--size-mib", "4", "--json"];
+    let (code, out) = interrupted(&args, after);
+    assert_eq!(code, Some(130), "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(summary["interrupted"], true, "{out}");
+    assert_eq!(summary["ok"], true, "{out}");
+    assert!(summary["elapsed_s"].as_f64() < Some(10.0), "{out}");
+}
+
+/// Ctrl-C stops `gmem run` at the vCPUs' next port write: the JSON so far,
+/// no invariant broken, exit 130.
+#[test]
+fn ctrl_c_ends_run_with_its_summary() {
+    if !guest_memfd() {
+        return;
+    }
+    let after = std::time::Duration::from_millis(1500);
+    let (code, out) = interrupted(&["run", "--json", "--memory-mib", "512"], after);
+    assert_eq!(code, Some(130), "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(summary["interrupted"], true, "{out}");
+    assert_eq!(summary["ok"], true, "{out}");
+    let (code, out) = interrupted(&["run", "--memory-mib", "512"], after);
+    assert_eq!(code, Some(130), "{out}");
+    assert!(out.contains("interrupted      by Ctrl-C"), "{out}");
+}
