@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use gmem::kvm::{
-    ConversionOutcome, ConversionPolicy, ConversionRequest, ExitRegs, GuestIo, VcpuStop,
+    ConversionOutcome, ConversionPolicy, ConversionRequest, ExitRegs, GuestIo, VcpuError, VcpuStop,
 };
 use gmem::vm_memory::GuestMemoryGmem;
 use gmem::{Attribute, GuestMemfd, PAGE_SIZE};
@@ -569,7 +569,7 @@ fn run_threads<M: GuestMemory + Sync>(
             let mut vcpu = vcpu;
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu {id}"))
-                .spawn_scoped(s, move || vcpu.run(&mut io));
+                .spawn_scoped(s, move || run_vcpu(&mut vcpu, &mut io));
             match spawned {
                 Ok(runner) => runners.push(runner),
                 Err(e) => failed = Some(anyhow::anyhow!("starting the thread of vCPU {id}: {e}")),
@@ -597,6 +597,18 @@ fn run_threads<M: GuestMemory + Sync>(
         }
         Ok(elapsed)
     })
+}
+
+/// Runs a vCPU until it halts or stops. A signal (Ctrl-C's lands on any
+/// thread) interrupts `KVM_RUN` with `EINTR`: enter again; after Ctrl-C the
+/// vCPU stops at its next port write.
+fn run_vcpu(vcpu: &mut gmem::kvm::Vcpu, io: &mut WorkloadIo) -> Result<VcpuStop, VcpuError> {
+    loop {
+        match vcpu.run(io) {
+            Err(VcpuError::Interrupted) => continue,
+            other => return other,
+        }
+    }
 }
 
 /// Starts the virtio device thread of vCPU `id`'s queue; gives the
