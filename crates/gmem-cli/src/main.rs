@@ -375,14 +375,13 @@ fn bench(
                 .cases
         }
         None => {
+            let names = gmem_cli::bench::case_names();
             if let Some(only) = only
-                && !gmem_cli::bench::case_names()
-                    .iter()
-                    .any(|name| name.contains(only))
+                && !names.iter().any(|name| name.contains(only))
             {
                 anyhow::bail!(
-                    "no bench case name contains {only:?} (the names are those of `gmem bench`'s rows, \
-                     e.g. round-trip-4k or pin-unpin)"
+                    "no bench case name contains {only:?}; the cases are {}",
+                    names.join(", ")
                 );
             }
             let mut progress = |name: &str| {

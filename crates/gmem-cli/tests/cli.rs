@@ -477,6 +477,7 @@ fn bench_only_with_no_matching_case_fails() {
         stderr.starts_with("gmem: no bench case name contains \"nonesuch\""),
         "{stderr}"
     );
+    assert!(stderr.contains("round-trip-4k, "), "the names: {stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
