@@ -75,3 +75,35 @@ impl Summary {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(summary: &Summary) -> String {
+        let mut out = Vec::new();
+        summary.write_to(&mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// A run that Ctrl-C stopped says so, before its invariants; one that
+    /// ran to the end does not.
+    #[test]
+    fn an_interrupted_run_says_so() {
+        let finished = Summary {
+            ok: true,
+            elapsed_s: 1.5,
+            ..Summary::default()
+        };
+        assert!(!text(&finished).contains("interrupted"));
+        let stopped = Summary {
+            interrupted: true,
+            ..finished
+        };
+        let text = text(&stopped);
+        assert!(
+            text.contains("  interrupted      by Ctrl-C after 1.50 s: the counts so far\n  invariants       all held"),
+            "{text}"
+        );
+    }
+}
