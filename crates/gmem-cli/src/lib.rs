@@ -5,9 +5,12 @@
 pub mod bench;
 pub mod floor;
 pub mod guest;
+pub mod info;
+pub mod interrupt;
 pub mod machine;
 pub mod progress;
 pub mod scenarios;
 pub mod stress;
+pub mod summary;
 pub mod virtio;
 pub mod workload;

@@ -1,13 +1,15 @@
 //! The `gmem` command: runs, tests, measures and shows guest memory with
 //! in-place shared/private conversion on KVM.
 
-use std::io::IsTerminal;
+use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use gmem_cli::info::{self, HidingInfo};
+use gmem_cli::interrupt;
 use gmem_cli::progress::{self, Ticker};
-use gmem_cli::workload::{self, RunFlags, Summary};
+use gmem_cli::workload::{self, RunFlags};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -84,9 +86,10 @@ struct RunArgs {
     vcpus: u64,
     /// Rounds over each vCPU's memory: at least 1, and each round takes 5
     /// guest commands a chunk and 1 more of the 64511 a vCPU holds (up to 107
-    /// rounds with the default memory, vCPUs and chunk).
-    #[arg(long, default_value_t = 16)]
-    rounds: u32,
+    /// rounds with the default memory, vCPUs and chunk). Default: 16, or the
+    /// most that fit where fewer do.
+    #[arg(long)]
+    rounds: Option<u32>,
     /// KiB the guest converts per request: a multiple of 4 (the page), up to
     /// each vCPU's share of the memory past the 4 MiB firmware area.
     #[arg(long, default_value_t = 256)]
@@ -127,28 +130,35 @@ struct StressArgs {
     json: bool,
 }
 
-/// `gmem selftest | head` closes the pipe early: end as a program killed by
-/// `SIGPIPE` would (status 141, what shells expect), not with a panic's
-/// message. Rust ignores `SIGPIPE`, so a closed pipe surfaces as a panic in
-/// `println!`.
-fn exit_quietly_on_broken_pipe() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let message = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
-            std::process::exit(128 + 13);
-        }
-        default(info);
-    }));
+/// A write to standard output failed: a full disk, or a closed pipe.
+#[derive(Debug, thiserror::Error)]
+#[error("writing the output")]
+struct OutputError(#[source] io::Error);
+
+/// Writes to standard output with `write`, and flushes it.
+fn output(write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<(), OutputError> {
+    let mut out = io::stdout().lock();
+    write(&mut out)
+        .and_then(|()| out.flush())
+        .map_err(OutputError)
+}
+
+/// The exit status of an error: a closed pipe (`gmem selftest | head`) ends
+/// gmem quietly as `SIGPIPE` would (141, what shells expect; Rust ignores
+/// the signal, so it surfaces as a write error); any other error is one
+/// line on stderr and 2.
+fn failed(e: &anyhow::Error) -> ExitCode {
+    if let Some(OutputError(why)) = e.downcast_ref()
+        && why.kind() == io::ErrorKind::BrokenPipe
+    {
+        return ExitCode::from(128 + 13);
+    }
+    // Nothing more to do if stderr is gone too.
+    let _ = writeln!(io::stderr(), "gmem: {e:#}");
+    ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
-    exit_quietly_on_broken_pipe();
     let cli = Cli::parse();
     // gmem's own events (conversions refused, EAGAINs, failed restores) go to
     // stderr at the level `RUST_LOG` asks for; warnings and errors by default.
@@ -182,13 +192,7 @@ fn main() -> ExitCode {
         Command::Selftest { filter } => selftest(filter.as_deref()),
         Command::Stress(args) => stress(args),
     };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("gmem: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    result.unwrap_or_else(|e| failed(&e))
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -202,6 +206,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let config = flags.validate(workload::available_memory())?;
     require_kvm()?;
+    interrupt::install().context("handling Ctrl-C")?;
     // A bar on a terminal; elsewhere (or with --json) a line every few
     // seconds, so that a long run is never silent.
     let (progress, ticker) = if !args.json && std::io::stderr().is_terminal() {
@@ -217,19 +222,26 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .context("starting the progress thread")?;
         (bar, Some(ticker))
     };
-    let summary = workload::run(&config, progress);
+    let summary = workload::run(&config, progress, interrupt::flag());
     drop(ticker);
     let summary = summary?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        let json = serde_json::to_string_pretty(&summary)?;
+        output(|out| writeln!(out, "{json}"))?;
     } else {
-        print_summary(&summary);
+        output(|out| summary.write_to(out))?;
     }
-    Ok(if summary.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(exit_status(summary.ok, summary.interrupted))
+}
+
+/// The exit status of a run or stress: 130 if Ctrl-C stopped it, else 1 if
+/// an invariant broke.
+fn exit_status(ok: bool, interrupted: bool) -> ExitCode {
+    match (interrupted, ok) {
+        (true, _) => ExitCode::from(interrupt::EXIT_STATUS),
+        (false, true) => ExitCode::SUCCESS,
+        (false, false) => ExitCode::FAILURE,
+    }
 }
 
 fn stress(args: StressArgs) -> anyhow::Result<ExitCode> {
@@ -241,6 +253,7 @@ fn stress(args: StressArgs) -> anyhow::Result<ExitCode> {
         huge_folios: args.huge_folios,
     }
     .validate(workload::available_memory())?;
+    interrupt::install().context("handling Ctrl-C")?;
     // A bar on a terminal; elsewhere (or with --json) a line every few
     // seconds.
     let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
@@ -257,79 +270,29 @@ fn stress(args: StressArgs) -> anyhow::Result<ExitCode> {
     } else {
         progress::INTERVAL
     };
-    let summary = stress::run(&flags, every, |elapsed, live| match &bar {
-        Some(bar) => {
-            bar.set_position(elapsed.as_secs());
-            bar.set_message(live.line());
-        }
-        None => eprintln!("gmem stress: {} s: {}", elapsed.as_secs(), live.line()),
-    });
+    let summary = stress::run(
+        &flags,
+        every,
+        interrupt::flag(),
+        |elapsed, live| match &bar {
+            Some(bar) => {
+                bar.set_position(elapsed.as_secs());
+                bar.set_message(live.line());
+            }
+            None => eprintln!("gmem stress: {} s: {}", elapsed.as_secs(), live.line()),
+        },
+    );
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
     let summary = summary?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        let json = serde_json::to_string_pretty(&summary)?;
+        output(|out| writeln!(out, "{json}"))?;
     } else {
-        summary.print();
+        output(|out| summary.write_to(out))?;
     }
-    Ok(if summary.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-fn print_summary(s: &Summary) {
-    println!(
-        "gmem run: {} vCPUs, {} MiB guest_memfd, {} rounds of {} KiB conversions, {} device threads, requests by {}",
-        s.vcpus,
-        s.memory_bytes >> 20,
-        s.rounds,
-        s.chunk_bytes >> 10,
-        s.device_threads,
-        s.request_path
-    );
-    println!(
-        "  conversions      {} in {:.2} s ({:.0}/s)",
-        s.conversions, s.elapsed_s, s.conversions_per_sec
-    );
-    println!(
-        "  EAGAIN           {} met, {} retried after let-go requests, {} requests resolved, {} failed",
-        s.eagain.met, s.eagain.retried, s.eagain.resolved, s.eagain.failed
-    );
-    println!("  drains           {}", s.drains);
-    if s.huge_folios {
-        println!(
-            "  huge folios      {} splits, {} merges",
-            s.folio_splits, s.folio_merges
-        );
-    }
-    println!(
-        "  device pins      {} taken, {} refused (buffer already private), {} let-go requests",
-        s.device_pins, s.device_pins_refused, s.let_go_requests
-    );
-    println!(
-        "  verified         {} bytes by the guest, {} bytes by the host",
-        s.guest_bytes_verified, s.host_bytes_verified
-    );
-    let v = &s.virtio;
-    println!(
-        "  virtio           {} requests on {} queues, {} bytes, {} buffer conversions, {} let-go retries",
-        v.requests, v.queues, v.bytes, v.conversions, v.let_go_retries
-    );
-    println!(
-        "  virtio errors    {} data, {} access, {} bad chains",
-        v.data_errors, v.access_errors, v.bad_chains
-    );
-    if s.ok {
-        println!("  invariants       all held");
-    } else {
-        println!("  invariants       {} BROKEN:", s.broken.len());
-        for what in &s.broken {
-            println!("    {what}");
-        }
-    }
+    Ok(exit_status(summary.ok, summary.interrupted))
 }
 
 /// Fails with what to do when `/dev/kvm` cannot be used.
@@ -359,28 +322,29 @@ fn selftest(filter: Option<&str>) -> anyhow::Result<ExitCode> {
              and guest/<rule>; `gmem selftest` lists them all)"
         );
     }
-    println!("1..{}", scenarios.len());
+    output(|out| writeln!(out, "1..{}", scenarios.len()))?;
     if let Ok(hiding) = HidingInfo::probe() {
-        println!("# {}", hiding.summary());
+        output(|out| writeln!(out, "# {}", hiding.summary()))?;
     }
     for (number, scenario) in scenarios.iter().enumerate() {
         let number = number + 1;
-        match scenario.run() {
+        let line = match scenario.run() {
             Outcome::Pass => {
                 passed += 1;
-                println!("ok {number} - {}", scenario.name);
+                format!("ok {number} - {}", scenario.name)
             }
             Outcome::Fail(why) => {
                 failed += 1;
-                println!("not ok {number} - {}: {why}", scenario.name);
+                format!("not ok {number} - {}: {why}", scenario.name)
             }
             Outcome::Skip(why) => {
                 skipped += 1;
-                println!("ok {number} - {} # SKIP {why}", scenario.name);
+                format!("ok {number} - {} # SKIP {why}", scenario.name)
             }
-        }
+        };
+        output(|out| writeln!(out, "{line}"))?;
     }
-    println!("{passed} passed, {failed} failed, {skipped} skipped");
+    output(|out| writeln!(out, "{passed} passed, {failed} failed, {skipped} skipped"))?;
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -411,6 +375,15 @@ fn bench(
                 .cases
         }
         None => {
+            let names = gmem_cli::bench::case_names();
+            if let Some(only) = only
+                && !names.iter().any(|name| name.contains(only))
+            {
+                anyhow::bail!(
+                    "no bench case name contains {only:?}; the cases are {}",
+                    names.join(", ")
+                );
+            }
             let mut progress = |name: &str| {
                 if !json {
                     eprintln!("measuring {name} ...");
@@ -419,14 +392,15 @@ fn bench(
             gmem_cli::bench::run_all(&mut progress, only)
         }
     };
-    if json {
+    let text = if json {
         let cases = serde_json::json!({ "cases": results });
-        println!("{}", serde_json::to_string_pretty(&cases)?);
+        serde_json::to_string_pretty(&cases)? + "\n"
     } else if markdown {
-        print!("{}", table::markdown_table(&results));
+        table::markdown_table(&results)
     } else {
-        print!("{}", table::terminal_table(&results));
-    }
+        table::terminal_table(&results)
+    };
+    output(|out| out.write_all(text.as_bytes()))?;
     let missed = table::missed(&results);
     if check && !missed.is_empty() {
         let names: Vec<_> = missed.iter().map(|r| r.name.as_str()).collect();
@@ -437,21 +411,44 @@ fn bench(
 
 fn bench_study(markdown: bool, out: &std::path::Path) -> anyhow::Result<ExitCode> {
     use gmem_cli::bench::study;
-    let study = study::run(&mut |line: &str| eprintln!("{line}"))?;
+    // Open both files before the measuring, which takes a while: a bad
+    // `--out` fails at once.
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let json = out.join("study.json");
-    std::fs::write(&json, serde_json::to_string_pretty(&study)? + "\n")
+    let (json, svg) = (out.join("study.json"), out.join("study.svg"));
+    let (mut json_file, mut svg_file) = (open_output(&json)?, open_output(&svg)?);
+    let study = study::run(&mut |line: &str| eprintln!("{line}"))?;
+    let text = serde_json::to_string_pretty(&study)? + "\n";
+    replace_contents(&mut json_file, text.as_bytes())
         .with_context(|| format!("writing {}", json.display()))?;
-    let svg = out.join("study.svg");
-    std::fs::write(&svg, study::plot(&study)?)
+    replace_contents(&mut svg_file, study::plot(&study)?.as_bytes())
         .with_context(|| format!("writing {}", svg.display()))?;
-    if markdown {
-        print!("{}", study::markdown_table(&study));
+    let table = if markdown {
+        study::markdown_table(&study)
     } else {
-        print!("{}", study::terminal_table(&study));
-    }
+        study::terminal_table(&study)
+    };
+    output(|out| out.write_all(table.as_bytes()))?;
     eprintln!("wrote {} and {}", json.display(), svg.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Opens `path` for writing, made if missing but not yet emptied (an
+/// earlier result stays until the new one is written).
+fn open_output(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("opening {} for writing", path.display()))
+}
+
+/// Makes `bytes` the whole contents of `file`.
+fn replace_contents(file: &mut std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    file.set_len(0)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 fn info(json: bool) -> anyhow::Result<ExitCode> {
@@ -459,166 +456,13 @@ fn info(json: bool) -> anyhow::Result<ExitCode> {
     let support = gmem::kvm::HostSupport::probe()?;
     let hiding = HidingInfo::probe()?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&info_json(&support, &hiding))?
-        );
+        let json = serde_json::to_string_pretty(&info::info_json(&support, &hiding))?;
+        output(|out| writeln!(out, "{json}"))?;
     } else {
-        print_info(&support);
-        hiding.print();
+        output(|out| {
+            info::write_support(&support, out)?;
+            hiding.write_to(out)
+        })?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The names of the guest_memfd flags in `mask`.
-fn flag_names(mask: u64) -> Vec<&'static str> {
-    let known = [(1, "MMAP"), (2, "INIT_SHARED")];
-    let mut names: Vec<_> = known
-        .iter()
-        .filter(|(bit, _)| mask & bit != 0)
-        .map(|(_, n)| *n)
-        .collect();
-    if mask & !3 != 0 {
-        names.push("unknown bits");
-    }
-    names
-}
-
-/// The VM types in a `KVM_CAP_VM_TYPES` mask.
-fn vm_types(mask: u64) -> Vec<u32> {
-    (0..64).filter(|t| mask & (1 << t) != 0).collect()
-}
-
-/// How a new host mapping of each backing hides private pages here.
-struct HidingInfo {
-    memfd: gmem::Hiding,
-    kernel_guest_memfd: Option<gmem::Hiding>,
-    limits: gmem::VmaLimits,
-}
-
-impl HidingInfo {
-    fn probe() -> anyhow::Result<HidingInfo> {
-        use gmem::{Flags, GuestMemfd, PAGE_SIZE};
-        let flags = Flags::MMAP | Flags::INIT_SHARED;
-        let memfd = GuestMemfd::new(PAGE_SIZE, flags)?.mmap()?.hiding();
-        let kernel_guest_memfd = gmem::kvm::Vm::new()
-            .ok()
-            .and_then(|vm| vm.create_guest_memfd(PAGE_SIZE, flags).ok())
-            .and_then(|mem| mem.mmap().ok())
-            .map(|map| map.hiding());
-        Ok(HidingInfo {
-            memfd,
-            kernel_guest_memfd,
-            limits: gmem::vma_limits(),
-        })
-    }
-
-    fn name(hiding: gmem::Hiding) -> &'static str {
-        match hiding {
-            gmem::Hiding::GuardMarkers => "guard markers",
-            gmem::Hiding::EmptyFileRemap => "empty-file remap (one VMA per private run)",
-        }
-    }
-
-    /// One line: which mechanism, so which fault, on each backing.
-    fn summary(&self) -> String {
-        let fault = |hiding: gmem::Hiding| match hiding {
-            gmem::Hiding::GuardMarkers => "guard markers, SIGSEGV",
-            gmem::Hiding::EmptyFileRemap => "empty-file remap, SIGBUS",
-        };
-        let kernel = self.kernel_guest_memfd.map_or("unavailable", fault);
-        format!(
-            "private pages hidden by: memfd {}; kernel guest_memfd {kernel}",
-            fault(self.memfd)
-        )
-    }
-
-    fn json(&self) -> serde_json::Value {
-        let key = |hiding: gmem::Hiding| match hiding {
-            gmem::Hiding::GuardMarkers => "guard_markers",
-            gmem::Hiding::EmptyFileRemap => "empty_file_remap",
-        };
-        serde_json::json!({
-            "memfd": key(self.memfd),
-            "kernel_guest_memfd": self.kernel_guest_memfd.map(key),
-            "max_map_count": self.limits.max_map_count,
-            "process_vma_budget": self.limits.process_budget,
-            "default_file_vma_budget": self.limits.default_file_budget,
-        })
-    }
-
-    fn print(&self) {
-        println!(
-            "private pages hidden by      {} (memfd)",
-            Self::name(self.memfd)
-        );
-        let kernel = self.kernel_guest_memfd.map_or("unavailable", Self::name);
-        println!("                             {kernel} (kernel guest_memfd)");
-        let limits = &self.limits;
-        println!(
-            "fallback VMA budget          {} a file, {} the process (vm.max_map_count {})",
-            limits.default_file_budget, limits.process_budget, limits.max_map_count
-        );
-    }
-}
-
-fn info_json(support: &gmem::kvm::HostSupport, hiding: &HidingInfo) -> serde_json::Value {
-    serde_json::json!({
-        "hiding": hiding.json(),
-        "kvm_api_version": support.api_version,
-        "guest_memfd": support.guest_memfd,
-        "guest_memfd_flags": flag_names(support.guest_memfd_flags),
-        "memory_attributes": support.memory_attributes,
-        "vm_types": vm_types(support.vm_types),
-        "user_memory2": support.user_memory2,
-        "exit_hypercall_mask": support.exit_hypercall,
-        "hypercall_exit_delivered": support.hypercall_exit_delivered,
-        "per_page_attributes": support.per_page_attributes,
-        "attribute_sync": format!("{:?}", support.attribute_sync()),
-        "recommended_vcpus": support.recommended_vcpus,
-    })
-}
-
-fn print_info(support: &gmem::kvm::HostSupport) {
-    let yes = |b: bool| if b { "yes" } else { "no" };
-    println!("KVM API version              {}", support.api_version);
-    println!("guest_memfd                  {}", yes(support.guest_memfd));
-    println!(
-        "guest_memfd flags            {:#x} ({})",
-        support.guest_memfd_flags,
-        flag_names(support.guest_memfd_flags).join(" | ")
-    );
-    println!(
-        "VM memory attributes         {:#x}",
-        support.memory_attributes
-    );
-    println!(
-        "VM types                     {:?}",
-        vm_types(support.vm_types)
-    );
-    println!("KVM_SET_USER_MEMORY_REGION2  {}", yes(support.user_memory2));
-    println!(
-        "hypercall exits              mask {:#x}; KVM_HC_MAP_GPA_RANGE delivered: {}",
-        support.exit_hypercall,
-        yes(support.hypercall_exit_delivered)
-    );
-    let per_page = if support.per_page_attributes {
-        "yes (KVM_SET_MEMORY_ATTRIBUTES2 on guest_memfd)"
-    } else {
-        "no (gmem's attribute map decides what the host may touch)"
-    };
-    println!("per-page attributes          {per_page}");
-    let in_step = match support.attribute_sync() {
-        gmem::kvm::AttributeSyncMode::GmemOnly => "none (gmem's map alone)",
-        gmem::kvm::AttributeSyncMode::VmAttributes => "KVM_SET_MEMORY_ATTRIBUTES per slot",
-        gmem::kvm::AttributeSyncMode::InPlaceAttributes => "KVM_SET_MEMORY_ATTRIBUTES2 in place",
-    };
-    println!("KVM attributes kept in step  {in_step}");
-    let path = if support.hypercall_exit_delivered {
-        "hypercall"
-    } else {
-        "port I/O"
-    };
-    println!("guest conversion requests    {path}");
-    println!("recommended vCPUs            {}", support.recommended_vcpus);
 }

@@ -761,6 +761,9 @@ pub struct StressSummary {
     pub violation_list: Vec<String>,
     /// Whether every invariant held.
     pub ok: bool,
+    /// Whether Ctrl-C ended the run before its `--seconds` (the end checks
+    /// ran all the same).
+    pub interrupted: bool,
 }
 
 /// Live counts, for the progress line.
@@ -791,19 +794,18 @@ impl Live {
 }
 
 /// Runs the torture; `progress` is called with the live counts about every
-/// `every` until the end.
+/// `every` until the end. Once `interrupt` is set (Ctrl-C), the workers stop
+/// as at the deadline and the end checks run on what they left.
 pub fn run(
     flags: &StressFlags,
     every: Duration,
+    interrupt: &AtomicBool,
     mut progress: impl FnMut(Duration, &Live),
 ) -> anyhow::Result<StressSummary> {
     let size = flags.size_mib << 20;
     let pages = size / P;
     let threads = flags.threads;
-    let options = Options {
-        huge_folios: flags.huge_folios,
-        ..Options::default()
-    };
+    let options = Options::new().huge_folios(flags.huge_folios);
     let mem = GuestMemfd::with_options(size, Flags::MMAP | Flags::INIT_SHARED, options)?;
     // In an `Arc`: the probing listener pins it owned.
     let mem = Arc::new(mem);
@@ -914,6 +916,9 @@ pub fn run(
         let mut next = every;
         while supervisors.iter().any(|s| !s.is_finished()) {
             std::thread::sleep(Duration::from_millis(50));
+            if interrupt.load(Relaxed) {
+                stop.store(true, Relaxed);
+            }
             if start.elapsed() >= next {
                 progress(start.elapsed(), &live);
                 next += every;
@@ -1009,6 +1014,7 @@ pub fn run(
             .unwrap_or_else(|e| e.into_inner())
             .clone(),
         ok: violations == 0,
+        interrupted: interrupt.load(Relaxed),
     })
 }
 
@@ -1041,9 +1047,10 @@ impl Drop for QuietPanics {
 }
 
 impl StressSummary {
-    /// Prints the summary for people.
-    pub fn print(&self) {
-        println!(
+    /// Writes the summary for people (`--json` prints the struct itself).
+    pub fn write_to(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        writeln!(
+            out,
             "gmem stress: {} threads, {} MiB file{}, {:.1} s",
             self.threads,
             self.size_bytes >> 20,
@@ -1053,42 +1060,51 @@ impl StressSummary {
                 ""
             },
             self.elapsed_s
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "  operations       {} ({:.0}/s)",
             self.ops_total,
             self.ops_total as f64 / self.elapsed_s.max(1e-9)
-        );
+        )?;
         for (name, count) in &self.ops {
-            println!("    {name:<24} {count}");
+            writeln!(out, "    {name:<24} {count}")?;
         }
-        println!(
+        writeln!(
+            out,
             "  listener heard   {} to private, {} to shared",
             self.listener_heard[0], self.listener_heard[1]
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "  callback probes  {} granted, {} refused as the phase requires, {} listener panics",
             self.probes[0], self.probes[1], self.probes[2]
-        );
-        println!("  drains           {}", self.drains);
+        )?;
+        writeln!(out, "  drains           {}", self.drains)?;
         if self.huge_folios {
-            println!(
+            writeln!(
+                out,
                 "  huge folios      {} splits, {} merges",
                 self.folio_splits, self.folio_merges
-            );
+            )?;
         }
-        println!(
+        writeln!(
+            out,
             "  invariant checks {} ({} bytes read back exact)",
             self.invariant_checks, self.bytes_verified
-        );
+        )?;
+        if self.interrupted {
+            writeln!(out, "  interrupted      by Ctrl-C before --seconds")?;
+        }
         if self.ok {
-            println!("  invariants       all held");
+            writeln!(out, "  invariants       all held")?;
         } else {
-            println!("  invariants       {} violations:", self.violations);
+            writeln!(out, "  invariants       {} violations:", self.violations)?;
             for what in &self.violation_list {
-                println!("    {what}");
+                writeln!(out, "    {what}")?;
             }
         }
+        Ok(())
     }
 }
 
@@ -1176,6 +1192,7 @@ mod tests {
                     huge_folios,
                 },
                 Duration::from_secs(60),
+                &AtomicBool::new(false),
                 |_, _| {},
             )
             .unwrap();
@@ -1187,5 +1204,26 @@ mod tests {
                 ops["to_private"] + ops["to_private_eagain"] + ops["to_private_refused"];
             assert!(ops["pins"] > 0 && to_private > 0, "{ops:?}");
         }
+    }
+
+    /// Ctrl-C's flag ends the run long before its seconds, with the end
+    /// checks made and the summary saying so.
+    #[test]
+    fn an_interrupt_ends_the_run_early_and_checked() {
+        let flags = StressFlags {
+            threads: 2,
+            seconds: 60,
+            size_mib: 2,
+            huge_folios: false,
+        };
+        let interrupt = AtomicBool::new(true);
+        let summary = run(&flags, Duration::from_secs(60), &interrupt, |_, _| {}).unwrap();
+        assert!(summary.interrupted && summary.ok, "{summary:?}");
+        assert!(summary.elapsed_s < 10.0, "{}", summary.elapsed_s);
+        assert!(summary.invariant_checks > 0);
+        let mut text = Vec::new();
+        summary.write_to(&mut text).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.contains("interrupted      by Ctrl-C"), "{text}");
     }
 }

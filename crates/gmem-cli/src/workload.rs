@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use gmem::kvm::{
-    ConversionOutcome, ConversionPolicy, ConversionRequest, ExitRegs, GuestIo, VcpuStop,
+    ConversionOutcome, ConversionPolicy, ConversionRequest, ExitRegs, GuestIo, VcpuError, VcpuStop,
 };
 use gmem::vm_memory::GuestMemoryGmem;
 use gmem::{Attribute, GuestMemfd, PAGE_SIZE};
@@ -70,7 +70,7 @@ impl Default for RunConfig {
         RunConfig {
             memory: 64 << 20,
             vcpus: 2,
-            rounds: 16,
+            rounds: RunFlags::DEFAULT_ROUNDS,
             chunk: 256 << 10,
             device_threads: 2,
             huge_folios: false,
@@ -119,8 +119,9 @@ pub struct RunFlags {
     pub memory_mib: u64,
     /// `--vcpus`.
     pub vcpus: u64,
-    /// `--rounds`.
-    pub rounds: u32,
+    /// `--rounds`; `None` asks for [`RunFlags::DEFAULT_ROUNDS`], or the most
+    /// that fit where fewer do.
+    pub rounds: Option<u32>,
     /// `--chunk-kib`.
     pub chunk_kib: u64,
     /// `--device-threads`.
@@ -134,6 +135,8 @@ impl RunFlags {
     pub const MIN_MEMORY_MIB: u64 = (FIRMWARE_SIZE >> 20) + 1;
     /// The largest `--memory-mib`: guest memory ends before the local APIC.
     pub const MAX_MEMORY_MIB: u64 = GUEST_MEMORY_END >> 20;
+    /// The rounds of a run without `--rounds`, where that many fit.
+    pub const DEFAULT_ROUNDS: u32 = 16;
 
     /// Checks every flag against what the workload and the guest can do and
     /// what this machine has (`available`: bytes of memory available, if
@@ -184,34 +187,44 @@ impl RunFlags {
         }
         let chunk = self.chunk_kib << 10;
         let chunks = (share_kib << 10) / chunk;
-        // The commands of each round, and the closing halt.
-        let max_rounds = (MAX_COMMANDS as u64 - 1) / commands_per_round(chunks);
-        if self.rounds == 0 || u64::from(self.rounds) > max_rounds {
-            let why = if max_rounds == 0 {
-                format!(
-                    "{chunks} chunks of {} KiB a vCPU need more guest commands than the {} a vCPU holds: \
-                     use bigger chunks or less memory",
-                    self.chunk_kib,
-                    MAX_COMMANDS - 1
-                )
-            } else {
-                format!(
-                    "must be 1 to {max_rounds}: each round of {chunks} chunks a vCPU takes {} guest commands of \
-                     the {} a vCPU holds (bigger chunks allow more rounds)",
-                    commands_per_round(chunks),
-                    MAX_COMMANDS - 1
-                )
-            };
-            return bad(format!("--rounds {} {why}", self.rounds));
-        }
+        let rounds = self.rounds(chunks)?;
         Ok(RunConfig {
             memory,
             vcpus: self.vcpus,
-            rounds: self.rounds,
+            rounds,
             chunk,
             device_threads: self.device_threads,
             huge_folios: self.huge_folios,
         })
+    }
+
+    /// The rounds over `chunks` chunks a vCPU: `--rounds` if the command
+    /// area holds them, else the default or the most that fit.
+    fn rounds(&self, chunks: u64) -> Result<u32, BadFlag> {
+        // The commands of each round, and the closing halt.
+        let max_rounds = (MAX_COMMANDS as u64 - 1) / commands_per_round(chunks);
+        let too_many = || {
+            format!(
+                "{chunks} chunks of {} KiB a vCPU need more guest commands than the {} a vCPU holds: \
+                 use bigger chunks or less memory",
+                self.chunk_kib,
+                MAX_COMMANDS - 1
+            )
+        };
+        match self.rounds {
+            None if max_rounds == 0 => Err(BadFlag(too_many())),
+            None => Ok(max_rounds.min(u64::from(Self::DEFAULT_ROUNDS)) as u32),
+            Some(rounds) if rounds > 0 && u64::from(rounds) <= max_rounds => Ok(rounds),
+            Some(rounds) if max_rounds == 0 => {
+                Err(BadFlag(format!("--rounds {rounds} {}", too_many())))
+            }
+            Some(rounds) => Err(BadFlag(format!(
+                "--rounds {rounds} must be 1 to {max_rounds}: each round of {chunks} chunks a vCPU takes {} \
+                 guest commands of the {} a vCPU holds (bigger chunks allow more rounds)",
+                commands_per_round(chunks),
+                MAX_COMMANDS - 1
+            ))),
+        }
     }
 }
 
@@ -302,6 +315,9 @@ pub struct Summary {
     pub host_bytes_verified: u64,
     /// The virtio devices' requests.
     pub virtio: VirtioSummary,
+    /// Whether Ctrl-C stopped the run part-way: the counts are those so far,
+    /// and only the invariants that hold at any moment were checked.
+    pub interrupted: bool,
     /// Broken invariants; empty on success.
     pub broken: Vec<String>,
     /// Whether every invariant held.
@@ -354,11 +370,18 @@ struct RunState {
     /// Conversions of virtio buffers the guest asked for and got.
     buffer_conversions: AtomicU64,
     stop: AtomicBool,
+    /// Ctrl-C's flag: once set, each vCPU stops at its next port write.
+    interrupt: &'static AtomicBool,
     broken: Mutex<Vec<String>>,
     progress: ProgressBar,
 }
 
 impl RunState {
+    fn interrupted(&self) -> bool {
+        // Relaxed: a request to stop; nothing else is read through it.
+        self.interrupt.load(Ordering::Relaxed)
+    }
+
     fn broke(&self, what: String) {
         let mut broken = self.broken.lock().unwrap_or_else(|e| e.into_inner());
         if broken.len() < 32 {
@@ -380,18 +403,23 @@ impl RunState {
     }
 }
 
-/// Runs the workload. `progress` counts chunks notified.
-pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary> {
+/// Runs the workload. `progress` counts chunks notified. Once `interrupt`
+/// is set (Ctrl-C), the vCPUs stop at their next port write and the summary
+/// says what was done so far.
+pub fn run(
+    config: &RunConfig,
+    progress: ProgressBar,
+    interrupt: &'static AtomicBool,
+) -> anyhow::Result<Summary> {
     let regions = plan(config)?;
-    let options = gmem::Options {
-        huge_folios: config.huge_folios,
-        ..Default::default()
-    };
+    let options = gmem::Options::new().huge_folios(config.huge_folios);
     progress.set_message("setting up the VM");
     let machine = Machine::with_options(config.memory, Attribute::Shared, options)
         .context("setting up the VM")?;
-    seed_host_pattern(&machine, &regions, &progress)?;
-    let state = Arc::new(RunState::new(&machine, regions, config, progress));
+    seed_host_pattern(&machine, &regions, &progress, interrupt)?;
+    let state = Arc::new(RunState::new(
+        &machine, regions, config, progress, interrupt,
+    ));
     // Device threads hold a pin for at most a few hundred microseconds, but on
     // a loaded host a descheduled thread holds it longer: allow up to about
     // half a second of retries before the guest sees EAGAIN.
@@ -408,7 +436,11 @@ pub fn run(config: &RunConfig, progress: ProgressBar) -> anyhow::Result<Summary>
         vcpus.push(machine.vcpu(id as u64, &commands(start, end, config))?);
     }
     let device_memory = device_memory(&machine)?;
-    let elapsed = run_threads(&state, &device_memory, vcpus, config.device_threads)?;
+    let elapsed = if state.interrupted() {
+        Duration::ZERO
+    } else {
+        run_threads(&state, &device_memory, vcpus, config.device_threads)?
+    };
     state.progress.finish_and_clear();
     check_final_state(&state, config);
     Ok(summarize(config, &machine, &state, elapsed))
@@ -420,6 +452,7 @@ impl RunState {
         regions: Vec<(u64, u64)>,
         config: &RunConfig,
         progress: ProgressBar,
+        interrupt: &'static AtomicBool,
     ) -> RunState {
         let chunks: u64 = regions.iter().map(|(s, e)| (e - s) / config.chunk).sum();
         progress.set_message("converting chunks");
@@ -439,6 +472,7 @@ impl RunState {
             virtio: Mutex::new(DeviceStats::default()),
             buffer_conversions: AtomicU64::new(0),
             stop: AtomicBool::new(false),
+            interrupt,
             broken: Mutex::new(Vec::new()),
             progress,
         }
@@ -535,7 +569,7 @@ fn run_threads<M: GuestMemory + Sync>(
             let mut vcpu = vcpu;
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu {id}"))
-                .spawn_scoped(s, move || vcpu.run(&mut io));
+                .spawn_scoped(s, move || run_vcpu(&mut vcpu, &mut io));
             match spawned {
                 Ok(runner) => runners.push(runner),
                 Err(e) => failed = Some(anyhow::anyhow!("starting the thread of vCPU {id}: {e}")),
@@ -556,12 +590,25 @@ fn run_threads<M: GuestMemory + Sync>(
         for result in results {
             match result {
                 Ok(Ok(VcpuStop::Halted)) => {}
+                Ok(Ok(VcpuStop::Stopped)) if state.interrupted() => {}
                 Ok(other) => state.broke(format!("a vCPU ended with {other:?}")),
                 Err(_) => state.broke("a vCPU thread panicked".into()),
             }
         }
         Ok(elapsed)
     })
+}
+
+/// Runs a vCPU until it halts or stops. A signal (Ctrl-C's lands on any
+/// thread) interrupts `KVM_RUN` with `EINTR`: enter again; after Ctrl-C the
+/// vCPU stops at its next port write.
+fn run_vcpu(vcpu: &mut gmem::kvm::Vcpu, io: &mut WorkloadIo) -> Result<VcpuStop, VcpuError> {
+    loop {
+        match vcpu.run(io) {
+            Err(VcpuError::Interrupted) => continue,
+            other => return other,
+        }
+    }
 }
 
 /// Starts the virtio device thread of vCPU `id`'s queue; gives the
@@ -675,11 +722,12 @@ fn commands(start: u64, end: u64, config: &RunConfig) -> Vec<Command> {
 }
 
 /// The host pattern of round 0 in every page the guests will check;
-/// `progress` counts the pages.
+/// `progress` counts the pages. Stops early once `interrupt` is set.
 fn seed_host_pattern(
     machine: &Machine,
     regions: &[(u64, u64)],
     progress: &ProgressBar,
+    interrupt: &AtomicBool,
 ) -> anyhow::Result<()> {
     let pages: u64 = regions.iter().map(|(s, e)| (e - s) / PAGE_SIZE).sum();
     progress.set_message("writing the host's pattern (pages)");
@@ -688,6 +736,10 @@ fn seed_host_pattern(
     let mut page = vec![0u8; PAGE_SIZE as usize];
     for &(start, end) in regions {
         for gpa in (start..end).step_by(PAGE_SIZE as usize) {
+            // Relaxed: a request to stop, as in `RunState::interrupted`.
+            if interrupt.load(Ordering::Relaxed) {
+                return Ok(());
+            }
             fill_page(&mut page, host_seed(0), gpa);
             machine.map.write(gpa, &page)?;
             progress.inc(1);
@@ -742,6 +794,9 @@ impl GuestIo for WorkloadIo {
                 regs.rax as u32
             )),
             other => state.broke(format!("vCPU {vcpu}: write to unknown port {other:#x}")),
+        }
+        if self.state.interrupted() {
+            return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
     }
@@ -910,9 +965,16 @@ fn device_thread(state: &RunState, thread: usize) {
     }
 }
 
-/// After the run: every request served, no pin left, and every region
-/// shared again.
+/// After the run: no pin left, and (unless Ctrl-C stopped it part-way)
+/// every request served and every region shared again.
 fn check_final_state(state: &RunState, config: &RunConfig) {
+    let stats = state.mem.stats();
+    if stats.pins_live != 0 {
+        state.broke(format!("{} pins still live after the run", stats.pins_live));
+    }
+    if state.interrupted() {
+        return;
+    }
     let chunks: u64 = state
         .regions
         .iter()
@@ -928,10 +990,6 @@ fn check_final_state(state: &RunState, config: &RunConfig) {
         state.broke(format!(
             "the virtio devices served {served} of the {posted} requests posted"
         ));
-    }
-    let stats = state.mem.stats();
-    if stats.pins_live != 0 {
-        state.broke(format!("{} pins still live after the run", stats.pins_live));
     }
     for &(start, end) in &state.regions {
         for gpa in (start..end).step_by(state.chunk as usize) {
@@ -998,6 +1056,7 @@ fn summarize(
             bad_chains: virtio.bad_chains,
         },
         ok: broken.is_empty(),
+        interrupted: state.interrupted(),
         broken,
     }
 }
@@ -1010,7 +1069,7 @@ mod tests {
         RunFlags {
             memory_mib: 64,
             vcpus: 2,
-            rounds: 16,
+            rounds: None,
             chunk_kib: 256,
             device_threads: 2,
             huge_folios: false,
@@ -1045,7 +1104,7 @@ mod tests {
         let flags = RunFlags {
             memory_mib: RunFlags::MAX_MEMORY_MIB,
             chunk_kib: 32 << 10,
-            rounds: 1,
+            rounds: Some(1),
             vcpus: 3,
             ..defaults()
         };
@@ -1055,15 +1114,48 @@ mod tests {
         // The most rounds validate allows fit the command area.
         let max = (MAX_COMMANDS as u64 - 1) / commands_per_round(120);
         let flags = RunFlags {
-            rounds: max as u32,
+            rounds: Some(max as u32),
             ..defaults()
         };
         assert!(plan(&flags.validate(None).unwrap()).is_ok());
         let flags = RunFlags {
-            rounds: max as u32 + 1,
+            rounds: Some(max as u32 + 1),
             ..defaults()
         };
         assert!(flags.validate(None).is_err());
+    }
+
+    /// Without `--rounds`, every memory size and chunk in range runs: the
+    /// default rounds, or the most that fit where fewer do.
+    #[test]
+    fn the_default_rounds_fit_the_memory() {
+        let rounds = |memory_mib, chunk_kib| {
+            let flags = RunFlags {
+                memory_mib,
+                chunk_kib,
+                ..defaults()
+            };
+            let config = flags.validate(None).map_err(|e| e.0)?;
+            plan(&config).map_err(|e| e.to_string())?;
+            Ok::<_, String>(config.rounds)
+        };
+        assert_eq!(rounds(64, 256), Ok(RunFlags::DEFAULT_ROUNDS));
+        assert_eq!(rounds(512, 256), Ok(12));
+        assert_eq!(rounds(1024, 256), Ok(6));
+        assert_eq!(rounds(RunFlags::MAX_MEMORY_MIB, 256), Ok(1));
+        assert_eq!(rounds(64, 4), Ok(1));
+        // No round fits at all: a one-line error that says what to change.
+        let none = rounds(RunFlags::MAX_MEMORY_MIB, 4).unwrap_err();
+        assert!(none.contains("use bigger chunks or less memory"), "{none}");
+        assert!(!none.contains("--rounds"), "{none}");
+        // An explicit count out of range stays an error.
+        let flags = RunFlags {
+            memory_mib: 512,
+            rounds: Some(16),
+            ..defaults()
+        };
+        let err = flags.validate(None).unwrap_err();
+        assert!(err.0.starts_with("--rounds 16 must be 1 to 12"), "{err}");
     }
 
     #[test]

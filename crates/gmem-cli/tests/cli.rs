@@ -426,3 +426,246 @@ fn stress_flags_out_of_range_exit_2() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
 }
+
+/// Without `--rounds`, every memory size and chunk in the documented range
+/// runs (16 rounds where they fit, else the most that do); where this host
+/// cannot run the guest, the run still gets past the flags and fails on
+/// what it lacks.
+#[test]
+fn run_defaults_fit_every_memory_size_and_chunk() {
+    for (flags, rounds) in [(["--memory-mib", "512"], 12), (["--chunk-kib", "4"], 1)] {
+        let mut args = vec!["run", "--json"];
+        args.extend_from_slice(&flags);
+        let (code, out, err) = gmem_full(&args, &[]);
+        if code == Some(0) {
+            let summary: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+            assert_eq!(summary["rounds"], rounds, "{args:?}: {out}");
+            assert_eq!(summary["ok"], true, "{args:?}: {out}");
+            continue;
+        }
+        assert_eq!(code, Some(2), "{args:?}: {out}{err}");
+        assert!(
+            !err.starts_with("gmem: --"),
+            "{args:?}: a flag refused: {err}"
+        );
+        let guest_memfd = gmem::kvm::HostSupport::probe().is_ok_and(|s| s.guest_memfd);
+        assert!(!guest_memfd, "{args:?} failed on a guest_memfd host: {err}");
+        assert!(
+            std::env::var_os("GMEM_REQUIRE_KVM").is_none(),
+            "{args:?}: no full run on a KVM host: {err}"
+        );
+        eprintln!("full run skipped: {err}");
+    }
+    // An explicit count out of range is still refused in one line.
+    let (code, _, err) = gmem_full(&["run", "--memory-mib", "512", "--rounds", "16"], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.starts_with("gmem: --rounds 16 must be 1 to 12"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+/// `--only` that names no case is a one-line error and exit 2 (as
+/// `selftest` does), before anything is measured.
+#[test]
+fn bench_only_with_no_matching_case_fails() {
+    let (code, stdout, stderr) = gmem_full(&["bench", "--only", "nonesuch"], &[]);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.starts_with("gmem: no bench case name contains \"nonesuch\""),
+        "{stderr}"
+    );
+    assert!(stderr.contains("round-trip-4k, "), "the names: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+/// A reference row (no goal) meets nothing: `"met": null` in the JSON,
+/// which `--from` reads back, with `-` in the table and no miss for
+/// `--check`.
+#[test]
+fn bench_reference_rows_have_no_met() {
+    let dir = std::env::temp_dir().join(format!("gmem-bench-ref-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("reference.json");
+    let rows = serde_json::json!({ "cases": [{
+        "name": "pin-unpin-vs-mutex", "ours_ns": 10.0, "floor_ns": 20.0, "ratio": 2.0,
+        "speedup": true, "compared_with": "mutex design", "goal": null, "met": null,
+    }]});
+    std::fs::write(&path, rows.to_string()).unwrap();
+    let path = path.to_str().unwrap();
+    let (code, stdout, stderr) = gmem_full(&["bench", "--check", "--from", path], &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("pin-unpin-vs-mutex") && l.trim_end().ends_with('-')),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) = gmem_full(&["bench", "--json", "--from", path], &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert!(json["cases"][0]["met"].is_null(), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--study --out` somewhere that cannot be written fails at once, before
+/// the study's measuring (which takes tens of seconds), in one line.
+#[test]
+fn bench_study_checks_out_before_measuring() {
+    // A file where the directory should be: no user, root included, can
+    // make a directory there.
+    let file = std::env::temp_dir().join(format!("gmem-study-out-{}", std::process::id()));
+    std::fs::write(&file, b"not a directory").unwrap();
+    let out = file.join("study");
+    let started = std::time::Instant::now();
+    let (code, stdout, stderr) =
+        gmem_full(&["bench", "--study", "--out", out.to_str().unwrap()], &[]);
+    let took = started.elapsed();
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "nothing measured: {stderr}");
+    assert!(stderr.starts_with("gmem: creating "), "{stderr}");
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    // A directory where a result file should be.
+    let dir = std::env::temp_dir().join(format!("gmem-study-dir-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("study.svg")).unwrap();
+    let (code, _, stderr) = gmem_full(&["bench", "--study", "--out", dir.to_str().unwrap()], &[]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "nothing measured: {stderr}");
+    assert!(stderr.contains("study.svg for writing"), "{stderr}");
+}
+
+/// Whether this host can run the guest (KVM with guest_memfd); panics where
+/// it must (`GMEM_REQUIRE_KVM`).
+fn guest_memfd() -> bool {
+    let why = match gmem::kvm::HostSupport::probe() {
+        Ok(support) if support.guest_memfd => return true,
+        Ok(_) => "KVM has no guest_memfd".to_owned(),
+        Err(e) => format!("KVM unavailable: {e}"),
+    };
+    assert!(
+        std::env::var_os("GMEM_REQUIRE_KVM").is_none(),
+        "skipped on a KVM host: {why}"
+    );
+    eprintln!("skipped: {why}");
+    false
+}
+
+/// Runs `gmem` with stdout on `/dev/full`: (exit code, stderr).
+fn gmem_to_full(args: &[&str]) -> (Option<i32>, String) {
+    let full = std::fs::File::create("/dev/full").expect("/dev/full");
+    let out = Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .args(args)
+        .stdout(full)
+        .output()
+        .expect("gmem runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Output that cannot be written (a full disk) is a one-line error and exit
+/// 2, not a panic (exit 101 and a backtrace).
+#[test]
+fn output_errors_are_one_line() {
+    let dir = std::env::temp_dir().join(format!("gmem-full-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rows = dir.join("rows.json");
+    let row = serde_json::json!({ "cases": [{
+        "name": "round-trip-4k", "ours_ns": 2200.0, "floor_ns": 2000.0, "ratio": 1.1,
+        "goal": "<= 1.5x", "met": true,
+    }]});
+    std::fs::write(&rows, row.to_string()).unwrap();
+    let rows = rows.to_str().unwrap();
+    let mut cases: Vec<Vec<&str>> = vec![
+        vec!["selftest", "host/memfd/convert-pinned-eagain"],
+        vec!["bench", "--from", rows],
+        vec!["bench", "--json", "--from", rows],
+        vec!["stress", "--seconds", "1", "--size-mib", "2"],
+        vec!["stress", "--seconds", "1", "--size-mib", "2", "--json"],
+    ];
+    if kvm() {
+        cases.extend([vec!["info"], vec!["info", "--json"]]);
+    }
+    if guest_memfd() {
+        cases.push(vec!["run", "--json", "--memory-mib", "16", "--rounds", "1"]);
+    }
+    for args in &cases {
+        let (code, stderr) = gmem_to_full(args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.trim_end(),
+            "gmem: writing the output: No space left on device (os error 28)",
+            "{args:?}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Sends `SIGINT` to `gmem args` after `after`; gives (exit code, stdout),
+/// failing if gmem takes more than a few seconds to end.
+fn interrupted(args: &[&str], after: std::time::Duration) -> (Option<i32>, String) {
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("gmem runs");
+    std::thread::sleep(after);
+    let pid = rustix::process::Pid::from_child(&child);
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+    let sent = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if sent.elapsed() > Duration::from_secs(10) {
+            child.kill().expect("kill");
+            panic!("{args:?}: still running 10 s after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("gmem ends");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Ctrl-C stops `gmem stress` cleanly: the summary so far (or its JSON),
+/// every end check made, exit 130.
+#[test]
+fn ctrl_c_ends_stress_with_its_summary() {
+    let after = std::time::Duration::from_millis(1500);
+    let (code, out) = interrupted(&["stress", "--seconds", "30", "--size-mib", "4"], after);
+    assert_eq!(code, Some(130), "{out}");
+    assert!(out.contains("interrupted      by Ctrl-C"), "{out}");
+    assert!(out.contains("invariants       all held"), "{out}");
+    let args = ["stress", "--seconds", "30", "--size-mib", "4", "--json"];
+    let (code, out) = interrupted(&args, after);
+    assert_eq!(code, Some(130), "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(summary["interrupted"], true, "{out}");
+    assert_eq!(summary["ok"], true, "{out}");
+    assert!(summary["elapsed_s"].as_f64() < Some(10.0), "{out}");
+}
+
+/// Ctrl-C stops `gmem run` at the vCPUs' next port write: the JSON so far,
+/// no invariant broken, exit 130.
+#[test]
+fn ctrl_c_ends_run_with_its_summary() {
+    if !guest_memfd() {
+        return;
+    }
+    let after = std::time::Duration::from_millis(1500);
+    let (code, out) = interrupted(&["run", "--json", "--memory-mib", "512"], after);
+    assert_eq!(code, Some(130), "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(summary["interrupted"], true, "{out}");
+    assert_eq!(summary["ok"], true, "{out}");
+    let (code, out) = interrupted(&["run", "--memory-mib", "512"], after);
+    assert_eq!(code, Some(130), "{out}");
+    assert!(out.contains("interrupted      by Ctrl-C"), "{out}");
+}

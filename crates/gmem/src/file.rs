@@ -29,10 +29,27 @@ bitflags::bitflags! {
 
 /// Options of a file beyond the kernel's flags.
 ///
+/// Made with [`Options::new`] (the same as `Default`) and its builder
+/// methods; the fields can be read. New options may be added, so the struct
+/// cannot be written as a literal outside gmem.
+///
 /// ```
-/// let options = gmem::Options { huge_folios: true, ..Default::default() };
+/// use gmem::{Hiding, Options};
+///
+/// let options = Options::new().huge_folios(true).hiding(Hiding::EmptyFileRemap);
+/// assert!(options.huge_folios);
+/// assert_eq!(options.hiding, Some(Hiding::EmptyFileRemap));
+/// assert_eq!(options.vma_budget, None);
+/// // `None` gives the choice back to the kernel; `new` is the default.
+/// assert_eq!(options.hiding(None).huge_folios(false), Options::default());
 /// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+///
+/// ```compile_fail,E0639
+/// // A literal would break with every new option: it does not compile.
+/// let options = gmem::Options { huge_folios: true, hiding: None, vma_budget: None };
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Options {
     /// Count references per 2 MiB huge folio wherever a naturally aligned
     /// 2 MiB range has one state: a pin takes one reference for all its pages
@@ -50,6 +67,48 @@ pub struct Options {
     /// quarter of it. A conversion or mapping that would exceed either
     /// fails with `ENOMEM`.
     pub vma_budget: Option<u64>,
+}
+
+impl Options {
+    /// The defaults: small folios only, the hiding the kernel allows, and
+    /// the default VMA budget.
+    pub const fn new() -> Options {
+        Options {
+            huge_folios: false,
+            hiding: None,
+            vma_budget: None,
+        }
+    }
+
+    /// Sets [`huge_folios`](Self::huge_folios): references counted per
+    /// 2 MiB where a range is uniform.
+    #[must_use]
+    pub const fn huge_folios(mut self, huge_folios: bool) -> Options {
+        self.huge_folios = huge_folios;
+        self
+    }
+
+    /// Sets [`hiding`](Self::hiding): a mechanism to force, or `None` for
+    /// the one the kernel allows.
+    #[must_use]
+    pub fn hiding(mut self, hiding: impl Into<Option<Hiding>>) -> Options {
+        self.hiding = hiding.into();
+        self
+    }
+
+    /// Sets [`vma_budget`](Self::vma_budget): the VMAs this file's fallback
+    /// mappings may spend, or `None` for the default.
+    #[must_use]
+    pub fn vma_budget(mut self, vma_budget: impl Into<Option<u64>>) -> Options {
+        self.vma_budget = vma_budget.into();
+        self
+    }
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options::new()
+    }
 }
 
 /// `fallocate` mode bits, as `linux/falloc.h`.

@@ -42,10 +42,7 @@ const LARGE: Layout = Layout {
 /// The layout's file, with two mappings hiding by `hiding` (the second one
 /// shorter than the file).
 fn fragmented(layout: &Layout, hiding: Hiding) -> (GuestMemfd, [HostMapping; 2]) {
-    let options = Options {
-        hiding: Some(hiding),
-        ..Default::default()
-    };
+    let options = Options::new().hiding(hiding);
     let flags = Flags::MMAP | Flags::INIT_SHARED;
     let mem = GuestMemfd::with_options(layout.pages * P, flags, options).unwrap();
     for run in layout.private {

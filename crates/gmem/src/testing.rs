@@ -957,10 +957,7 @@ fn step_once<'m>(
             flags,
             huge_folios,
         } => {
-            let options = Options {
-                huge_folios,
-                ..Options::default()
-            };
+            let options = Options::new().huge_folios(huge_folios);
             let valid_size = size != 0 && size % P == 0 && size <= isize::MAX as u64;
             if valid_size && size > 1 << 30 && flags & !Flags::all().bits() == 0 {
                 // Valid, but too large to make here: whether the host can map

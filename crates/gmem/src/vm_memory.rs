@@ -1,13 +1,15 @@
-//! Guest memory as vm-memory's [`GuestMemory`] (feature `vm-memory`), for
-//! rust-vmm devices (`virtio-queue` and the like): [`GuestMemoryGmem`] maps
-//! guest-physical ranges onto ranges of [`GuestMemfd`]s, and every slice it
-//! hands out pins its pages for as long as the slice, or any copy of it,
-//! lives.
+//! Guest memory as vm-memory's `GuestMemory`, for rust-vmm devices (feature
+//! `vm-memory`).
+//!
+//! For `virtio-queue` and the like, [`GuestMemoryGmem`] is a [`GuestMemory`]
+//! that maps guest-physical ranges onto ranges of [`GuestMemfd`]s, and every
+//! slice it hands out pins its pages for as long as the slice, or any copy of
+//! it, lives.
 //!
 //! # How a slice pins
 //!
 //! vm-memory 0.18's `GuestMemory` serves every access through
-//! [`get_slices`](GuestMemory::get_slices), and `Bytes<GuestAddress>` (`read_obj`,
+//! [`get_slices`](https://docs.rs/vm-memory/0.18/vm_memory/guest_memory/trait.GuestMemory.html#tymethod.get_slices), and `Bytes<GuestAddress>` (`read_obj`,
 //! `write_slice`, `load`, `store`, ...) is implemented for every
 //! `GuestMemory` on top of it. Each slice is a
 //! `VolatileSlice<'a, PinnedSlice<'a>>`: its bitmap, [`PinnedSlice`], owns a
@@ -53,12 +55,19 @@
 //!   their pages makes that conversion fail with `EAGAIN`; the VMM's let-go
 //!   (`Vm::set_let_go`) then asks the device to finish or abandon the
 //!   request and drop them, and the conversion is retried.
-//! * [`check_range`](GuestMemory::check_range) is advisory only: it tells
+//! * [`check_range`](https://docs.rs/vm-memory/0.18/vm_memory/guest_memory/trait.GuestMemory.html#tymethod.check_range) is advisory only: it tells
 //!   whether the range was mapped and shared when asked, but the guest may
 //!   convert it right after. Only a slice's pin holds the state.
-//! * [`physical_memory`](GuestMemory::physical_memory) returns `None`: a
+//! * [`physical_memory`](https://docs.rs/vm-memory/0.18/vm_memory/guest_memory/trait.GuestMemory.html#method.physical_memory) returns `None`: a
 //!   region-based view would hand out pages without pins, and so has no
 //!   sound owner here.
+//!
+//! [`GuestMemory`]: https://docs.rs/vm-memory/0.18/vm_memory/guest_memory/trait.GuestMemory.html
+//! [`GuestMemoryError::HostAddressNotAvailable`]: https://docs.rs/vm-memory/0.18/vm_memory/guest_memory/enum.Error.html#variant.HostAddressNotAvailable
+//! [`GuestMemoryError::InvalidGuestAddress`]: https://docs.rs/vm-memory/0.18/vm_memory/guest_memory/enum.Error.html#variant.InvalidGuestAddress
+
+// vm-memory's items are linked on docs.rs: a `--no-deps` build makes no
+// pages for them, and an intra-doc link to one renders as plain brackets.
 
 use std::iter::FusedIterator;
 use std::sync::Arc;
@@ -101,6 +110,8 @@ struct Resident {
 /// a range of a [`GuestMemfd`], whose slices pin their pages, and resident
 /// ranges pinned for the view's life. See the [module documentation](self)
 /// for the lifecycle.
+///
+/// [`GuestMemory`]: https://docs.rs/vm-memory/0.18/vm_memory/guest_memory/trait.GuestMemory.html
 #[derive(Debug, Clone)]
 pub struct GuestMemoryGmem {
     /// Sorted by guest address, disjoint.
@@ -614,6 +625,8 @@ impl Bitmap for PinnedSlice<'_> {
 /// The [`GuestMemory::Bitmap`] of [`GuestMemoryGmem`]: names its slices'
 /// bitmap type, [`PinnedSlice`]. The view never hands out a value of it; the
 /// slices of one made by hand pin nothing.
+///
+/// [`GuestMemory::Bitmap`]: https://docs.rs/vm-memory/0.18/vm_memory/guest_memory/trait.GuestMemory.html#associatedtype.Bitmap
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PinBitmap;
 

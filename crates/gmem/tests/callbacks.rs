@@ -33,10 +33,7 @@ fn shared(pages: u64) -> Arc<GuestMemfd> {
 }
 
 fn huge() -> Options {
-    Options {
-        huge_folios: true,
-        ..Default::default()
-    }
+    Options::new().huge_folios(true)
 }
 
 /// Runs `act` in the commit phase of every conversion of its file and

@@ -14,11 +14,7 @@ use gmem::{Attribute, ConversionError, Flags, GuestMemfd, Hiding, Options, PAGE_
 const P: u64 = PAGE_SIZE;
 
 fn file(pages: u64, flags: Flags, hiding: Option<Hiding>, vma_budget: Option<u64>) -> GuestMemfd {
-    let options = Options {
-        hiding,
-        vma_budget,
-        ..Default::default()
-    };
+    let options = Options::new().hiding(hiding).vma_budget(vma_budget);
     GuestMemfd::with_options(pages * P, flags, options).unwrap()
 }
 

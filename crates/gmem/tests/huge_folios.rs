@@ -9,10 +9,7 @@ const P: u64 = PAGE_SIZE;
 const HUGE: u64 = 2 << 20;
 
 fn huge_file(size: u64) -> GuestMemfd {
-    let options = Options {
-        huge_folios: true,
-        ..Default::default()
-    };
+    let options = Options::new().huge_folios(true);
     GuestMemfd::with_options(size, Flags::MMAP | Flags::INIT_SHARED, options).unwrap()
 }
 

@@ -13,10 +13,7 @@ use gmem::{Attribute, Flags, GuestMemfd, Hiding, Options, PAGE_SIZE, ProbeOutcom
 const P: u64 = PAGE_SIZE;
 
 fn file(pages: u64, hiding: Option<Hiding>) -> GuestMemfd {
-    let options = Options {
-        hiding,
-        ..Default::default()
-    };
+    let options = Options::new().hiding(hiding);
     GuestMemfd::with_options(pages * P, Flags::MMAP | Flags::INIT_SHARED, options).unwrap()
 }
 

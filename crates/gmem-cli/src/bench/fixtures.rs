@@ -106,10 +106,7 @@ impl RoundTrip {
 
 /// gmem's options forcing the empty-file remap.
 fn remap_options() -> gmem::Options {
-    gmem::Options {
-        hiding: Some(gmem::Hiding::EmptyFileRemap),
-        ..Default::default()
-    }
+    gmem::Options::new().hiding(gmem::Hiding::EmptyFileRemap)
 }
 
 /// Why guard markers cannot be measured here, if they cannot: the floor's
@@ -377,10 +374,7 @@ impl PinUnpin {
     pub fn new() -> PinUnpin {
         let mem = GuestMemfd::new(4 * MIB, Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
         drop(mem.pin(0, 16 * PAGE_SIZE).expect("pin"));
-        let options = Options {
-            huge_folios: true,
-            ..Default::default()
-        };
+        let options = Options::new().huge_folios(true);
         let huge = GuestMemfd::with_options(4 * MIB, Flags::MMAP | Flags::INIT_SHARED, options)
             .expect("memfd");
         drop(huge.pin(0, 16 * PAGE_SIZE).expect("pin"));

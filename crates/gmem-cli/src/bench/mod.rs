@@ -85,8 +85,9 @@ pub struct CaseResult {
     pub compared_with: Option<String>,
     /// The goal, in words.
     pub goal: Option<String>,
-    /// Whether the goal was met.
-    pub met: bool,
+    /// Whether the goal was met; `None` (JSON `null`) for a reference row,
+    /// which has no goal.
+    pub met: Option<bool>,
     /// The measured value of a memory case.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub value: Option<f64>,
@@ -128,7 +129,7 @@ impl CaseResult {
             speedup: matches!(goal, Goal::SpeedupAtLeast(_)),
             compared_with: None,
             goal: Some(goal.describe()),
-            met,
+            met: Some(met),
             value: None,
             unit: None,
             skipped: None,
@@ -138,12 +139,12 @@ impl CaseResult {
         }
     }
 
-    /// A reference row: a speed-up (`floor / ours`) shown without a goal
-    /// (`met` is vacuously true).
+    /// A reference row: a speed-up (`floor / ours`) shown without a goal,
+    /// so with nothing to meet (`met` is `None`).
     fn reference(name: &str, ours: f64, floor: f64) -> CaseResult {
         CaseResult {
             goal: None,
-            met: true,
+            met: None,
             ..CaseResult::timed(name, ours, Some(floor), Goal::SpeedupAtLeast(0.0))
         }
     }
@@ -153,7 +154,7 @@ impl CaseResult {
     fn with_vmas(mut self, before: usize, after: usize) -> CaseResult {
         self.vmas_before = Some(before);
         self.vmas_after = Some(after);
-        self.met &= before == after;
+        self.met = self.met.map(|met| met && before == after);
         self
     }
 
@@ -201,7 +202,7 @@ impl CaseResult {
             speedup: false,
             compared_with: None,
             goal: Some(goal.describe()),
-            met: value <= max,
+            met: Some(value <= max),
             value: Some(value),
             unit: Some(unit.into()),
             skipped: None,
@@ -220,7 +221,7 @@ impl CaseResult {
             speedup: false,
             compared_with: None,
             goal: Some(goal.describe()),
-            met: false,
+            met: Some(false),
             value: None,
             unit: None,
             skipped: Some(why),
@@ -278,12 +279,28 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// `progress` hears each name before it runs.
 pub fn run_all(progress: &mut dyn FnMut(&str), only: Option<&str>) -> Vec<CaseResult> {
     let mut results = Vec::new();
-    let mut case = |name: &str, run: &mut dyn FnMut() -> Vec<CaseResult>| {
+    for_each_case(&mut |name, run| {
         if only.is_none_or(|only| name.contains(only)) {
             progress(name);
             results.extend(run());
         }
-    };
+    });
+    results
+}
+
+/// The names of the headline cases, in the order `run_all` runs them
+/// (nothing is measured).
+pub fn case_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for_each_case(&mut |name, _| names.push(name.to_owned()));
+    names
+}
+
+/// How to measure one case: its rows.
+type Measure<'a> = dyn FnMut() -> Vec<CaseResult> + 'a;
+
+/// Hands each headline case, by name, to `case`, which may run it.
+fn for_each_case(case: &mut dyn FnMut(&str, &mut Measure<'_>)) {
     for len in [4 * KIB, 2 * MIB, 64 * MIB] {
         let name = format!("round-trip-{}", size_name(len));
         case(&name, &mut || vec![round_trip(&name, len)]);
@@ -316,7 +333,6 @@ pub fn run_all(progress: &mut dyn FnMut(&str), only: Option<&str>) -> Vec<CaseRe
     case("kvm-guest-round-trip-4k", &mut || {
         vec![kvm::guest_round_trip()]
     });
-    results
 }
 
 fn size_name(len: u64) -> String {
@@ -691,10 +707,7 @@ fn metadata_64g() -> Vec<CaseResult> {
 fn huge_folio_check() -> CaseResult {
     let len = 64 * MIB;
     let file = |huge_folios| {
-        let options = gmem::Options {
-            huge_folios,
-            ..Default::default()
-        };
+        let options = gmem::Options::new().huge_folios(huge_folios);
         let mem = GuestMemfd::with_options(len, Flags::MMAP | Flags::INIT_SHARED, options)
             .expect("memfd");
         for chunk in (0..len).step_by(2 * MIB as usize) {
@@ -815,8 +828,20 @@ mod tests {
             (Some(3.0), Some(false))
         );
         let speedup = CaseResult::timed("s", 10.0, Some(20.0), Goal::SpeedupAtLeast(1.8));
-        assert_eq!((speedup.ratio, speedup.met), (Some(2.0), true));
+        assert_eq!((speedup.ratio, speedup.met), (Some(2.0), Some(true)));
         assert!(json[0].get("vmas_before").is_none());
+    }
+
+    /// A reference row has no goal, so nothing met or missed: `met` is
+    /// `null` in the JSON, and reads back so.
+    #[test]
+    fn reference_rows_meet_nothing() {
+        let row = CaseResult::reference("r", 10.0, 20.0);
+        let json = serde_json::to_value(&row).unwrap();
+        assert!(json["goal"].is_null() && json["met"].is_null(), "{json}");
+        assert_eq!(json["ratio"], 2.0);
+        let back: CaseResult = serde_json::from_value(json).unwrap();
+        assert_eq!(back.met, None);
     }
 
     /// A VMA count that grows fails the goal, whatever the ratio.
@@ -825,9 +850,9 @@ mod tests {
         let row = |before, after| {
             CaseResult::timed("f", 1.0, Some(1.0), Goal::RatioAtMost(1.3)).with_vmas(before, after)
         };
-        assert!(row(40, 40).met);
+        assert_eq!(row(40, 40).met, Some(true));
         let grown = row(40, 131_112);
-        assert!(!grown.met);
+        assert_eq!(grown.met, Some(false));
         assert_eq!(grown.note(), " (VMAs 40 -> 131112)");
         let json = serde_json::to_value(&grown).unwrap();
         assert_eq!(

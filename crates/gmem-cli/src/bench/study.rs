@@ -185,10 +185,7 @@ struct Setup {
 
 impl Setup {
     fn new(case: Case) -> anyhow::Result<Setup> {
-        let options = Options {
-            huge_folios: case == Case::HugeFolios,
-            ..Default::default()
-        };
+        let options = Options::new().huge_folios(case == Case::HugeFolios);
         let mem = GuestMemfd::with_options(FILE_LEN, Flags::MMAP | Flags::INIT_SHARED, options)
             .context("creating the file")?;
         let map = mem.mmap().context("mapping the file")?;

@@ -110,7 +110,7 @@ fn met_cell(r: &CaseResult, no: &str) -> String {
     match &r.skipped {
         Some(why) => format!("skipped: {why}"),
         None if r.goal.is_none() => "-".into(),
-        None if r.met => format!("yes{}", r.note()),
+        None if r.met == Some(true) => format!("yes{}", r.note()),
         None => format!("{no}{}", r.note()),
     }
 }
@@ -202,7 +202,7 @@ pub fn markdown_table(results: &[CaseResult]) -> String {
 pub fn missed(results: &[CaseResult]) -> Vec<&CaseResult> {
     results
         .iter()
-        .filter(|r| r.goal.is_some() && r.skipped.is_none() && !r.met)
+        .filter(|r| r.goal.is_some() && r.skipped.is_none() && r.met != Some(true))
         .collect()
 }
 

@@ -653,10 +653,7 @@ fn private_page_faults(backing: &dyn Backing) -> Check {
 
 /// As `private-page-faults`, with the remap fallback forced (`SIGBUS`).
 fn private_page_faults_fallback(backing: &dyn Backing) -> Check {
-    let options = Options {
-        hiding: Some(Hiding::EmptyFileRemap),
-        ..Default::default()
-    };
+    let options = Options::new().hiding(Hiding::EmptyFileRemap);
     let mem = backing.create_with(4 * P, Flags::MMAP | Flags::INIT_SHARED, options)?;
     ensure_eq(
         "hiding of a fallback mapping",
