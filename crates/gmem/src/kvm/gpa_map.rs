@@ -25,6 +25,7 @@
 //! with a request spanning slots, whose rollback may then undo them.
 
 use std::ops::Range;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
@@ -382,7 +383,7 @@ impl GpaMap {
     }
 
     /// Converts `parts` in order under the request lock, rolling back the
-    /// converted ones if one fails.
+    /// converted ones if one fails or panics.
     fn convert_parts(&self, parts: &[Part], to: Attribute) -> ConversionOutcome {
         // Poisoning is ignored: the lock guards no data, only the order.
         let _order = if parts.len() == 1 {
@@ -399,7 +400,16 @@ impl GpaMap {
             } else {
                 Vec::new()
             };
-            let (result, tries) = self.convert_with_policy(part, part.offset, part.len, to);
+            // A panic (a listener's, or the let-go callback's) still puts
+            // the parts done back before it goes on unwinding.
+            let converting = || self.convert_with_policy(part, part.offset, part.len, to);
+            let (result, tries) = match panic::catch_unwind(AssertUnwindSafe(converting)) {
+                Ok(converted) => converted,
+                Err(payload) => {
+                    self.roll_back(&done, to.other());
+                    panic::resume_unwind(payload);
+                }
+            };
             attempts = attempts.max(tries);
             if let Err(error) = result {
                 let failed_gpa = part.gpa + (error.error_offset().max(part.offset) - part.offset);

@@ -265,3 +265,28 @@ fn guest_ret_is_the_negative_errno() {
     };
     assert_eq!(ok.guest_ret(), 0);
 }
+
+/// Panics in its commit phase.
+struct PanicsInCommit;
+
+impl ConversionListener for PanicsInCommit {
+    fn commit(&self, _: u64, _: u64, _: Attribute) -> Result<(), Refusal> {
+        panic!("a listener of the second slot panics");
+    }
+}
+
+/// A panic in a later part of a request spanning slots reaches the caller
+/// with the parts before it put back: nothing changed.
+#[test]
+fn a_panic_in_a_later_part_rolls_the_earlier_ones_back() {
+    let (map, files) = two_slots();
+    files[1].add_listener(Arc::new(PanicsInCommit));
+    let before = states(&files);
+    let request = || map.convert(2 * P, SLOT_PAGES, Attribute::Private);
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(request));
+    assert!(panicked.is_err(), "the panic reached the caller");
+    assert_eq!(states(&files), before, "the first slot's part was put back");
+    // The map serves requests again.
+    let outcome = map.convert(0, 2, Attribute::Private);
+    assert_eq!(outcome.result, Ok(()));
+}
