@@ -282,9 +282,10 @@ fn stress(args: StressArgs) -> anyhow::Result<ExitCode> {
 
 fn print_summary(s: &Summary) {
     println!(
-        "gmem run: {} vCPUs, {} MiB guest_memfd, {} rounds of {} KiB conversions, {} device threads, requests by {}",
+        "gmem run: {} vCPUs, {} MiB {}, {} rounds of {} KiB conversions, {} device threads, requests by {}",
         s.vcpus,
         s.memory_bytes >> 20,
+        s.backing,
         s.rounds,
         s.chunk_bytes >> 10,
         s.device_threads,
@@ -568,6 +569,7 @@ fn info_json(support: &gmem::kvm::HostSupport, hiding: &HidingInfo) -> serde_jso
         "kvm_api_version": support.api_version,
         "guest_memfd": support.guest_memfd,
         "guest_memfd_flags": flag_names(support.guest_memfd_flags),
+        "guest_memory": gmem_cli::machine::backing_name(support.memory_backing()),
         "memory_attributes": support.memory_attributes,
         "vm_types": vm_types(support.vm_types),
         "user_memory2": support.user_memory2,
@@ -597,6 +599,13 @@ fn print_info(support: &gmem::kvm::HostSupport) {
         vm_types(support.vm_types)
     );
     println!("KVM_SET_USER_MEMORY_REGION2  {}", yes(support.user_memory2));
+    let memory = match support.memory_backing() {
+        gmem::BackingKind::KernelGuestMemfd => "kernel guest_memfd",
+        gmem::BackingKind::Memfd => {
+            "memfd slots (no usable guest_memfd; gmem's map guards the host)"
+        }
+    };
+    println!("guest memory                 {memory}");
     println!(
         "hypercall exits              mask {:#x}; KVM_HC_MAP_GPA_RANGE delivered: {}",
         support.exit_hypercall,
