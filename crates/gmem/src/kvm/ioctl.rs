@@ -75,29 +75,41 @@ impl BoundRegion {
         mem: &Arc<GuestMemfd>,
         spec: RegionSpec,
     ) -> Result<BoundRegion, Errno> {
+        let kernel = mem.backing_kind() == BackingKind::KernelGuestMemfd;
+        Self::bind_with(vm, mem, spec, kernel || has_user_memory2(vm))
+    }
+
+    /// [`bind`](Self::bind) with `KVM_SET_USER_MEMORY_REGION2` if `region2`,
+    /// else `KVM_SET_USER_MEMORY_REGION` (`EINVAL` for a guest_memfd, which
+    /// only 2 can bind).
+    fn bind_with(
+        vm: &Arc<VmFd>,
+        mem: &Arc<GuestMemfd>,
+        spec: RegionSpec,
+        region2: bool,
+    ) -> Result<BoundRegion, Errno> {
+        let kernel = mem.backing_kind() == BackingKind::KernelGuestMemfd;
         let inside = spec
             .offset
             .checked_add(spec.len)
             .is_some_and(|end| end <= mem.size());
-        if spec.len == 0 || !inside {
+        if spec.len == 0 || !inside || (kernel && !region2) {
             return Err(Errno::INVAL);
         }
-        // Inside the direct mapping: the range is inside the file.
-        let userspace_addr = mem.direct_map_ptr() as u64 + spec.offset;
         let mut region = kvm_userspace_memory_region2 {
             slot: spec.slot,
             flags: spec.flags,
             guest_phys_addr: spec.gpa,
             memory_size: spec.len,
-            userspace_addr,
+            // Inside the direct mapping: the range is inside the file.
+            userspace_addr: mem.direct_map_ptr() as u64 + spec.offset,
             ..Default::default()
         };
-        if mem.backing_kind() == BackingKind::KernelGuestMemfd {
+        if kernel {
             region.flags |= KVM_MEM_GUEST_MEMFD;
             region.guest_memfd_offset = spec.offset;
             region.guest_memfd = mem.as_fd().as_raw_fd() as u32;
         }
-        let region2 = region.flags & KVM_MEM_GUEST_MEMFD != 0 || has_user_memory2(vm);
         // `userspace_addr..+len` lies in gmem's mapping of the whole file and
         // the fd (if any) is the file's: the region returned holds both
         // (through `mem`) until the slot is deleted, or forever if that fails.
@@ -435,5 +447,35 @@ mod tests {
         assert_eq!(stopped, Some(Err(libc::EINTR)));
         assert_eq!(vcpu.get_kvm_run().immediate_exit, 1);
         assert_eq!(run(&mut vcpu), Err(libc::EINTR), "immediate_exit stays set");
+    }
+
+    /// Both ways of binding a memfd slot (`KVM_SET_USER_MEMORY_REGION` for
+    /// hosts without 2) make a slot in KVM, and the deletion frees it: KVM
+    /// refuses to move an existing slot to another host address (`EINVAL`),
+    /// so each new file binds only once the last one's slot is gone.
+    #[test]
+    fn a_memfd_slot_binds_with_either_ioctl_and_is_deleted() {
+        let Some((vm, _vcpu, _memory)) = spinning_vcpu() else {
+            return;
+        };
+        let vm = Arc::new(vm);
+        let file = || {
+            let flags = crate::Flags::MMAP | crate::Flags::INIT_SHARED;
+            Arc::new(GuestMemfd::new(16 * PAGE_SIZE, flags).unwrap())
+        };
+        let spec = RegionSpec {
+            slot: 1,
+            flags: 0,
+            gpa: 1 << 20,
+            offset: 0,
+            len: 16 * PAGE_SIZE,
+        };
+        for region2 in [false, true, false] {
+            let bound = BoundRegion::bind_with(&vm, &file(), spec, region2).unwrap();
+            assert_eq!(bound.region2, region2);
+            let moved = BoundRegion::bind_with(&vm, &file(), spec, region2);
+            assert_eq!(moved.err(), Some(Errno::INVAL), "the slot exists in KVM");
+            bound.delete().unwrap();
+        }
     }
 }
