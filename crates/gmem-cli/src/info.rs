@@ -115,6 +115,7 @@ pub fn info_json(support: &HostSupport, hiding: &HidingInfo) -> serde_json::Valu
         "kvm_api_version": support.api_version,
         "guest_memfd": support.guest_memfd,
         "guest_memfd_flags": flag_names(support.guest_memfd_flags),
+        "guest_memory": crate::machine::backing_name(support.memory_backing()),
         "memory_attributes": support.memory_attributes,
         "vm_types": vm_types(support.vm_types),
         "user_memory2": support.user_memory2,
@@ -156,6 +157,13 @@ pub fn write_support(support: &HostSupport, out: &mut dyn Write) -> io::Result<(
         "KVM_SET_USER_MEMORY_REGION2  {}",
         yes(support.user_memory2)
     )?;
+    let memory = match support.memory_backing() {
+        gmem::BackingKind::KernelGuestMemfd => "kernel guest_memfd",
+        gmem::BackingKind::Memfd => {
+            "memfd slots (no usable guest_memfd; gmem's map guards the host)"
+        }
+    };
+    writeln!(out, "guest memory                 {memory}")?;
     writeln!(
         out,
         "hypercall exits              mask {:#x}; KVM_HC_MAP_GPA_RANGE delivered: {}",

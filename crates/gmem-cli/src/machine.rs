@@ -1,5 +1,10 @@
-//! A test machine: a VM whose memory is one kernel guest_memfd at guest
-//! address 0, the interpreter loaded, and vCPUs that run command lists.
+//! A test machine: a VM whose memory is one gmem file at guest address 0,
+//! the interpreter loaded, and vCPUs that run command lists.
+//!
+//! The file is a kernel guest_memfd where the host has one, and a
+//! memfd-backed file bound as a memfd slot where not
+//! ([`Vm::create_memory`]): the guest then reaches every page and gmem's
+//! map decides what the host may touch ([`Machine::backing`] says which).
 //!
 //! Guest memory layout: the first [`FIRMWARE_SIZE`] bytes hold the code
 //! (at [`CODE_GPA`]), the stacks, one virtqueue per vCPU ([`queue_layout`])
@@ -14,7 +19,7 @@ use gmem::kvm::{
     ConversionOutcome, ConversionRequest, ExitRegs, GuestIo, HostSupport, Memslot, MemslotFlags,
     Vcpu, VcpuStop, Vm,
 };
-use gmem::{Attribute, Flags, GuestMemfd, HostMapping, Options, PAGE_SIZE};
+use gmem::{Attribute, BackingKind, Flags, GuestMemfd, HostMapping, Options, PAGE_SIZE};
 
 use crate::guest::{
     CHECK_PORT, CODE_GPA, Command, NOTIFY_PORT, REPORT_PORT, RESULT_PORT, RequestPath, STACK_TOP,
@@ -43,7 +48,7 @@ pub fn queue_layout(id: u64) -> QueueLayout {
     }
 }
 
-/// A VM with one guest_memfd and the interpreter loaded.
+/// A VM with one gmem file as its memory and the interpreter loaded.
 pub struct Machine {
     /// The VM.
     pub vm: Vm,
@@ -86,9 +91,10 @@ impl Machine {
             Attribute::Shared => Flags::MMAP | Flags::INIT_SHARED,
             Attribute::Private => Flags::MMAP,
         };
+        let backing = backing_name(vm.memory_backing());
         let mem = Arc::new(
-            vm.create_guest_memfd_with(size, flags, options)
-                .context("creating the guest_memfd")?,
+            vm.create_memory(size, flags, options)
+                .with_context(|| format!("creating guest memory ({backing})"))?,
         );
         mem.set_attributes(0, FIRMWARE_SIZE, Attribute::Shared)
             .context("sharing the firmware area")?;
@@ -113,6 +119,11 @@ impl Machine {
     /// The guest memory size.
     pub fn size(&self) -> u64 {
         self.mem.size()
+    }
+
+    /// What backs guest memory: `"kernel-guest-memfd"` or `"memfd"`.
+    pub fn backing(&self) -> &'static str {
+        backing_name(self.mem.backing_kind())
     }
 
     /// Creates vCPU `id` (each id once per machine), set up to run `commands`.
@@ -161,6 +172,14 @@ impl Machine {
             "the guest stopped without halting"
         );
         Ok(record)
+    }
+}
+
+/// The name of a backing in summaries: `"kernel-guest-memfd"` or `"memfd"`.
+pub fn backing_name(kind: BackingKind) -> &'static str {
+    match kind {
+        BackingKind::KernelGuestMemfd => "kernel-guest-memfd",
+        BackingKind::Memfd => "memfd",
     }
 }
 

@@ -10,9 +10,10 @@ impl Summary {
         let s = self;
         writeln!(
             out,
-            "gmem run: {} vCPUs, {} MiB guest_memfd, {} rounds of {} KiB conversions, {} device threads, requests by {}",
+            "gmem run: {} vCPUs, {} MiB {}, {} rounds of {} KiB conversions, {} device threads, requests by {}",
             s.vcpus,
             s.memory_bytes >> 20,
+            s.backing,
             s.rounds,
             s.chunk_bytes >> 10,
             s.device_threads,

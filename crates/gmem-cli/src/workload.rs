@@ -287,6 +287,9 @@ pub struct Summary {
     pub device_threads: usize,
     /// How the guest asked for conversions: "hypercall" or "port-io".
     pub request_path: String,
+    /// What backed guest memory: "kernel-guest-memfd", or "memfd" (a memfd
+    /// slot, on a host without guest_memfd).
+    pub backing: String,
     /// Seconds from the first vCPU start to the last halt.
     pub elapsed_s: f64,
     /// Conversions completed (both directions).
@@ -509,7 +512,7 @@ impl RunState {
     }
 }
 
-/// The virtio devices' view of guest memory: the guest_memfd at guest
+/// The virtio devices' view of guest memory: the file at guest
 /// address 0 (its one slot), through gmem's vm-memory view.
 fn device_memory(machine: &Machine) -> anyhow::Result<GuestMemoryGmem> {
     GuestMemoryGmem::from_regions([(GuestAddress(0), machine.mem.clone(), 0, machine.size())])
@@ -1026,6 +1029,7 @@ fn summarize(
             RequestPath::PortIo => "port-io",
         }
         .into(),
+        backing: machine.backing().into(),
         elapsed_s: elapsed.as_secs_f64(),
         conversions,
         conversions_per_sec: conversions as f64 / elapsed.as_secs_f64().max(1e-9),

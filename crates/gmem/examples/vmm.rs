@@ -4,6 +4,9 @@
 //! * The VMM opens `/dev/kvm`, makes the VM, the guest_memfd and the vCPU
 //!   with `kvm-ioctls`, and gmem adopts the VM (`Vm::from_vm_fd`) and the
 //!   guest_memfd (`GuestMemfd::from_kernel_guest_memfd`), then binds it.
+//!   On a host without a guest_memfd (with `MMAP | INIT_SHARED`) it says so
+//!   and binds a memfd-backed `GuestMemfd` instead, as a memfd slot: the
+//!   guest reaches every page, gmem's map still decides the host's.
 //! * The VMM's own `VcpuFd::run()` loop gives every exit to
 //!   `Vm::handle_exit` first (conversion hypercalls, memory faults); it
 //!   serves the port-I/O conversion request itself through the `GpaMap`.
@@ -18,8 +21,9 @@
 //!
 //! Run: `cargo run -p gmem --example vmm --features vm-memory`. Exit code 0
 //! when every request and conversion succeeded; 1 on any data error. On a
-//! host without KVM (or whose guest_memfd lacks `MMAP | INIT_SHARED`) it
-//! says why on stderr and exits 0, unless `GMEM_REQUIRE_KVM` is set.
+//! host without KVM it says why on stderr and exits 0, unless
+//! `GMEM_REQUIRE_KVM` is set; without a guest_memfd it runs on a memfd
+//! slot, unless `GMEM_REQUIRE_GUEST_MEMFD` is set (then it fails).
 
 use std::error::Error;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -51,7 +55,7 @@ use vm_memory::GuestAddress;
 
 type BoxError = Box<dyn Error + Send + Sync>;
 
-// Guest-physical layout: one guest_memfd of 16 pages bound at 0.
+// Guest-physical layout: one file of 16 pages bound at 0.
 const MEM_SIZE: u64 = 16 * PAGE_SIZE;
 const CODE_GPA: u64 = 0x1000;
 /// The ring page (never converted): descriptor table, avail and used rings.
@@ -103,7 +107,7 @@ fn run_vmm() -> Result<Option<Summary>, BoxError> {
     // Adopt the VM before making vCPUs: gmem enables the KVM_HC_MAP_GPA_RANGE
     // exit, which KVM takes only while the VM has none.
     let vm = Vm::from_vm_fd(Arc::clone(&vm_fd))?;
-    let mem = Arc::new(adopt_guest_memfd(&vm_fd)?);
+    let mem = Arc::new(guest_memory(&vm_fd)?);
     let _slot = vm.bind(0, 0, &mem, 0, MEM_SIZE, MemslotFlags::empty())?;
     let channel = request_channel(&vm);
     mem.mmap()?.write(CODE_GPA, &guest_program(channel)?)?;
@@ -151,19 +155,28 @@ fn run_vmm() -> Result<Option<Summary>, BoxError> {
 /// The VMM's VM, or why this host cannot run the example.
 fn open_vm() -> Result<VmFd, String> {
     let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let vm_fd = kvm
-        .create_vm()
-        .map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
+    kvm.create_vm()
+        .map_err(|e| format!("KVM_CREATE_VM failed: {e}"))
+}
+
+/// Guest memory: an adopted kernel guest_memfd where KVM offers one with
+/// `MMAP | INIT_SHARED`, else (said on stderr) a memfd-backed file.
+fn guest_memory(vm_fd: &VmFd) -> Result<GuestMemfd, BoxError> {
     let needed = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
     let offered = vm_fd
         .check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS.into())
         .max(0) as u64;
-    if offered & needed != needed {
-        return Err(format!(
-            "KVM's guest_memfd lacks MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS = {offered:#x})"
-        ));
+    if offered & needed == needed {
+        return adopt_guest_memfd(vm_fd);
     }
-    Ok(vm_fd)
+    let why = format!(
+        "KVM's guest_memfd lacks MMAP | INIT_SHARED (KVM_CAP_GUEST_MEMFD_FLAGS = {offered:#x})"
+    );
+    if std::env::var_os("GMEM_REQUIRE_GUEST_MEMFD").is_some() {
+        return Err(format!("{why}, and GMEM_REQUIRE_GUEST_MEMFD is set").into());
+    }
+    eprintln!("vmm: {why}: running on a memfd slot");
+    Ok(GuestMemfd::new(MEM_SIZE, Flags::MMAP | Flags::INIT_SHARED)?)
 }
 
 /// Makes the guest_memfd with `kvm-ioctls` and hands it to gmem.

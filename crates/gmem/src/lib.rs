@@ -25,8 +25,9 @@
 //! child keeps the mappings it had at fork time.
 //!
 //! The memory is backed by a sealed `memfd`, or (with the `kvm` feature) by a
-//! kernel `guest_memfd` created on a KVM VM; see `ARCHITECTURE.md` for the
-//! layers.
+//! kernel `guest_memfd` created on a KVM VM; either binds as KVM guest
+//! memory (a memfd as a plain memslot, for hosts without guest_memfd); see
+//! `ARCHITECTURE.md` for the layers.
 //!
 //! ```
 //! use gmem::{Attribute, Flags, GuestMemfd, PAGE_SIZE};

@@ -1,6 +1,10 @@
 //! gmem inside a VMM's own KVM code: an adopted `VmFd` and kernel
 //! guest_memfd, memslot and kernel flags, the guest-physical map's
 //! conversions across slots, and `handle_exit` on synthesized exits.
+//!
+//! The tests of slots and conversions run on the VM's guest memory
+//! (`Vm::create_memory`: memfd slots where the host has no guest_memfd);
+//! those of the kernel guest_memfd itself skip without one.
 
 #[path = "common/kvm.rs"]
 mod kvm_common;
@@ -49,6 +53,14 @@ fn raw_guest_memfd_with(vm: &VmFd, size: u64, flags: u64) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// The VM's guest memory: a kernel guest_memfd, or a memfd-backed file
+/// where the host has none.
+fn memory(vm: &Vm, size: u64, flags: Flags) -> GuestMemfd {
+    let mem = vm.create_memory(size, flags, Options::default()).unwrap();
+    assert_eq!(mem.backing_kind(), vm.memory_backing());
+    mem
+}
+
 /// The states of the pages of `mem`.
 fn states(mem: &GuestMemfd) -> Vec<Attribute> {
     (0..mem.size() / P)
@@ -60,7 +72,7 @@ fn states(mem: &GuestMemfd) -> Vec<Attribute> {
 /// and 4 pages (slots 0 and 1).
 fn two_slots(vm: &Vm, flags: Flags) -> [(Arc<GuestMemfd>, gmem::kvm::Memslot); 2] {
     [0, 1].map(|i| {
-        let mem = Arc::new(vm.create_guest_memfd(4 * P, flags).unwrap());
+        let mem = Arc::new(memory(vm, 4 * P, flags));
         let slot = vm
             .bind(i, u64::from(i) * 4 * P, &mem, 0, 4 * P, NONE)
             .unwrap();
@@ -87,7 +99,8 @@ fn a_vm_fd_made_with_kvm_ioctls_is_adopted() {
     let offered = support.exit_hypercall & (1 << KVM_HC_MAP_GPA_RANGE) != 0;
     assert_eq!(vm.hypercall_exits(), offered);
     assert_eq!(vm.attribute_sync(), support.attribute_sync());
-    let mem = Arc::new(vm.create_guest_memfd(4 * P, SHARED).unwrap());
+    assert_eq!(vm.memory_backing(), support.memory_backing());
+    let mem = Arc::new(memory(&vm, 4 * P, SHARED));
     let slot = vm.bind(3, 1 << 20, &mem, 0, 4 * P, NONE).unwrap();
     assert_eq!((slot.slot(), slot.flags()), (3, NONE));
     assert_eq!(
@@ -96,28 +109,36 @@ fn a_vm_fd_made_with_kvm_ioctls_is_adopted() {
     );
     // gmem passes the flags and reports the kernel's answer: Linux 6.18
     // refuses dirty logging and read-only with KVM_MEM_GUEST_MEMFD (the same
-    // binding without them succeeds above, so the flags reached it).
-    let other = Arc::new(vm.create_guest_memfd(4 * P, SHARED).unwrap());
-    for flags in [MemslotFlags::LOG_DIRTY_PAGES, MemslotFlags::READONLY] {
-        match vm.bind(4, 2 << 20, &other, 0, 4 * P, flags) {
+    // binding without them succeeds above, so the flags reached it), and
+    // takes both on a memfd slot.
+    let memfd_slots = vm.memory_backing() == gmem::BackingKind::Memfd;
+    for (i, flags) in [MemslotFlags::LOG_DIRTY_PAGES, MemslotFlags::READONLY]
+        .into_iter()
+        .enumerate()
+    {
+        let other = Arc::new(memory(&vm, 4 * P, SHARED));
+        let gpa = (2 + i as u64) << 20;
+        match vm.bind(4 + i as u32, gpa, &other, 0, 4 * P, flags) {
             Ok(bound) => assert_eq!(bound.flags(), flags),
-            Err(refused) => assert_eq!(
-                refused,
-                MemslotError::Kernel {
-                    errno: rustix::io::Errno::INVAL
-                }
-            ),
+            Err(refused) => {
+                assert!(!memfd_slots, "a memfd slot takes {flags:?}: {refused}");
+                let errno = rustix::io::Errno::INVAL;
+                assert_eq!(refused, MemslotError::Kernel { errno });
+            }
         }
     }
     // The VMM's handle stays usable, and the VM outlives gmem's handle.
     drop(slot);
     drop(vm);
-    assert!(fd.check_extension_raw(kvm_bindings::KVM_CAP_GUEST_MEMFD.into()) > 0);
+    let guest_memfd = fd.check_extension_raw(kvm_bindings::KVM_CAP_GUEST_MEMFD.into()) > 0;
+    assert_eq!(guest_memfd, support.guest_memfd);
 }
 
 #[test]
 fn a_kernel_guest_memfd_made_by_the_vmm_is_adopted_and_checked() {
-    let Some(_) = kvm_common::host() else { return };
+    let Some(_) = kvm_common::guest_memfd_host() else {
+        return;
+    };
     let vm = Vm::from_vm_fd(vm_fd()).unwrap();
     let adopt =
         |fd, size| GuestMemfd::from_kernel_guest_memfd(fd, size, SHARED, Options::default());
@@ -157,7 +178,9 @@ fn a_kernel_guest_memfd_made_by_the_vmm_is_adopted_and_checked() {
 /// so adoption refuses it, whatever gmem's own flags say.
 #[test]
 fn a_kernel_guest_memfd_made_without_init_shared_is_refused() {
-    let Some(_) = kvm_common::host() else { return };
+    let Some(_) = kvm_common::guest_memfd_host() else {
+        return;
+    };
     let vm = vm_fd();
     for flags in [SHARED, Flags::MMAP] {
         let fd = raw_guest_memfd_with(&vm, 4 * P, 1); // GUEST_MEMFD_FLAG_MMAP only
@@ -185,9 +208,36 @@ fn rustix_size(fd: &OwnedFd, size: u64) -> u64 {
     size
 }
 
+/// Where the host has no guest_memfd, `create_guest_memfd` says so with a
+/// typed `EOPNOTSUPP` and `create_memory` gives a memfd-backed file, which
+/// binds as a memfd slot; unknown kernel flags are `EINVAL` on every host.
+#[test]
+fn without_guest_memfd_create_memory_falls_back_to_a_memfd() {
+    let Some(support) = kvm_common::host() else {
+        return;
+    };
+    let vm = Vm::new().unwrap();
+    let made = vm.create_guest_memfd(4 * P, SHARED);
+    let mem = vm.create_memory(4 * P, SHARED, Options::default()).unwrap();
+    if support.memory_backing() == gmem::BackingKind::KernelGuestMemfd {
+        assert_eq!(made.unwrap().backing_kind(), mem.backing_kind());
+    } else {
+        let err = made.unwrap_err();
+        assert!(matches!(err, gmem::Error::Os { .. }), "{err:?}");
+        assert_eq!(err.errno(), libc::EOPNOTSUPP);
+        assert_eq!(mem.backing_kind(), gmem::BackingKind::Memfd);
+    }
+    let mem = Arc::new(mem);
+    let _slot = vm.bind(0, 0, &mem, 0, 4 * P, NONE).unwrap();
+    assert_eq!(vm.gpa_map().slots(), vec![(0, 0..4 * P, 0)]);
+    let unknown = KernelFlags::from_bits_retain(1 << 20);
+    let err = vm.create_guest_memfd_with_kernel_flags(P, SHARED, Options::default(), unknown);
+    assert_eq!(err.unwrap_err().errno(), libc::EINVAL);
+}
+
 #[test]
 fn unsupported_kernel_flags_are_refused_by_name() {
-    let Some(support) = kvm_common::host() else {
+    let Some(support) = kvm_common::guest_memfd_host() else {
         return;
     };
     let vm = Vm::new().unwrap();
@@ -436,7 +486,7 @@ fn port_requests(base: u64, requests: &[(u32, u32, u32)]) -> Vec<u8> {
 fn the_port_request_returns_the_negative_errno_to_the_guest() {
     let Some(_) = kvm_common::host() else { return };
     let vm = Vm::new().unwrap();
-    let mem = Arc::new(vm.create_guest_memfd(16 * P, SHARED).unwrap());
+    let mem = Arc::new(memory(&vm, 16 * P, SHARED));
     let _slot = vm.bind(0, 0, &mem, 0, 16 * P, NONE).unwrap();
     let enc = KVM_MAP_GPA_RANGE_ENCRYPTED as u32;
     let code = port_requests(

@@ -10,7 +10,9 @@
 //!
 //! Every scenario catches its own panics and reports them as
 //! [`Outcome::Fail`]; scenarios that need KVM report [`Outcome::Skip`] where
-//! it is unavailable.
+//! it is unavailable. On a KVM host without guest_memfd the guest side runs
+//! on a memfd slot (see [`Machine`](crate::machine::Machine)), and the
+//! `host/kvm/` rules, which are about the kernel guest_memfd, skip.
 
 mod guest;
 mod host;

@@ -167,20 +167,47 @@ pub enum Outcome {
     Skip(String),
 }
 
-/// The host's KVM support, or why the kernel guest_memfd backing (and a
-/// guest) cannot run here: no `/dev/kvm`, or a guest_memfd without
-/// `MMAP | INIT_SHARED`.
+/// The host's KVM support, or why a guest cannot run here (no usable
+/// `/dev/kvm`). Guests run on a kernel guest_memfd where the host has one,
+/// and on memfd slots where not.
 #[cfg(feature = "kvm")]
 pub fn kvm_support() -> Result<crate::kvm::HostSupport, String> {
-    let support = crate::kvm::HostSupport::probe().map_err(|e| format!("KVM unavailable: {e}"))?;
-    let needed = (Flags::MMAP | Flags::INIT_SHARED).bits();
-    if !support.guest_memfd || support.guest_memfd_flags & needed != needed {
+    crate::kvm::HostSupport::probe().map_err(|e| format!("KVM unavailable: {e}"))
+}
+
+/// The host's KVM support, or why the kernel guest_memfd backing cannot run
+/// here: no `/dev/kvm`, or no guest_memfd with `MMAP | INIT_SHARED` (the
+/// reason then starts with [`NO_GUEST_MEMFD`]).
+#[cfg(feature = "kvm")]
+pub fn guest_memfd_support() -> Result<crate::kvm::HostSupport, String> {
+    let support = kvm_support()?;
+    if support.memory_backing() != BackingKind::KernelGuestMemfd {
         return Err(format!(
-            "the host's guest_memfd lacks MMAP | INIT_SHARED (guest_memfd: {}, flags: {:#x})",
+            "{NO_GUEST_MEMFD} (guest_memfd: {}, flags: {:#x})",
             support.guest_memfd, support.guest_memfd_flags
         ));
     }
     Ok(support)
+}
+
+/// How the reason of a skip for want of a kernel guest_memfd begins (on a
+/// KVM host without one), as opposed to one for want of KVM.
+pub const NO_GUEST_MEMFD: &str = "the host has no guest_memfd with MMAP | INIT_SHARED";
+
+/// Whether a test may skip for `reason` here: `None` if it may, else the
+/// environment variable that forbids it. A skip for want of a kernel
+/// guest_memfd ([`NO_GUEST_MEMFD`]) is forbidden by
+/// `GMEM_REQUIRE_GUEST_MEMFD` (CI on a host with one); any other skip (no
+/// KVM) by `GMEM_REQUIRE_KVM` (CI on a host with a usable `/dev/kvm`) or
+/// `GMEM_REQUIRE_GUEST_MEMFD`.
+pub fn skip_forbidden_by(reason: &str) -> Option<&'static str> {
+    let set = |name: &'static str| std::env::var_os(name).is_some().then_some(name);
+    let guest_memfd = set("GMEM_REQUIRE_GUEST_MEMFD");
+    if reason.starts_with(NO_GUEST_MEMFD) {
+        guest_memfd
+    } else {
+        set("GMEM_REQUIRE_KVM").or(guest_memfd)
+    }
 }
 
 /// Opens a backing of `kind`: `Err` with the outcome where it cannot be.
@@ -189,7 +216,7 @@ fn open(kind: BackingKind) -> Result<Box<dyn Backing>, Outcome> {
         BackingKind::Memfd => Ok(Box::new(Memfd)),
         #[cfg(feature = "kvm")]
         BackingKind::KernelGuestMemfd => {
-            kvm_support().map_err(Outcome::Skip)?;
+            guest_memfd_support().map_err(Outcome::Skip)?;
             let vm = crate::kvm::Vm::new()
                 .map_err(|e| Outcome::Fail(Failure::new("creating a KVM VM", "success", e)))?;
             Ok(Box::new(KernelGuestMemfd(vm)))

@@ -12,7 +12,7 @@ use vmm_sys_util::signal::SIGRTMIN;
 
 use super::uapi::{KVM_CAP_GUEST_MEMFD_FLAGS, KVM_HC_MAP_GPA_RANGE};
 use super::{AttributeSyncMode, GuestIo, KvmError, MemslotFlags, Vcpu, VcpuStop, Vm, ioctl};
-use crate::{Flags, PAGE_SIZE};
+use crate::{BackingKind, Flags, Options, PAGE_SIZE};
 
 /// What the host supports, for `gmem info` and for choosing paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,23 +79,40 @@ impl HostSupport {
             hypercall_exit_delivered: false,
             recommended_vcpus: kvm.get_nr_vcpus(),
         };
-        if support.guest_memfd {
-            let mem = vm
-                .create_guest_memfd(16 * PAGE_SIZE, Flags::MMAP | Flags::INIT_SHARED)
-                .map_err(|e| KvmError::Ioctl {
-                    call: "KVM_CREATE_GUEST_MEMFD",
-                    errno: rustix::io::Errno::from_raw_os_error(e.errno()),
-                })?;
+        // Kernel guest_memfd where the host has one, else a memfd slot.
+        let mem = vm
+            .create_memory(
+                16 * PAGE_SIZE,
+                Flags::MMAP | Flags::INIT_SHARED,
+                Options::default(),
+            )
+            .map_err(|e| KvmError::Ioctl {
+                call: "creating the probe's guest memory",
+                errno: rustix::io::Errno::from_raw_os_error(e.errno()),
+            })?;
+        if mem.backing_kind() == BackingKind::KernelGuestMemfd {
             support.per_page_attributes = ioctl::has_memory_attributes2(mem.as_fd());
-            if support.exit_hypercall & (1 << KVM_HC_MAP_GPA_RANGE) != 0 {
-                support.hypercall_exit_delivered = probe_hypercall(&vm, Arc::new(mem))?;
-            }
+        }
+        if support.exit_hypercall & (1 << KVM_HC_MAP_GPA_RANGE) != 0 {
+            support.hypercall_exit_delivered = probe_hypercall(&vm, Arc::new(mem))?;
         }
         Ok(support)
     }
 }
 
 impl HostSupport {
+    /// What [`Vm::create_memory`] backs guest memory with on this host: a
+    /// kernel guest_memfd where it has one with `MMAP | INIT_SHARED`, else
+    /// a memfd-backed file bound as a memfd slot ([`Vm::bind`]).
+    pub fn memory_backing(&self) -> BackingKind {
+        let needed = (Flags::MMAP | Flags::INIT_SHARED).bits();
+        if self.guest_memfd && self.guest_memfd_flags & needed == needed {
+            BackingKind::KernelGuestMemfd
+        } else {
+            BackingKind::Memfd
+        }
+    }
+
     /// How conversions keep KVM's own memory attributes in step on this
     /// host: in place on the guest_memfd where it takes
     /// `KVM_SET_MEMORY_ATTRIBUTES2`, else per VM where
@@ -137,7 +154,7 @@ fn probe_hypercall(vm: &Vm, mem: Arc<crate::GuestMemfd>) -> Result<bool, KvmErro
         }
     }
     let map = mem.mmap().map_err(|_| KvmError::Unsupported {
-        what: "mmap of a guest_memfd",
+        what: "mmap of the probe's guest memory",
     })?;
     map.write(0x1000, &VMCALL_PROBE)
         .map_err(|_| KvmError::Unsupported {
@@ -146,7 +163,7 @@ fn probe_hypercall(vm: &Vm, mem: Arc<crate::GuestMemfd>) -> Result<bool, KvmErro
     let _slot = vm
         .bind(0, 0, &mem, 0, mem.size(), MemslotFlags::empty())
         .map_err(|e| KvmError::Ioctl {
-            call: "KVM_SET_USER_MEMORY_REGION2",
+            call: "KVM_SET_USER_MEMORY_REGION(2)",
             errno: rustix::io::Errno::from_raw_os_error(e.errno()),
         })?;
     let mut vcpu: Vcpu = vm.create_vcpu(0)?;

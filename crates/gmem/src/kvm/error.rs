@@ -105,12 +105,13 @@ pub enum MemslotError {
         /// The slot.
         slot: u32,
     },
-    /// The file is a memfd, or a kernel guest_memfd that gmem made on
-    /// another VM (`EINVAL`).
+    /// The file is a kernel guest_memfd that gmem made on another VM
+    /// (`EINVAL`).
     #[error("the file is not a guest_memfd of this VM")]
     ForeignFile,
-    /// The kernel refused the binding.
-    #[error("KVM_SET_USER_MEMORY_REGION2 failed: {errno}")]
+    /// The kernel refused the binding (`KVM_SET_USER_MEMORY_REGION2`, or
+    /// `KVM_SET_USER_MEMORY_REGION` for a memfd slot on a host without 2).
+    #[error("KVM_SET_USER_MEMORY_REGION(2) failed: {errno}")]
     Kernel {
         /// What it returned.
         errno: Errno,

@@ -1,6 +1,6 @@
 //! The leaf of KVM calls that need `unsafe`: adopting the fd that
 //! `KVM_CREATE_GUEST_MEMFD` returns, the owner of a memslot (the kernel
-//! keeps a pointer), the `kvm_run` unions, and `KVM_SET_MEMORY_ATTRIBUTES2`
+//! keeps a pointer; guest_memfd and memfd slots alike), the `kvm_run` unions, and `KVM_SET_MEMORY_ATTRIBUTES2`
 //! with its probe. The rest of `kvm/` is safe code.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -9,15 +9,16 @@ use std::sync::{Arc, mpsc};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use kvm_bindings::{
-    KVM_MEM_GUEST_MEMFD, kvm_create_guest_memfd, kvm_regs, kvm_run, kvm_userspace_memory_region2,
+    KVM_CAP_USER_MEMORY2, KVM_MEM_GUEST_MEMFD, kvm_create_guest_memfd, kvm_regs, kvm_run,
+    kvm_userspace_memory_region, kvm_userspace_memory_region2,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use rustix::io::Errno;
 
 use super::KvmError;
 use super::uapi::{KVM_SET_MEMORY_ATTRIBUTES2, KvmMemoryAttributes2};
-use crate::GuestMemfd;
 use crate::sys::MappedRegion;
+use crate::{BackingKind, GuestMemfd};
 
 /// `KVM_CREATE_GUEST_MEMFD`, adopting the new fd at once.
 pub(super) fn create_guest_memfd(vm: &VmFd, size: u64, flags: u64) -> Result<OwnedFd, KvmError> {
@@ -34,17 +35,23 @@ pub(super) fn create_guest_memfd(vm: &VmFd, size: u64, flags: u64) -> Result<Own
 }
 
 /// A range of a gmem file bound to guest-physical memory: the owner of a
-/// `KVM_SET_USER_MEMORY_REGION2` slot with `KVM_MEM_GUEST_MEMFD`.
+/// KVM memslot. A kernel guest_memfd is bound with
+/// `KVM_SET_USER_MEMORY_REGION2` and `KVM_MEM_GUEST_MEMFD`; a memfd-backed
+/// file without that flag, by `KVM_SET_USER_MEMORY_REGION2` where the host
+/// has it and `KVM_SET_USER_MEMORY_REGION` where not.
 ///
-/// KVM keeps two things of a slot: `userspace_addr`, a pointer into gmem's
-/// own mapping of the whole file (never changed by conversions), and the
-/// guest_memfd. The region holds the file (so the mapping and the fd) and the
-/// VM, and deletes the slot before it lets them go; if the deletion fails,
-/// the file is leaked rather than unmapped under the guest.
+/// KVM keeps of a slot `userspace_addr`, a pointer into gmem's own mapping
+/// of the whole file (never changed by conversions), and for a guest_memfd
+/// slot the guest_memfd. The region holds the file (so the mapping and the
+/// fd) and the VM, and deletes the slot before it lets them go; if the
+/// deletion fails, the file is leaked rather than unmapped under the guest.
 pub(super) struct BoundRegion {
     vm: Arc<VmFd>,
     mem: Arc<GuestMemfd>,
     slot: u32,
+    /// Whether the slot was made with `KVM_SET_USER_MEMORY_REGION2` (and is
+    /// deleted with it).
+    region2: bool,
     deleted: bool,
 }
 
@@ -68,34 +75,57 @@ impl BoundRegion {
         mem: &Arc<GuestMemfd>,
         spec: RegionSpec,
     ) -> Result<BoundRegion, Errno> {
+        let kernel = mem.backing_kind() == BackingKind::KernelGuestMemfd;
+        Self::bind_with(vm, mem, spec, kernel || has_user_memory2(vm))
+    }
+
+    /// [`bind`](Self::bind) with `KVM_SET_USER_MEMORY_REGION2` if `region2`,
+    /// else `KVM_SET_USER_MEMORY_REGION` (`EINVAL` for a guest_memfd, which
+    /// only 2 can bind).
+    fn bind_with(
+        vm: &Arc<VmFd>,
+        mem: &Arc<GuestMemfd>,
+        spec: RegionSpec,
+        region2: bool,
+    ) -> Result<BoundRegion, Errno> {
+        let kernel = mem.backing_kind() == BackingKind::KernelGuestMemfd;
         let inside = spec
             .offset
             .checked_add(spec.len)
             .is_some_and(|end| end <= mem.size());
-        if spec.len == 0 || !inside {
+        if spec.len == 0 || !inside || (kernel && !region2) {
             return Err(Errno::INVAL);
         }
-        let region = kvm_userspace_memory_region2 {
+        let mut region = kvm_userspace_memory_region2 {
             slot: spec.slot,
-            flags: spec.flags | KVM_MEM_GUEST_MEMFD,
+            flags: spec.flags,
             guest_phys_addr: spec.gpa,
             memory_size: spec.len,
             // Inside the direct mapping: the range is inside the file.
             userspace_addr: mem.direct_map_ptr() as u64 + spec.offset,
-            guest_memfd_offset: spec.offset,
-            guest_memfd: mem.as_fd().as_raw_fd() as u32,
             ..Default::default()
         };
+        if kernel {
+            region.flags |= KVM_MEM_GUEST_MEMFD;
+            region.guest_memfd_offset = spec.offset;
+            region.guest_memfd = mem.as_fd().as_raw_fd() as u32;
+        }
         // `userspace_addr..+len` lies in gmem's mapping of the whole file and
-        // the fd is the file's: the region returned holds both (through
-        // `mem`) until the slot is deleted, or forever if that fails.
-        // SAFETY: the mapping and the fd outlive the slot (see above).
-        unsafe { vm.set_user_memory_region2(region) }
-            .map_err(|e| Errno::from_raw_os_error(e.errno()))?;
+        // the fd (if any) is the file's: the region returned holds both
+        // (through `mem`) until the slot is deleted, or forever if that fails.
+        let made = if region2 {
+            // SAFETY: the mapping and the fd outlive the slot (see above).
+            unsafe { vm.set_user_memory_region2(region) }
+        } else {
+            // SAFETY: as above; a memfd slot has no fd for KVM to keep.
+            unsafe { vm.set_user_memory_region(region1(&region)) }
+        };
+        made.map_err(|e| Errno::from_raw_os_error(e.errno()))?;
         Ok(BoundRegion {
             vm: vm.clone(),
             mem: mem.clone(),
             slot: spec.slot,
+            region2,
             deleted: false,
         })
     }
@@ -112,8 +142,13 @@ impl BoundRegion {
             slot: self.slot,
             ..Default::default()
         };
-        // SAFETY: a size of zero deletes the slot; the kernel keeps no pointer.
-        let deleted = unsafe { self.vm.set_user_memory_region2(delete) };
+        let deleted = if self.region2 {
+            // SAFETY: a size of zero deletes the slot; the kernel keeps no pointer.
+            unsafe { self.vm.set_user_memory_region2(delete) }
+        } else {
+            // SAFETY: as above.
+            unsafe { self.vm.set_user_memory_region(region1(&delete)) }
+        };
         deleted.map_err(|e| {
             std::mem::forget(self.mem.clone());
             Errno::from_raw_os_error(e.errno())
@@ -129,6 +164,22 @@ impl Drop for BoundRegion {
         if let Err(errno) = self.delete_slot() {
             tracing::error!(slot = self.slot, %errno, "deleting a memslot failed; its memory is leaked");
         }
+    }
+}
+
+/// Whether the VM takes `KVM_SET_USER_MEMORY_REGION2`.
+fn has_user_memory2(vm: &VmFd) -> bool {
+    vm.check_extension_raw(KVM_CAP_USER_MEMORY2.into()) > 0
+}
+
+/// The `KVM_SET_USER_MEMORY_REGION` form of a region without a guest_memfd.
+fn region1(region: &kvm_userspace_memory_region2) -> kvm_userspace_memory_region {
+    kvm_userspace_memory_region {
+        slot: region.slot,
+        flags: region.flags,
+        guest_phys_addr: region.guest_phys_addr,
+        memory_size: region.memory_size,
+        userspace_addr: region.userspace_addr,
     }
 }
 
@@ -329,7 +380,6 @@ impl Drop for KickHandler {
 mod tests {
     use super::*;
     use crate::PAGE_SIZE;
-    use kvm_bindings::kvm_userspace_memory_region;
     use std::os::fd::AsFd;
     use std::time::Duration;
 
@@ -397,5 +447,35 @@ mod tests {
         assert_eq!(stopped, Some(Err(libc::EINTR)));
         assert_eq!(vcpu.get_kvm_run().immediate_exit, 1);
         assert_eq!(run(&mut vcpu), Err(libc::EINTR), "immediate_exit stays set");
+    }
+
+    /// Both ways of binding a memfd slot (`KVM_SET_USER_MEMORY_REGION` for
+    /// hosts without 2) make a slot in KVM, and the deletion frees it: KVM
+    /// refuses to move an existing slot to another host address (`EINVAL`),
+    /// so each new file binds only once the last one's slot is gone.
+    #[test]
+    fn a_memfd_slot_binds_with_either_ioctl_and_is_deleted() {
+        let Some((vm, _vcpu, _memory)) = spinning_vcpu() else {
+            return;
+        };
+        let vm = Arc::new(vm);
+        let file = || {
+            let flags = crate::Flags::MMAP | crate::Flags::INIT_SHARED;
+            Arc::new(GuestMemfd::new(16 * PAGE_SIZE, flags).unwrap())
+        };
+        let spec = RegionSpec {
+            slot: 1,
+            flags: 0,
+            gpa: 1 << 20,
+            offset: 0,
+            len: 16 * PAGE_SIZE,
+        };
+        for region2 in [false, true, false] {
+            let bound = BoundRegion::bind_with(&vm, &file(), spec, region2).unwrap();
+            assert_eq!(bound.region2, region2);
+            let moved = BoundRegion::bind_with(&vm, &file(), spec, region2);
+            assert_eq!(moved.err(), Some(Errno::INVAL), "the slot exists in KVM");
+            bound.delete().unwrap();
+        }
     }
 }

@@ -1,6 +1,22 @@
 //! Memslot bindings: a range of a gmem file as guest-physical memory, with
 //! the kernel's checks, an entry in the VM's [`GpaMap`], and the listener
 //! that keeps KVM's own memory attributes for the file in step.
+//!
+//! Two kinds of slot, one table and one conversion service:
+//!
+//! * **guest_memfd slots** (a kernel guest_memfd of the VM): bound with
+//!   `KVM_MEM_GUEST_MEMFD`; where the host has memory attributes, KVM's are
+//!   kept in step with gmem's map, and the guest's private accesses are
+//!   served from the guest_memfd.
+//! * **memfd slots** (a memfd-backed [`GuestMemfd`], for hosts without
+//!   guest_memfd): bound as an ordinary user memory region over gmem's own
+//!   mapping of the file. The guest reaches every page, shared or private,
+//!   as it does on a software-protected VM's guest_memfd; gmem's attribute
+//!   map decides what the *host* may touch (pins, checked copies, host
+//!   mappings). KVM knows nothing of the pages' states, so no attributes are
+//!   kept in step for such a file, and the guest asks for conversions by
+//!   port I/O or by `KVM_HC_MAP_GPA_RANGE` exits, served by the same
+//!   [`GpaMap`].
 
 use std::ops::Range;
 use std::sync::{Arc, Weak};
@@ -88,7 +104,10 @@ impl Memslot {
             offset: spec.offset,
             mem: mem.clone(),
         });
-        let syncing = !matches!(map.sync(), AttributeSync::GmemOnly);
+        // KVM's attributes speak of guest_memfd slots only: a memfd slot's
+        // pages are all the guest's, whatever gmem's map says.
+        let syncing = !matches!(map.sync(), AttributeSync::GmemOnly)
+            && mem.backing_kind() == BackingKind::KernelGuestMemfd;
         if syncing && !table.syncing.iter().any(|(id, _)| *id == mem.file_id()) {
             let listener = KvmAttributeListener {
                 file: Arc::downgrade(mem),
@@ -155,9 +174,10 @@ fn check_request(vm_id: u64, mem: &GuestMemfd, spec: RegionSpec) -> Result<(), M
     if len == 0 {
         return Err(MemslotError::Empty);
     }
-    // An adopted guest_memfd has no known owner: the kernel judges it.
+    // An adopted guest_memfd has no known owner: the kernel judges it. A
+    // memfd-backed file belongs to no VM and binds anywhere.
     let foreign = match (mem.backing_kind(), mem.owner_vm()) {
-        (BackingKind::Memfd, _) => true,
+        (BackingKind::Memfd, _) => false,
         (BackingKind::KernelGuestMemfd, owner) => owner.is_some_and(|id| id != vm_id),
     };
     if foreign {

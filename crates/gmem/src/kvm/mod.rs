@@ -1,5 +1,6 @@
-//! KVM: kernel `guest_memfd` backings, memslot bindings, vCPUs and the
-//! guest's conversion requests.
+//! KVM: kernel `guest_memfd` backings (or memfd-backed files where the
+//! kernel has none), memslot bindings, vCPUs and the guest's conversion
+//! requests.
 //!
 //! * [`Vm`] owns a KVM VM, made by [`Vm::new`] or adopted from the VMM's
 //!   `kvm-ioctls` `VmFd` by [`Vm::from_vm_fd`] ([`Vm::vm_fd`] gives it back).
@@ -9,9 +10,16 @@
 //!   what the host may touch);
 //!   [`GuestMemfd::from_kernel_guest_memfd`](crate::GuestMemfd::from_kernel_guest_memfd)
 //!   adopts one the VMM made.
+//!   Where the host has no such guest_memfd, [`Vm::create_memory`] gives a
+//!   memfd-backed file instead ([`HostSupport::memory_backing`] says which).
 //! * [`Vm::bind`] binds a range of such a file to guest-physical memory with
 //!   `KVM_SET_USER_MEMORY_REGION2` and [`MemslotFlags`]; the returned
-//!   [`Memslot`] owns what KVM uses and deletes the slot on drop.
+//!   [`Memslot`] owns what KVM uses and deletes the slot on drop. A
+//!   memfd-backed file binds as a **memfd slot** (no `KVM_MEM_GUEST_MEMFD`;
+//!   `KVM_SET_USER_MEMORY_REGION` where 2 is missing): the guest reaches
+//!   every page, gmem's attribute map decides what the host may touch, and
+//!   conversions are the guest's requests by port I/O or hypercall exits,
+//!   served as for a guest_memfd slot.
 //! * [`GpaMap`] ([`Vm::gpa_map`]) is the guest-physical map of the slots and
 //!   the conversion service: [`GpaMap::convert`] (slot by slot, with
 //!   rollback, under the `EAGAIN` policy and let-go callback) and

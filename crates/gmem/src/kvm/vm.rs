@@ -113,12 +113,56 @@ impl Vm {
         &self.shared.map
     }
 
+    /// Guest memory for this VM: a kernel guest_memfd of it where the host
+    /// has one gmem can use (`KVM_CAP_GUEST_MEMFD_FLAGS` with `MMAP |
+    /// INIT_SHARED`), else a memfd-backed file ([`GuestMemfd::with_options`]),
+    /// which [`bind`](Self::bind) binds as a memfd slot. Which one it gives
+    /// is [`memory_backing`](Self::memory_backing); `flags` and `options`
+    /// mean the same for both. Errors as
+    /// [`create_guest_memfd`](Self::create_guest_memfd) or
+    /// [`GuestMemfd::new`].
+    pub fn create_memory(
+        &self,
+        size: u64,
+        flags: Flags,
+        options: Options,
+    ) -> Result<GuestMemfd, Error> {
+        match self.memory_backing() {
+            BackingKind::KernelGuestMemfd => self.create_guest_memfd_with(size, flags, options),
+            BackingKind::Memfd => GuestMemfd::with_options(size, flags, options),
+        }
+    }
+
+    /// What [`create_memory`](Self::create_memory) backs guest memory with
+    /// on this VM.
+    pub fn memory_backing(&self) -> BackingKind {
+        let needed = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+        if self.guest_memfd_flags() & needed == needed {
+            BackingKind::KernelGuestMemfd
+        } else {
+            BackingKind::Memfd
+        }
+    }
+
+    /// `KVM_CAP_GUEST_MEMFD_FLAGS` of the VM (0 where it has no guest_memfd).
+    fn guest_memfd_flags(&self) -> u64 {
+        self.shared
+            .fd
+            .check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS.into())
+            .max(0) as u64
+    }
+
     /// A gmem file backed by a kernel guest_memfd of this VM.
     ///
     /// The kernel file is created `MMAP | INIT_SHARED` (the host maps every
     /// page, and gmem's attribute map decides what it may touch); `flags`
     /// are gmem's: `INIT_SHARED` sets the initial state and `MMAP` whether
     /// the host may map it.
+    ///
+    /// Errors: `EOPNOTSUPP` ([`Error::Os`]) where the host has no
+    /// guest_memfd, or one without `MMAP | INIT_SHARED` (use
+    /// [`create_memory`](Self::create_memory) to fall back to a memfd);
+    /// `EINVAL` for a bad size or flag; else the kernel's errno.
     pub fn create_guest_memfd(&self, size: u64, flags: Flags) -> Result<GuestMemfd, Error> {
         self.create_guest_memfd_with(size, flags, Options::default())
     }
@@ -153,11 +197,7 @@ impl Vm {
             return Err(Error::UnknownFlags { bits: unknown });
         }
         let needed = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
-        let supported = self
-            .shared
-            .fd
-            .check_extension_raw(KVM_CAP_GUEST_MEMFD_FLAGS.into())
-            .max(0) as u64;
+        let supported = self.guest_memfd_flags();
         if supported & needed != needed {
             return Err(Error::Os {
                 call: "KVM_CREATE_GUEST_MEMFD (needs GUEST_MEMFD_FLAG_MMAP | INIT_SHARED)",
@@ -181,17 +221,24 @@ impl Vm {
     }
 
     /// Binds `[offset, offset + len)` of `mem` at guest-physical `gpa` as
-    /// slot `slot` (`KVM_SET_USER_MEMORY_REGION2` with `flags` and
-    /// `KVM_MEM_GUEST_MEMFD`), and enters it in the [`GpaMap`].
+    /// slot `slot`, and enters it in the [`GpaMap`].
     ///
-    /// Every guest access to the range is served from the file, shared or
-    /// private. Errors mirror the kernel's checks: alignment, a range inside
-    /// the file, no overlap with another binding of the file (`EINVAL`), a
-    /// free slot and guest range among gmem's slots (`EEXIST`), and a kernel
-    /// guest_memfd of this VM (a memfd, or a guest_memfd gmem made on
-    /// another VM, is `EINVAL`; for an adopted guest_memfd the kernel
-    /// judges). Where KVM's memory attributes are kept in step, the slot's
-    /// range is set to gmem's state first.
+    /// A kernel guest_memfd is bound with `KVM_SET_USER_MEMORY_REGION2`,
+    /// `flags` and `KVM_MEM_GUEST_MEMFD`; a memfd-backed file as a **memfd
+    /// slot**: `KVM_SET_USER_MEMORY_REGION2` (or `KVM_SET_USER_MEMORY_REGION`
+    /// where the host lacks 2) with `flags` alone. Either way `userspace_addr`
+    /// is gmem's own mapping of the whole file at `offset`. Every guest
+    /// access to the range is served from the file, shared or private; in a
+    /// memfd slot the guest reaches every page, and gmem's map decides only
+    /// what the host may touch (see the module documentation).
+    ///
+    /// Errors mirror the kernel's checks: alignment, a range inside the
+    /// file, no overlap with another binding of the file (`EINVAL`), a free
+    /// slot and guest range among gmem's slots (`EEXIST`), and, for a kernel
+    /// guest_memfd, one of this VM (one gmem made on another VM is `EINVAL`;
+    /// for an adopted guest_memfd the kernel judges). Where KVM's memory
+    /// attributes are kept in step, a guest_memfd slot's range is set to
+    /// gmem's state first.
     pub fn bind(
         &self,
         slot: u32,
