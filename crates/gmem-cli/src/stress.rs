@@ -37,12 +37,15 @@ use serde::Serialize;
 use crate::workload::BadFlag;
 
 mod probing;
+mod vcpus;
 
 const P: u64 = PAGE_SIZE;
 /// Pins a thread holds at most.
 const MAX_HELD: usize = 8;
 /// Violations kept verbatim in the summary (all are counted).
 const KEPT_VIOLATIONS: usize = 32;
+/// vCPU-like threads converting through a `GpaMap`, where KVM is usable.
+const VCPU_THREADS: u64 = 2;
 /// One conversion to private in this many is refused by the listener.
 const REFUSE_ONE_IN: u64 = 64;
 
@@ -746,6 +749,10 @@ pub struct StressSummary {
     pub bytes_verified: u64,
     /// Conversions the listener heard of: to private, to shared.
     pub listener_heard: [u64; 2],
+    /// The vCPU-like threads' requests through a `GpaMap` (none without KVM).
+    pub gpa_map_requests: Option<GpaMapRequests>,
+    /// Why there were no vCPU-like threads, if there were none.
+    pub gpa_map_skipped: Option<String>,
     /// The probing listener's pins and reads from inside callbacks: granted,
     /// refused as the phase requires, and its panics (caught).
     pub probes: [u64; 3],
@@ -836,6 +843,11 @@ pub fn run(
     let probing = Arc::new(probing::Probing::new(&mem, shadow.clone())?);
     let probing_id = mem.add_listener(probing.clone());
     let _quiet = QuietPanics::install();
+    // Where KVM is usable, vCPU-like threads convert through a GpaMap too.
+    let (vcpus, no_vcpus) = match vcpus::Vcpus::new(&mem) {
+        Ok(vcpus) => (Some(vcpus), None),
+        Err(why) => (None, Some(why)),
+    };
     let live = Live {
         shadow: shadow.clone(),
     };
@@ -912,6 +924,14 @@ pub fn run(
                 })
             })
             .collect();
+        let vcpu_threads: Vec<_> = vcpus
+            .iter()
+            .flat_map(|vcpus| (0..VCPU_THREADS).map(move |v| (vcpus, v)))
+            .map(|(vcpus, v)| {
+                let (shadow, stop) = (&*shadow, &stop);
+                scope.spawn(move || vcpus.run(shadow, seed ^ (v + 1) << 48, deadline, stop))
+            })
+            .collect();
         // Live counts until the workers are done.
         let mut next = every;
         while supervisors.iter().any(|s| !s.is_finished()) {
@@ -922,6 +942,12 @@ pub fn run(
             if start.elapsed() >= next {
                 progress(start.elapsed(), &live);
                 next += every;
+            }
+        }
+        stop.store(true, Relaxed);
+        for thread in vcpu_threads {
+            if thread.join().is_err() {
+                shadow.violation("a vCPU-like thread panicked".to_string());
             }
         }
         supervisors
@@ -999,6 +1025,17 @@ pub fn run(
         invariant_checks: shadow.total(Kind::Check),
         bytes_verified: shadow.total(Kind::BytesVerified),
         listener_heard: heard,
+        gpa_map_skipped: no_vcpus,
+        gpa_map_requests: vcpus.as_ref().map(|v| {
+            let r = &v.requests;
+            GpaMapRequests {
+                ok: r.ok.load(Relaxed),
+                spanning_slots: r.spanning.load(Relaxed),
+                eagain: r.eagain.load(Relaxed),
+                refused: r.refused.load(Relaxed),
+                listener_panics: r.panics.load(Relaxed),
+            }
+        }),
         probes: [
             probing.granted.load(Relaxed),
             probing.refused.load(Relaxed),
@@ -1016,6 +1053,21 @@ pub fn run(
         ok: violations == 0,
         interrupted: interrupt.load(Relaxed),
     })
+}
+
+/// What the vCPU-like threads' `GpaMap` requests came to.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct GpaMapRequests {
+    /// Succeeded.
+    pub ok: u64,
+    /// Spanned the two slots (all or nothing, rolled back on failure).
+    pub spanning_slots: u64,
+    /// Failed with `EAGAIN` on a worker's pin.
+    pub eagain: u64,
+    /// Refused by the checker.
+    pub refused: u64,
+    /// Ended by the probing listener's panic (caught, rolled back).
+    pub listener_panics: u64,
 }
 
 /// Silences the panic hook for the probing listener's own panics while it
@@ -1080,6 +1132,16 @@ impl StressSummary {
             "  callback probes  {} granted, {} refused as the phase requires, {} listener panics",
             self.probes[0], self.probes[1], self.probes[2]
         )?;
+        if let Some(r) = &self.gpa_map_requests {
+            writeln!(
+                out,
+                "  GpaMap requests  {} ok, {} spanning slots, {} EAGAIN, {} refused, {} listener panics",
+                r.ok, r.spanning_slots, r.eagain, r.refused, r.listener_panics
+            )?;
+        }
+        if let Some(why) = &self.gpa_map_skipped {
+            writeln!(out, "  GpaMap requests  none: {why}")?;
+        }
         writeln!(out, "  drains           {}", self.drains)?;
         if self.huge_folios {
             writeln!(
