@@ -162,3 +162,31 @@ impl ConversionListener for Probing {
         self.probe(Phase::Converted, offset, len, to);
     }
 }
+
+/// Silences the panic hook for the probing listener's own panics while it
+/// lives (they are caught and counted); any other panic is reported as
+/// before.
+pub(super) struct QuietPanics(Arc<Hook>);
+
+type Hook = dyn Fn(&std::panic::PanicHookInfo<'_>) + Send + Sync;
+
+impl QuietPanics {
+    pub(super) fn install() -> QuietPanics {
+        let previous: Arc<Hook> = Arc::from(std::panic::take_hook());
+        let hook = previous.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<&str>() != Some(&PANIC) {
+                hook(info);
+            }
+        }));
+        QuietPanics(previous)
+    }
+}
+
+impl Drop for QuietPanics {
+    /// Puts the previous hook back.
+    fn drop(&mut self) {
+        let previous = self.0.clone();
+        std::panic::set_hook(Box::new(move |info| previous(info)));
+    }
+}
