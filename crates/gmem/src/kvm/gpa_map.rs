@@ -427,18 +427,32 @@ impl GpaMap {
         }
     }
 
-    /// Puts the runs that `done` changed back to `back`, newest first.
+    /// Puts the runs that `done` changed back to `back`, newest first. A
+    /// panic (a listener's) in one run's rollback does not stop the others:
+    /// it goes on unwinding once they are done.
     fn roll_back(&self, done: &[(Part, Vec<Range<u64>>)], back: Attribute) -> Vec<RollbackFailure> {
         let mut failures = Vec::new();
+        let mut panicked = None;
         for (part, runs) in done.iter().rev() {
             for run in runs {
                 let len = run.end - run.start;
-                if let (Err(error), _) = self.convert_with_policy(part, run.start, len, back) {
+                let rolling = || self.convert_with_policy(part, run.start, len, back);
+                let rolled = match panic::catch_unwind(AssertUnwindSafe(rolling)) {
+                    Ok(rolled) => rolled,
+                    Err(payload) => {
+                        panicked.get_or_insert(payload);
+                        continue;
+                    }
+                };
+                if let (Err(error), _) = rolled {
                     let gpa = part.gpa + (run.start - part.offset);
                     tracing::error!(gpa, len, %error, "rolling back a conversion spanning slots failed");
                     failures.push(RollbackFailure { gpa, len, error });
                 }
             }
+        }
+        if let Some(payload) = panicked {
+            panic::resume_unwind(payload);
         }
         failures
     }
