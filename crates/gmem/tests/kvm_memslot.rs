@@ -151,3 +151,42 @@ fn a_memfd_slot_serves_the_guest_and_guards_the_host() {
     map.read(0x8000, &mut marker).unwrap();
     assert_eq!(u32::from_le_bytes(marker), 0x676d_656d, "the guest's write");
 }
+
+/// A confidential guest's 16 GiB, created private and bound as one slot;
+/// the guest asks to share one page in every 2 MiB (8,192 requests through
+/// the `GpaMap`, as `KVM_HC_MAP_GPA_RANGE` brings them) while the VMM keeps
+/// two host mappings. Every request gets 0: a share is never refused for
+/// VMAs under guard markers.
+#[test]
+fn a_guest_sharing_one_page_in_every_2_mib_of_16_gib_is_never_refused() {
+    if kvm_common::host().is_none() {
+        return;
+    }
+    const GIB: u64 = 1 << 30;
+    const CHUNK: u64 = 2 << 20;
+    let vm = Vm::new().unwrap();
+    let mem = Arc::new(
+        vm.create_memory(16 * GIB, Flags::MMAP, Options::new())
+            .unwrap(),
+    );
+    let _maps = [mem.mmap().unwrap(), mem.mmap().unwrap()];
+    let _slot = vm
+        .bind(0, 4 * GIB, &mem, 0, 16 * GIB, MemslotFlags::empty())
+        .unwrap();
+    let mut refused = Vec::new();
+    for chunk in 0..16 * GIB / CHUNK {
+        let gpa = 4 * GIB + chunk * CHUNK + (1 + chunk % 500) * PAGE_SIZE;
+        let outcome = vm.convert(gpa, 1, Attribute::Shared);
+        if outcome.guest_ret() != 0 {
+            refused.push((gpa, outcome.errno()));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "{} refused, first {:?}",
+        refused.len(),
+        refused.first()
+    );
+    assert_eq!(mem.stats().pages_shared, 16 * GIB / CHUNK);
+    assert!(mem.stats().vmas_spent <= mem.options().vma_budget.unwrap());
+}
