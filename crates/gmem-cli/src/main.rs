@@ -162,10 +162,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // gmem's own events (conversions refused, EAGAINs, failed restores) go to
     // stderr at the level `RUST_LOG` asks for; warnings and errors by default.
+    // `gmem stress` makes listeners panic and refuse on purpose, so the
+    // rollbacks they break (after a panic) are expected, not logged.
+    let default = match cli.command {
+        Command::Stress(_) => "warn,gmem::kvm::gpa_map=off",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         // Colour only on a terminal: no escape codes in a log file.
