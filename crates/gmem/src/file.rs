@@ -547,6 +547,11 @@ impl FileState {
         f(&View::new(&self.read_attrs()))
     }
 
+    /// The backing file.
+    pub(crate) fn backing_fd(&self) -> BorrowedFd<'_> {
+        self.backing.as_fd()
+    }
+
     /// Takes the invalidate lock shared (a fault).
     pub(crate) fn read_attrs(&self) -> RwLockReadGuard<'_, AttributeMap> {
         // A panic while holding the lock cannot leave the map half-updated

@@ -80,6 +80,7 @@ mod loom_tests;
 mod mapping;
 mod pin;
 mod refs;
+pub mod snapshot;
 mod stats;
 mod sync;
 #[allow(unsafe_code)] // The one leaf module for memfd, mmap and raw copies.
@@ -101,6 +102,7 @@ pub use file::{Flags, GuestMemfd, Options, falloc};
 pub use listener::{ConversionListener, ListenerId, Refusal};
 pub use mapping::{Hiding, HostMapping};
 pub use pin::{OwnedPin, Pin};
+pub use snapshot::{Saved, SnapshotError};
 pub use stats::Stats;
 pub use sys::ProbeOutcome;
 

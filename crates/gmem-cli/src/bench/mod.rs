@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod fixtures;
 pub mod kvm;
+mod snapshot;
 pub mod study;
 pub mod table;
 pub mod virtio;
@@ -330,6 +331,8 @@ fn for_each_case(case: &mut dyn FnMut(&str, &mut Measure<'_>)) {
     case("metadata-64g", &mut metadata_64g);
     case("huge-folio-check-64m", &mut || vec![huge_folio_check()]);
     case("drain-path", &mut || vec![drain_path()]);
+    case("snapshot-4g-sparse", &mut snapshot::sparse_4g);
+    case("snapshot-fragmented-1g", &mut snapshot::fragmented_1g);
     case("kvm-guest-round-trip-4k", &mut || {
         vec![kvm::guest_round_trip()]
     });
