@@ -150,6 +150,12 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
     /// Random conversions, whole-page writes through a mapping, punches and
     /// pins against a model of every page's state and contents; then a
     /// snapshot (with the pins still held) and a restore whose every page
