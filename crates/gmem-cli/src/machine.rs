@@ -80,24 +80,44 @@ impl Machine {
         if size <= FIRMWARE_SIZE {
             bail!("guest memory must exceed the {FIRMWARE_SIZE:#x} bytes of firmware area");
         }
-        let support = HostSupport::probe().context("probing KVM")?;
-        let path = if support.hypercall_exit_delivered {
-            RequestPath::Hypercall
-        } else {
-            RequestPath::PortIo
-        };
+        let path = request_path()?;
         let vm = Vm::new().context("creating a VM")?;
         let flags = match initial {
             Attribute::Shared => Flags::MMAP | Flags::INIT_SHARED,
             Attribute::Private => Flags::MMAP,
         };
         let backing = backing_name(vm.memory_backing());
-        let mem = Arc::new(
-            vm.create_memory(size, flags, options)
-                .with_context(|| format!("creating guest memory ({backing})"))?,
-        );
+        let mem = vm
+            .create_memory(size, flags, options)
+            .with_context(|| format!("creating guest memory ({backing})"))?;
         mem.set_attributes(0, FIRMWARE_SIZE, Attribute::Shared)
             .context("sharing the firmware area")?;
+        Self::assemble(vm, mem, path)
+    }
+
+    /// A machine around `mem`, guest memory restored from a snapshot (a
+    /// memfd-backed file, bound as a memfd slot), its firmware area shared
+    /// and the interpreter loaded again (for this host's request path).
+    pub fn restored(mem: GuestMemfd) -> anyhow::Result<Machine> {
+        if mem.size() <= FIRMWARE_SIZE {
+            bail!("guest memory must exceed the {FIRMWARE_SIZE:#x} bytes of firmware area");
+        }
+        let private = (0..FIRMWARE_SIZE)
+            .step_by(PAGE_SIZE as usize)
+            .find(|&gpa| mem.attribute(gpa).ok() != Some(Attribute::Shared));
+        if let Some(gpa) = private {
+            bail!("the firmware area of restored guest memory is private at {gpa:#x}");
+        }
+        let path = request_path()?;
+        let vm = Vm::new().context("creating a VM")?;
+        Self::assemble(vm, mem, path)
+    }
+
+    /// Binds `mem` at guest address 0 of `vm`, maps it and loads the
+    /// interpreter.
+    fn assemble(vm: Vm, mem: GuestMemfd, path: RequestPath) -> anyhow::Result<Machine> {
+        let size = mem.size();
+        let mem = Arc::new(mem);
         let slot = vm
             .bind(0, 0, &mem, 0, size, MemslotFlags::empty())
             .context("binding guest memory")?;
@@ -173,6 +193,16 @@ impl Machine {
         );
         Ok(record)
     }
+}
+
+/// How the guest asks for conversions on this host.
+fn request_path() -> anyhow::Result<RequestPath> {
+    let support = HostSupport::probe().context("probing KVM")?;
+    Ok(if support.hypercall_exit_delivered {
+        RequestPath::Hypercall
+    } else {
+        RequestPath::PortIo
+    })
 }
 
 /// The name of a backing in summaries: `"kernel-guest-memfd"` or `"memfd"`.

@@ -168,6 +168,9 @@ pub enum VirtioError {
     /// queue.
     #[error("reading the available ring: {0}")]
     AvailRing(#[source] virtio_queue::Error),
+    /// The used ring could not be read.
+    #[error("reading the used ring: {0}")]
+    UsedRing(#[source] virtio_queue::Error),
     /// A used entry could not be added.
     #[error("adding the used entry of chain {head}: {source}")]
     AddUsed {
@@ -177,6 +180,32 @@ pub enum VirtioError {
         #[source]
         source: virtio_queue::Error,
     },
+    /// A device resumed where its rings say a request is in flight, or at
+    /// another place than the one saved.
+    #[error(
+        "the virtqueue at {base:#x} has available index {avail} and used index {used}, \
+         not the drained queue at {saved:?} the device resumes at"
+    )]
+    NotAtRest {
+        /// The queue's base.
+        base: u64,
+        /// The available index in the rings.
+        avail: u16,
+        /// The used index in the rings.
+        used: u16,
+        /// Where the device was to resume.
+        saved: QueuePosition,
+    },
+}
+
+/// Where a device is in its queue: the next available entry it pops and the
+/// next used entry it adds (equal when every request popped was used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueuePosition {
+    /// The next available entry the device pops.
+    pub next_avail: u16,
+    /// The next used entry the device adds.
+    pub next_used: u16,
 }
 
 /// Why a buffer cannot be held for the device.
@@ -317,6 +346,47 @@ impl PatternDevice {
             stats: DeviceStats::default(),
             last_failure: None,
         })
+    }
+
+    /// The device of the queue at `layout`, resumed at `saved` (a queue
+    /// restored with guest memory): its rings must show no request in
+    /// flight, their available and used indices both where the device
+    /// stopped.
+    pub fn resume<M: GuestMemory>(
+        layout: QueueLayout,
+        mem: &M,
+        saved: QueuePosition,
+    ) -> Result<Self, VirtioError> {
+        let mut device = Self::new(layout, mem)?;
+        let queue = &mut device.queue;
+        // Acquire: as in `serve` (nothing runs the guest meanwhile here).
+        let avail = queue
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(VirtioError::AvailRing)?
+            .0;
+        let used = queue
+            .used_idx(mem, Ordering::Acquire)
+            .map_err(VirtioError::UsedRing)?
+            .0;
+        if avail != saved.next_avail || used != saved.next_used || avail != used {
+            return Err(VirtioError::NotAtRest {
+                base: layout.base,
+                avail,
+                used,
+                saved,
+            });
+        }
+        queue.set_next_avail(saved.next_avail);
+        queue.set_next_used(saved.next_used);
+        Ok(device)
+    }
+
+    /// Where the device is in its queue.
+    pub fn position(&self) -> QueuePosition {
+        QueuePosition {
+            next_avail: self.queue.next_avail(),
+            next_used: self.queue.next_used(),
+        }
     }
 
     /// What the device has done so far.
