@@ -25,7 +25,7 @@
 //! run (`PinnedBuffers`), so that no conversion lands between a request's
 //! check and its reply.
 
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -46,7 +46,9 @@ use crate::guest::{
     VIRTIO_WAIT_PORT, VIRTIO_WAIT_SLICE, fill_page,
 };
 use crate::machine::{FIRMWARE_SIZE, MAX_COMMANDS, MAX_VCPUS, Machine, queue_layout};
-use crate::virtio::{BufferAccess, DeviceStats, HoldRefused, PatternDevice, reply_seed};
+use crate::virtio::{
+    BufferAccess, DeviceStats, HoldRefused, PatternDevice, QueuePosition, reply_seed,
+};
 
 /// What `gmem run` runs.
 #[derive(Debug, Clone)]
@@ -321,10 +323,57 @@ pub struct Summary {
     /// Whether Ctrl-C stopped the run part-way: the counts are those so far,
     /// and only the invariants that hold at any moment were checked.
     pub interrupted: bool,
+    /// The snapshot this run wrote or started from, if any
+    /// ([`crate::run_snapshot`]).
+    pub snapshot: Option<SnapshotNote>,
     /// Broken invariants; empty on success.
     pub broken: Vec<String>,
     /// Whether every invariant held.
     pub ok: bool,
+}
+
+/// What a run did with a snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotNote {
+    /// "saved" (the run stopped after `round` and wrote the file) or
+    /// "restored" (the run started from the file after `round`).
+    pub action: &'static str,
+    /// Rounds done before the snapshot.
+    pub round: u32,
+    /// The snapshot file.
+    pub file: String,
+    /// Its bytes.
+    pub bytes: u64,
+}
+
+/// Which rounds a run runs, and from what: a whole run, or one side of a
+/// snapshot ([`crate::run_snapshot`]).
+pub struct Leg {
+    /// The rounds run (0-based), of `RunConfig::rounds`.
+    pub rounds: Range<u32>,
+    /// Guest memory restored from a snapshot and where each virtio device
+    /// resumes, or `None` for fresh memory holding round 0's host pattern.
+    pub restored: Option<Restored>,
+}
+
+/// Guest memory and device state restored from a snapshot.
+pub struct Restored {
+    /// The guest's memory, with its rings, patterns and page states.
+    pub mem: GuestMemfd,
+    /// Where each vCPU's virtio device resumes in its queue.
+    pub queues: Vec<QueuePosition>,
+}
+
+/// A run's end: its summary, and the machine at rest (every vCPU halted,
+/// every device thread ended, no pin held) with each virtio device's place
+/// in its queue (`None` where a device failed).
+pub struct LegEnd {
+    /// The summary.
+    pub summary: Summary,
+    /// The machine.
+    pub machine: Machine,
+    /// Each queue's device position.
+    pub queues: Vec<Option<QueuePosition>>,
 }
 
 /// The seed of the guest's pattern in `round`.
@@ -370,6 +419,10 @@ struct RunState {
     host_bytes: AtomicU64,
     /// The virtio devices' counts, added as each device thread ends.
     virtio: Mutex<DeviceStats>,
+    /// Where each virtio device resumes (empty: at the start).
+    resume_at: Vec<QueuePosition>,
+    /// Where each virtio device ended, set as its thread ends.
+    ended_at: Mutex<Vec<Option<QueuePosition>>>,
     /// Conversions of virtio buffers the guest asked for and got.
     buffer_conversions: AtomicU64,
     stop: AtomicBool,
@@ -414,14 +467,58 @@ pub fn run(
     progress: ProgressBar,
     interrupt: &'static AtomicBool,
 ) -> anyhow::Result<Summary> {
+    let whole = Leg {
+        rounds: 0..config.rounds,
+        restored: None,
+    };
+    Ok(run_leg(config, whole, progress, interrupt)?.summary)
+}
+
+/// Runs `leg.rounds` of the workload, on fresh memory or restored; as
+/// [`run`] otherwise.
+pub fn run_leg(
+    config: &RunConfig,
+    leg: Leg,
+    progress: ProgressBar,
+    interrupt: &'static AtomicBool,
+) -> anyhow::Result<LegEnd> {
     let regions = plan(config)?;
-    let options = gmem::Options::new().huge_folios(config.huge_folios);
+    anyhow::ensure!(
+        leg.rounds.start < leg.rounds.end && leg.rounds.end <= config.rounds,
+        "rounds {}..{} are not part of the run's {}",
+        leg.rounds.start + 1,
+        leg.rounds.end,
+        config.rounds
+    );
     progress.set_message("setting up the VM");
-    let machine = Machine::with_options(config.memory, Attribute::Shared, options)
-        .context("setting up the VM")?;
-    seed_host_pattern(&machine, &regions, &progress, interrupt)?;
+    let (machine, resume_at) = match leg.restored {
+        None => {
+            let options = gmem::Options::new().huge_folios(config.huge_folios);
+            let machine = Machine::with_options(config.memory, Attribute::Shared, options)
+                .context("setting up the VM")?;
+            seed_host_pattern(&machine, &regions, &progress, interrupt)?;
+            (machine, Vec::new())
+        }
+        Some(restored) => {
+            anyhow::ensure!(
+                restored.mem.size() == config.memory && restored.queues.len() == regions.len(),
+                "the restored memory ({} bytes, {} queues) is not that of the run ({} bytes, {} vCPUs)",
+                restored.mem.size(),
+                restored.queues.len(),
+                config.memory,
+                regions.len()
+            );
+            let machine = Machine::restored(restored.mem).context("setting up the VM")?;
+            (machine, restored.queues)
+        }
+    };
     let state = Arc::new(RunState::new(
-        &machine, regions, config, progress, interrupt,
+        &machine,
+        regions,
+        config,
+        (leg.rounds.len() as u64, resume_at),
+        progress,
+        interrupt,
     ));
     // Device threads hold a pin for at most a few hundred microseconds, but on
     // a loaded host a descheduled thread holds it longer: allow up to about
@@ -436,7 +533,8 @@ pub fn run(
         .set_let_go(Arc::new(move |gpa, len| let_go.let_go(gpa, len)));
     let mut vcpus = Vec::new();
     for (id, &(start, end)) in state.regions.iter().enumerate() {
-        vcpus.push(machine.vcpu(id as u64, &commands(start, end, config))?);
+        let list = commands(start, end, config, leg.rounds.clone());
+        vcpus.push(machine.vcpu(id as u64, &list)?);
     }
     let device_memory = device_memory(&machine)?;
     let elapsed = if state.interrupted() {
@@ -445,22 +543,36 @@ pub fn run(
         run_threads(&state, &device_memory, vcpus, config.device_threads)?
     };
     state.progress.finish_and_clear();
-    check_final_state(&state, config);
-    Ok(summarize(config, &machine, &state, elapsed))
+    check_final_state(&state, leg.rounds.len() as u64);
+    let summary = summarize(config, &machine, &state, elapsed);
+    let queues = state
+        .ended_at
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    Ok(LegEnd {
+        summary,
+        machine,
+        queues,
+    })
 }
 
 impl RunState {
+    /// `(rounds, resume_at)`: the rounds to run, and where the virtio
+    /// devices resume (empty: at the start).
     fn new(
         machine: &Machine,
         regions: Vec<(u64, u64)>,
         config: &RunConfig,
+        (rounds, resume_at): (u64, Vec<QueuePosition>),
         progress: ProgressBar,
         interrupt: &'static AtomicBool,
     ) -> RunState {
         let chunks: u64 = regions.iter().map(|(s, e)| (e - s) / config.chunk).sum();
         progress.set_message("converting chunks");
         progress.set_position(0);
-        progress.set_length(chunks * u64::from(config.rounds));
+        progress.set_length(chunks * rounds);
+        let queues = regions.len();
         RunState {
             mem: machine.mem.clone(),
             cursor: regions.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -473,6 +585,8 @@ impl RunState {
             guest_bytes: AtomicU64::new(0),
             host_bytes: AtomicU64::new(0),
             virtio: Mutex::new(DeviceStats::default()),
+            ended_at: Mutex::new(vec![None; queues]),
+            resume_at,
             buffer_conversions: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             interrupt,
@@ -683,11 +797,11 @@ fn commands_per_round(chunks: u64) -> u64 {
     5 * chunks + 1
 }
 
-/// The guest's command list for the region `[start, end)`.
-fn commands(start: u64, end: u64, config: &RunConfig) -> Vec<Command> {
+/// The guest's command list for `rounds` over the region `[start, end)`.
+fn commands(start: u64, end: u64, config: &RunConfig, rounds: Range<u32>) -> Vec<Command> {
     let pages = (config.chunk / PAGE_SIZE) as u32;
     let mut list = Vec::new();
-    for round in 0..config.rounds {
+    for round in rounds {
         for chunk in (start..end).step_by(config.chunk as usize) {
             let gpa = chunk as u32;
             list.extend([
@@ -875,10 +989,14 @@ fn virtio_thread<M: GuestMemory>(
     let rings = access
         .hold(GuestAddress(layout.base), layout.len())
         .map_err(|e| format!("its rings: {e}"));
-    let device = rings
-        .as_ref()
-        .map_err(Clone::clone)
-        .and_then(|_| PatternDevice::new(layout, mem).map_err(|e| e.to_string()));
+    let resume_at = state.resume_at.get(queue as usize).copied();
+    let device = rings.as_ref().map_err(Clone::clone).and_then(|_| {
+        match resume_at {
+            None => PatternDevice::new(layout, mem),
+            Some(saved) => PatternDevice::resume(layout, mem, saved),
+        }
+        .map_err(|e| e.to_string())
+    });
     let mut device = device
         .map_err(|why| state.broke(format!("virtio queue {queue}: {why}")))
         .ok();
@@ -897,6 +1015,8 @@ fn virtio_thread<M: GuestMemory>(
     }
     if let Some(device) = device {
         state.add_virtio(queue, &device);
+        let mut ended_at = state.ended_at.lock().unwrap_or_else(|e| e.into_inner());
+        ended_at[queue as usize] = Some(device.position());
     }
     drop(rings);
 }
@@ -970,7 +1090,7 @@ fn device_thread(state: &RunState, thread: usize) {
 
 /// After the run: no pin left, and (unless Ctrl-C stopped it part-way)
 /// every request served and every region shared again.
-fn check_final_state(state: &RunState, config: &RunConfig) {
+fn check_final_state(state: &RunState, rounds: u64) {
     let stats = state.mem.stats();
     if stats.pins_live != 0 {
         state.broke(format!("{} pins still live after the run", stats.pins_live));
@@ -983,7 +1103,7 @@ fn check_final_state(state: &RunState, config: &RunConfig) {
         .iter()
         .map(|(s, e)| (e - s) / state.chunk)
         .sum();
-    let posted = chunks * u64::from(config.rounds);
+    let posted = chunks * rounds;
     let served = state
         .virtio
         .lock()
@@ -1059,6 +1179,7 @@ fn summarize(
             let_go_retries: virtio.let_go_retries,
             bad_chains: virtio.bad_chains,
         },
+        snapshot: None,
         ok: broken.is_empty(),
         interrupted: state.interrupted(),
         broken,
