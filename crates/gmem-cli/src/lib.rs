@@ -9,6 +9,7 @@ pub mod info;
 pub mod interrupt;
 pub mod machine;
 pub mod progress;
+pub mod run_snapshot;
 pub mod scenarios;
 pub mod stress;
 pub mod summary;

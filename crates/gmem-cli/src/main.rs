@@ -5,10 +5,12 @@ use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use gmem_cli::info::{self, HidingInfo};
 use gmem_cli::interrupt;
 use gmem_cli::progress::{self, Ticker};
+use gmem_cli::run_snapshot::{self, SavedRun, Stage};
 use gmem_cli::workload::{self, RunFlags};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -105,6 +107,40 @@ struct RunArgs {
     /// lines still go to stderr every few seconds).
     #[arg(long)]
     json: bool,
+    /// Stop after round --snapshot-at-round and write the run's snapshot to
+    /// FILE: guest memory (page states and contents, private pages in
+    /// clear) and the machine state the guest needs to go on.
+    #[arg(long, value_name = "FILE")]
+    snapshot: Option<std::path::PathBuf>,
+    /// The round after which --snapshot stops: 1 to the run's rounds less
+    /// one.
+    #[arg(long, value_name = "N")]
+    snapshot_at_round: Option<u32>,
+    /// Finish the run saved in FILE by --snapshot: its flags (any given
+    /// beside it must agree) and the rounds after the one it stopped at.
+    #[arg(long, value_name = "FILE")]
+    restore: Option<std::path::PathBuf>,
+}
+
+/// The flags of `gmem run` a snapshot records, as `RunArgs` names them.
+const RUN_MACHINE_FLAGS: [&str; 6] = [
+    "memory_mib",
+    "vcpus",
+    "rounds",
+    "chunk_kib",
+    "device_threads",
+    "huge_folios",
+];
+
+/// The machine flags given on `gmem run`'s command line (not defaults).
+fn given_run_flags(matches: &ArgMatches) -> Vec<&'static str> {
+    let Some(("run", run)) = matches.subcommand() else {
+        return Vec::new();
+    };
+    RUN_MACHINE_FLAGS
+        .into_iter()
+        .filter(|id| run.value_source(id) == Some(ValueSource::CommandLine))
+        .collect()
 }
 
 /// The flags of `gmem stress`. The ranges in the help are those of
@@ -159,7 +195,9 @@ fn failed(e: &anyhow::Error) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let given = given_run_flags(&matches);
     // gmem's own events (conversions refused, EAGAINs, failed restores) go to
     // stderr at the level `RUST_LOG` asks for; warnings and errors by default.
     // `gmem stress` makes listeners panic and refuse on purpose, so the
@@ -178,7 +216,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(args, &given),
         Command::Info { json } => info(json),
         Command::Bench {
             json,
@@ -201,7 +239,9 @@ fn main() -> ExitCode {
     result.unwrap_or_else(|e| failed(&e))
 }
 
-fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+/// `given`: the machine flags on the command line, which must agree with
+/// a snapshot's under `--restore`.
+fn run(args: RunArgs, given: &[&str]) -> anyhow::Result<ExitCode> {
     let flags = RunFlags {
         memory_mib: args.memory_mib,
         vcpus: args.vcpus,
@@ -210,7 +250,17 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         device_threads: args.device_threads,
         huge_folios: args.huge_folios,
     };
-    let config = flags.validate(workload::available_memory())?;
+    let stage = Stage::from_flags(args.snapshot, args.snapshot_at_round, args.restore)?;
+    let (config, saved) = match &stage {
+        Stage::Restore { file } => {
+            let saved = SavedRun::open(file)?;
+            saved.state.check_given(&flags, given)?;
+            let config = saved.state.validate(workload::available_memory())?;
+            (config, Some(saved))
+        }
+        _ => (flags.validate(workload::available_memory())?, None),
+    };
+    stage.check_rounds(config.rounds)?;
     require_kvm()?;
     interrupt::install().context("handling Ctrl-C")?;
     // A bar on a terminal; elsewhere (or with --json) a line every few
@@ -228,7 +278,13 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .context("starting the progress thread")?;
         (bar, Some(ticker))
     };
-    let summary = workload::run(&config, progress, interrupt::flag());
+    let summary = match (stage, saved) {
+        (Stage::Save { file, at_round }, _) => {
+            run_snapshot::save(&config, &file, at_round, progress, interrupt::flag())
+        }
+        (_, Some(saved)) => run_snapshot::restore(&config, saved, progress, interrupt::flag()),
+        _ => workload::run(&config, progress, interrupt::flag()),
+    };
     drop(ticker);
     let summary = summary?;
     if args.json {

@@ -58,6 +58,25 @@ impl Summary {
             "  virtio errors    {} data, {} access, {} bad chains",
             v.data_errors, v.access_errors, v.bad_chains
         )?;
+        match &s.snapshot {
+            Some(note) if note.action == "saved" => writeln!(
+                out,
+                "  snapshot         rounds 1-{} of {} run, then saved to {} ({} bytes); \
+                 `gmem run --restore` runs the rest",
+                note.round, s.rounds, note.file, note.bytes
+            )?,
+            Some(note) => writeln!(
+                out,
+                "  snapshot         restored from {} ({} bytes) at round {}: rounds {}-{} of {} run",
+                note.file,
+                note.bytes,
+                note.round,
+                note.round + 1,
+                s.rounds,
+                s.rounds
+            )?,
+            None => {}
+        }
         if s.interrupted {
             writeln!(
                 out,
@@ -106,5 +125,37 @@ mod tests {
             text.contains("  interrupted      by Ctrl-C after 1.50 s: the counts so far\n  invariants       all held"),
             "{text}"
         );
+    }
+
+    /// A run on either side of a snapshot says which rounds it ran.
+    #[test]
+    fn a_snapshot_run_says_which_rounds_it_ran() {
+        let note = |action| crate::workload::SnapshotNote {
+            action,
+            round: 2,
+            file: "run.snap".into(),
+            bytes: 4096,
+        };
+        let saved = Summary {
+            ok: true,
+            rounds: 4,
+            snapshot: Some(note("saved")),
+            ..Summary::default()
+        };
+        let out = text(&saved);
+        assert!(
+            out.contains("rounds 1-2 of 4 run, then saved to run.snap (4096 bytes)"),
+            "{out}"
+        );
+        let restored = Summary {
+            snapshot: Some(note("restored")),
+            ..saved
+        };
+        let out = text(&restored);
+        assert!(
+            out.contains("restored from run.snap (4096 bytes) at round 2: rounds 3-4 of 4 run"),
+            "{out}"
+        );
+        assert!(!text(&Summary::default()).contains("snapshot"));
     }
 }
