@@ -84,9 +84,15 @@ impl Stage {
             (None, None, None) => Ok(Stage::Whole),
             (Some(file), Some(at_round), None) => Ok(Stage::Save { file, at_round }),
             (None, None, Some(file)) => Ok(Stage::Restore { file }),
-            (Some(_), None, _) => bad("--snapshot needs --snapshot-at-round N: the round to stop after"),
-            (None, Some(_), _) => bad("--snapshot-at-round needs --snapshot FILE: where to write it"),
-            (_, _, Some(_)) => bad("--restore finishes a saved run: leave out --snapshot and --snapshot-at-round"),
+            (Some(_), None, _) => {
+                bad("--snapshot needs --snapshot-at-round N: the round to stop after")
+            }
+            (None, Some(_), _) => {
+                bad("--snapshot-at-round needs --snapshot FILE: where to write it")
+            }
+            (_, _, Some(_)) => {
+                bad("--restore finishes a saved run: leave out --snapshot and --snapshot-at-round")
+            }
         }
     }
 
@@ -94,6 +100,9 @@ impl Stage {
     /// must leave a round for the restore.
     pub fn check_rounds(&self, rounds: u32) -> Result<(), BadFlag> {
         match *self {
+            Stage::Save { .. } if rounds < 2 => Err(BadFlag(format!(
+                "--snapshot needs a run of 2 rounds or more, not {rounds}: the restore runs the rest"
+            ))),
             Stage::Save { at_round, .. } if at_round == 0 || at_round >= rounds => {
                 Err(BadFlag(format!(
                     "--snapshot-at-round {at_round} must be 1 to {} (the run has {rounds} rounds: \
@@ -213,6 +222,9 @@ pub enum RunSnapshotError {
         #[source]
         source: std::io::Error,
     },
+    /// The file ends inside its header or record.
+    #[error("{0}: truncated: it ends inside its header or machine-state record")]
+    Truncated(String),
     /// The file does not start as a run snapshot does.
     #[error("{0}: not a gmem run snapshot (no GMEMRUN header)")]
     BadMagic(String),
@@ -271,9 +283,12 @@ impl SavedRun {
     /// Opens `file` and reads its machine-state record.
     pub fn open(file: &Path) -> Result<SavedRun, RunSnapshotError> {
         let path = file.display().to_string();
-        let io = |source| RunSnapshotError::Io {
-            path: path.clone(),
-            source,
+        let io = |source: std::io::Error| match source.kind() {
+            std::io::ErrorKind::UnexpectedEof => RunSnapshotError::Truncated(path.clone()),
+            _ => RunSnapshotError::Io {
+                path: path.clone(),
+                source,
+            },
         };
         let mut input = BufReader::new(File::open(file).map_err(io)?);
         let mut header = [0u8; HEADER_LEN];
@@ -281,12 +296,9 @@ impl SavedRun {
         if header[..8] != MAGIC {
             return Err(RunSnapshotError::BadMagic(path));
         }
-        let word = |at: usize| u32::from_le_bytes([
-            header[at],
-            header[at + 1],
-            header[at + 2],
-            header[at + 3],
-        ]);
+        let word = |at: usize| {
+            u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
         let (version, len, crc) = (word(8), word(12), word(16));
         if version != VERSION {
             return Err(RunSnapshotError::UnsupportedVersion { path, version });
@@ -299,11 +311,10 @@ impl SavedRun {
         if crc32fast::hash(&record) != crc {
             return Err(RunSnapshotError::RecordChecksum(path));
         }
-        let state = serde_json::from_slice(&record)
-            .map_err(|source| RunSnapshotError::Record {
-                path: path.clone(),
-                source,
-            })?;
+        let state = serde_json::from_slice(&record).map_err(|source| RunSnapshotError::Record {
+            path: path.clone(),
+            source,
+        })?;
         Ok(SavedRun { state, path, input })
     }
 

@@ -509,6 +509,12 @@ pub fn run_leg(
                 regions.len()
             );
             let machine = Machine::restored(restored.mem).context("setting up the VM")?;
+            // Each device must be able to resume before any vCPU runs.
+            let view = device_memory(&machine)?;
+            for (id, &at) in restored.queues.iter().enumerate() {
+                PatternDevice::resume(queue_layout(id as u64), &view, at)
+                    .with_context(|| format!("virtio queue {id}"))?;
+            }
             (machine, restored.queues)
         }
     };

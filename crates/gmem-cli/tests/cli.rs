@@ -6,20 +6,8 @@ use gmem::Attribute;
 use gmem_cli::guest::Command as Guest;
 use gmem_cli::machine::{FIRMWARE_SIZE, Machine};
 
-/// Whether KVM tests may run; panics where they must (`GMEM_REQUIRE_KVM`).
-fn kvm() -> bool {
-    match gmem::kvm::HostSupport::probe() {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(
-                std::env::var_os("GMEM_REQUIRE_KVM").is_none(),
-                "skipped on a KVM host: {e}"
-            );
-            eprintln!("skipped: KVM unavailable: {e}");
-            false
-        }
-    }
-}
+mod common;
+use common::{gmem_full, kvm};
 
 fn gmem(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_gmem"))
@@ -185,20 +173,6 @@ fn info_reports_guest_memfd_support() {
     }
     let max = hiding["max_map_count"].as_u64().expect("max_map_count");
     assert_eq!(hiding["process_vma_budget"].as_u64(), Some(max / 4));
-}
-
-/// Runs `gmem` with `args`: (exit code, stdout, stderr).
-fn gmem_full(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_gmem"))
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("gmem runs");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// Flags out of range fail before any KVM work: exit 2, one line naming the
