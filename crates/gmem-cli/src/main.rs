@@ -122,22 +122,12 @@ struct RunArgs {
     restore: Option<std::path::PathBuf>,
 }
 
-/// The flags of `gmem run` a snapshot records, as `RunArgs` names them.
-const RUN_MACHINE_FLAGS: [&str; 6] = [
-    "memory_mib",
-    "vcpus",
-    "rounds",
-    "chunk_kib",
-    "device_threads",
-    "huge_folios",
-];
-
 /// The machine flags given on `gmem run`'s command line (not defaults).
 fn given_run_flags(matches: &ArgMatches) -> Vec<&'static str> {
     let Some(("run", run)) = matches.subcommand() else {
         return Vec::new();
     };
-    RUN_MACHINE_FLAGS
+    run_snapshot::MACHINE_FLAGS
         .into_iter()
         .filter(|id| run.value_source(id) == Some(ValueSource::CommandLine))
         .collect()

@@ -53,6 +53,17 @@ pub const VERSION: u32 = 1;
 pub const MAX_RECORD: u32 = 64 << 10;
 const HEADER_LEN: usize = 20;
 
+/// The flags of `gmem run` a snapshot records, by their field names in
+/// [`RunFlags`] (and clap's ids): those given beside `--restore` must agree.
+pub const MACHINE_FLAGS: [&str; 6] = [
+    "memory_mib",
+    "vcpus",
+    "rounds",
+    "chunk_kib",
+    "device_threads",
+    "huge_folios",
+];
+
 /// What `gmem run` does about snapshots, from its flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stage {
@@ -210,11 +221,12 @@ impl MachineState {
     }
 }
 
-/// Why a snapshot file could not be read or written.
+/// Why a snapshot file could not be read or written. The messages leave
+/// the source out: `gmem` prints the chain (`{:#}`).
 #[derive(Debug, Error)]
 pub enum RunSnapshotError {
     /// The file could not be opened, created, read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: String,
@@ -248,7 +260,7 @@ pub enum RunSnapshotError {
     #[error("{0}: the machine-state record is corrupt (CRC-32 mismatch)")]
     RecordChecksum(String),
     /// The record is not one this build writes.
-    #[error("{path}: the machine-state record is malformed: {source}")]
+    #[error("{path}: the machine-state record is malformed")]
     Record {
         /// The file.
         path: String,
@@ -257,7 +269,7 @@ pub enum RunSnapshotError {
         source: serde_json::Error,
     },
     /// The guest memory's snapshot failed to restore or to save.
-    #[error("{path}: guest memory: {source}")]
+    #[error("{path}: guest memory")]
     Memory {
         /// The file.
         path: String,
@@ -433,4 +445,120 @@ pub fn restore(
         bytes,
     });
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> MachineState {
+        MachineState {
+            memory_mib: 64,
+            vcpus: 2,
+            rounds: 4,
+            chunk_kib: 256,
+            device_threads: 2,
+            huge_folios: false,
+            round: 2,
+            queues: vec![
+                QueuePosition {
+                    next_avail: 96,
+                    next_used: 96,
+                };
+                2
+            ],
+        }
+    }
+
+    #[test]
+    fn the_stage_follows_the_flags() {
+        let file = || Some(PathBuf::from("f"));
+        assert_eq!(Stage::from_flags(None, None, None), Ok(Stage::Whole));
+        assert_eq!(
+            Stage::from_flags(file(), Some(2), None),
+            Ok(Stage::Save {
+                file: "f".into(),
+                at_round: 2
+            })
+        );
+        assert_eq!(
+            Stage::from_flags(None, None, file()),
+            Ok(Stage::Restore { file: "f".into() })
+        );
+        for (snapshot, at, restore) in [
+            (file(), None, None),
+            (None, Some(1), None),
+            (file(), Some(1), file()),
+            (None, Some(1), file()),
+            (file(), None, file()),
+        ] {
+            assert!(Stage::from_flags(snapshot, at, restore).is_err());
+        }
+    }
+
+    #[test]
+    fn a_snapshot_leaves_a_round_for_the_restore() {
+        let save = |at_round| Stage::Save {
+            file: "f".into(),
+            at_round,
+        };
+        assert!(save(1).check_rounds(2).is_ok());
+        assert!(save(3).check_rounds(4).is_ok());
+        assert!(save(4).check_rounds(4).is_err());
+        assert!(save(0).check_rounds(4).is_err());
+        assert!(save(1).check_rounds(1).is_err());
+        assert!(Stage::Whole.check_rounds(1).is_ok());
+    }
+
+    #[test]
+    fn only_flags_given_must_agree() {
+        let saved = state();
+        // Defaults that differ from the snapshot's but were not given.
+        let flags = RunFlags {
+            memory_mib: 16,
+            vcpus: 1,
+            rounds: None,
+            chunk_kib: 4,
+            device_threads: 0,
+            huge_folios: true,
+        };
+        assert!(saved.check_given(&flags, &[]).is_ok());
+        let err = saved.check_given(&flags, &["vcpus"]).unwrap_err();
+        assert_eq!(
+            err.0,
+            "--vcpus 1 disagrees with the snapshot's 2: leave it out with --restore"
+        );
+        assert!(saved.check_given(&flags, &["chunk_kib"]).is_err());
+        assert!(saved.check_given(&saved.flags(), &MACHINE_FLAGS).is_ok());
+    }
+
+    #[test]
+    fn a_record_must_be_consistent() {
+        assert!(state().validate(None).is_ok());
+        let bad = [
+            MachineState {
+                round: 0,
+                ..state()
+            },
+            MachineState {
+                round: 4,
+                ..state()
+            },
+            MachineState {
+                queues: Vec::new(),
+                ..state()
+            },
+            MachineState {
+                vcpus: 0,
+                ..state()
+            },
+            MachineState {
+                memory_mib: u64::MAX,
+                ..state()
+            },
+        ];
+        for record in bad {
+            assert!(record.validate(None).is_err(), "{record:?}");
+        }
+    }
 }

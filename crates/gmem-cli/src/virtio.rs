@@ -184,7 +184,9 @@ pub enum VirtioError {
     /// another place than the one saved.
     #[error(
         "the virtqueue at {base:#x} has available index {avail} and used index {used}, \
-         not the drained queue at {saved:?} the device resumes at"
+         not both {} and {} where the device resumes",
+        .saved.next_avail,
+        .saved.next_used
     )]
     NotAtRest {
         /// The queue's base.
