@@ -419,8 +419,9 @@ struct RunState {
     host_bytes: AtomicU64,
     /// The virtio devices' counts, added as each device thread ends.
     virtio: Mutex<DeviceStats>,
-    /// Where each virtio device resumes (empty: at the start).
-    resume_at: Vec<QueuePosition>,
+    /// The virtio devices resumed from a snapshot, checked before any vCPU
+    /// ran, each taken by its thread (empty: each thread makes its own).
+    resumed: Mutex<Vec<Option<PatternDevice>>>,
     /// Where each virtio device ended, set as its thread ends.
     ended_at: Mutex<Vec<Option<QueuePosition>>>,
     /// Conversions of virtio buffers the guest asked for and got.
@@ -491,7 +492,7 @@ pub fn run_leg(
         config.rounds
     );
     progress.set_message("setting up the VM");
-    let (machine, resume_at) = match leg.restored {
+    let (machine, resumed) = match leg.restored {
         None => {
             let options = gmem::Options::new().huge_folios(config.huge_folios);
             let machine = Machine::with_options(config.memory, Attribute::Shared, options)
@@ -509,20 +510,23 @@ pub fn run_leg(
                 regions.len()
             );
             let machine = Machine::restored(restored.mem).context("setting up the VM")?;
-            // Each device must be able to resume before any vCPU runs.
+            // The devices resume here, before any vCPU runs: a vCPU posts
+            // as soon as it starts, and the rings would no longer be at rest.
             let view = device_memory(&machine)?;
+            let mut resumed = Vec::new();
             for (id, &at) in restored.queues.iter().enumerate() {
-                PatternDevice::resume(queue_layout(id as u64), &view, at)
+                let device = PatternDevice::resume(queue_layout(id as u64), &view, at)
                     .with_context(|| format!("virtio queue {id}"))?;
+                resumed.push(Some(device));
             }
-            (machine, restored.queues)
+            (machine, resumed)
         }
     };
     let state = Arc::new(RunState::new(
         &machine,
         regions,
         config,
-        (leg.rounds.len() as u64, resume_at),
+        (leg.rounds.len() as u64, resumed),
         progress,
         interrupt,
     ));
@@ -564,13 +568,13 @@ pub fn run_leg(
 }
 
 impl RunState {
-    /// `(rounds, resume_at)`: the rounds to run, and where the virtio
-    /// devices resume (empty: at the start).
+    /// `(rounds, resumed)`: the rounds to run, and the virtio devices
+    /// resumed from a snapshot (empty: each thread makes its own).
     fn new(
         machine: &Machine,
         regions: Vec<(u64, u64)>,
         config: &RunConfig,
-        (rounds, resume_at): (u64, Vec<QueuePosition>),
+        (rounds, resumed): (u64, Vec<Option<PatternDevice>>),
         progress: ProgressBar,
         interrupt: &'static AtomicBool,
     ) -> RunState {
@@ -592,7 +596,7 @@ impl RunState {
             host_bytes: AtomicU64::new(0),
             virtio: Mutex::new(DeviceStats::default()),
             ended_at: Mutex::new(vec![None; queues]),
-            resume_at,
+            resumed: Mutex::new(resumed),
             buffer_conversions: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             interrupt,
@@ -995,14 +999,19 @@ fn virtio_thread<M: GuestMemory>(
     let rings = access
         .hold(GuestAddress(layout.base), layout.len())
         .map_err(|e| format!("its rings: {e}"));
-    let resume_at = state.resume_at.get(queue as usize).copied();
-    let device = rings.as_ref().map_err(Clone::clone).and_then(|_| {
-        match resume_at {
-            None => PatternDevice::new(layout, mem),
-            Some(saved) => PatternDevice::resume(layout, mem, saved),
-        }
-        .map_err(|e| e.to_string())
-    });
+    let resumed = state
+        .resumed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_mut(queue as usize)
+        .and_then(Option::take);
+    let device = rings
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|_| match resumed {
+            Some(device) => Ok(device),
+            None => PatternDevice::new(layout, mem).map_err(|e| e.to_string()),
+        });
     let mut device = device
         .map_err(|why| state.broke(format!("virtio queue {queue}: {why}")))
         .ok();
