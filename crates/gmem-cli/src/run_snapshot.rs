@@ -43,7 +43,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::virtio::QueuePosition;
-use crate::workload::{self, BadFlag, Leg, Restored, RunConfig, RunFlags, SnapshotNote, Summary};
+use crate::workload::{
+    self, BadFlag, Leg, Restored, RunConfig, RunFlags, SnapshotAction, SnapshotNote, Summary,
+};
 
 const MAGIC: [u8; 8] = *b"GMEMRUN\0";
 /// The record format this build writes and reads.
@@ -382,7 +384,7 @@ pub fn save(
     };
     let bytes = write(file, &state, &end.machine.mem)?;
     summary.snapshot = Some(SnapshotNote {
-        action: "saved",
+        action: SnapshotAction::Saved,
         round: at_round,
         file: file.display().to_string(),
         bytes,
@@ -439,7 +441,7 @@ pub fn restore(
     };
     let mut summary = workload::run_leg(config, leg, progress, interrupt)?.summary;
     summary.snapshot = Some(SnapshotNote {
-        action: "restored",
+        action: SnapshotAction::Restored,
         round: state.round,
         file,
         bytes,

@@ -2,7 +2,7 @@
 
 use std::io::{self, Write};
 
-use crate::workload::Summary;
+use crate::workload::{SnapshotAction, Summary};
 
 impl Summary {
     /// Writes the summary for people (`--json` prints the struct itself).
@@ -59,7 +59,7 @@ impl Summary {
             v.data_errors, v.access_errors, v.bad_chains
         )?;
         match &s.snapshot {
-            Some(note) if note.action == "saved" => writeln!(
+            Some(note) if note.action == SnapshotAction::Saved => writeln!(
                 out,
                 "  snapshot         rounds 1-{} of {} run, then saved to {} ({} bytes); \
                  `gmem run --restore` runs the rest",
@@ -139,7 +139,7 @@ mod tests {
         let saved = Summary {
             ok: true,
             rounds: 4,
-            snapshot: Some(note("saved")),
+            snapshot: Some(note(SnapshotAction::Saved)),
             ..Summary::default()
         };
         let out = text(&saved);
@@ -148,7 +148,7 @@ mod tests {
             "{out}"
         );
         let restored = Summary {
-            snapshot: Some(note("restored")),
+            snapshot: Some(note(SnapshotAction::Restored)),
             ..saved
         };
         let out = text(&restored);

@@ -332,12 +332,21 @@ pub struct Summary {
     pub ok: bool,
 }
 
+/// What a run did with a snapshot file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotAction {
+    /// The run stopped after the note's round and wrote the file.
+    Saved,
+    /// The run started from the file, after the note's round.
+    Restored,
+}
+
 /// What a run did with a snapshot.
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotNote {
-    /// "saved" (the run stopped after `round` and wrote the file) or
-    /// "restored" (the run started from the file after `round`).
-    pub action: &'static str,
+    /// Saved or restored.
+    pub action: SnapshotAction,
     /// Rounds done before the snapshot.
     pub round: u32,
     /// The snapshot file.
