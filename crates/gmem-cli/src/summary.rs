@@ -61,18 +61,20 @@ impl Summary {
         match &s.snapshot {
             Some(note) if note.action == SnapshotAction::Saved => writeln!(
                 out,
-                "  snapshot         rounds 1-{} of {} run, then saved to {} ({} bytes); \
+                "  snapshot         {} of {} run, then saved to {} ({} bytes); \
                  `gmem run --restore` runs the rest",
-                note.round, s.rounds, note.file, note.bytes
+                rounds(1, note.round),
+                s.rounds,
+                note.file,
+                note.bytes
             )?,
             Some(note) => writeln!(
                 out,
-                "  snapshot         restored from {} ({} bytes) at round {}: rounds {}-{} of {} run",
+                "  snapshot         restored from {} ({} bytes) at round {}: {} of {} run",
                 note.file,
                 note.bytes,
                 note.round,
-                note.round + 1,
-                s.rounds,
+                rounds(note.round + 1, s.rounds),
                 s.rounds
             )?,
             None => {}
@@ -93,6 +95,15 @@ impl Summary {
             }
         }
         Ok(())
+    }
+}
+
+/// Rounds `first` to `last` (1-based), for people.
+fn rounds(first: u32, last: u32) -> String {
+    if first == last {
+        format!("round {first}")
+    } else {
+        format!("rounds {first}-{last}")
     }
 }
 
@@ -157,5 +168,11 @@ mod tests {
             "{out}"
         );
         assert!(!text(&Summary::default()).contains("snapshot"));
+        let last = Summary {
+            rounds: 3,
+            ..restored
+        };
+        let out = text(&last);
+        assert!(out.contains("at round 2: round 3 of 3 run"), "{out}");
     }
 }
