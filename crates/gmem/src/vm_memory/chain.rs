@@ -242,7 +242,8 @@ impl<'a> PinnedChain<'a> {
         for (pin, at, len) in pieces_of(buffer, offset, buf.len()) {
             // Inside the pin: the buffer's bounds were checked.
             let to = &mut buf[done..done + len];
-            pin.read(at, to).map_err(|_| out_of_bounds(index, offset, to.len(), buffer))?;
+            pin.read(at, to)
+                .map_err(|_| out_of_bounds(index, offset, to.len(), buffer))?;
             done += len;
         }
         Ok(())
@@ -256,7 +257,8 @@ impl<'a> PinnedChain<'a> {
         let mut done = 0;
         for (pin, at, len) in pieces_of(buffer, offset, data.len()) {
             let from = &data[done..done + len];
-            pin.write(at, from).map_err(|_| out_of_bounds(index, offset, from.len(), buffer))?;
+            pin.write(at, from)
+                .map_err(|_| out_of_bounds(index, offset, from.len(), buffer))?;
             done += len;
         }
         Ok(())
