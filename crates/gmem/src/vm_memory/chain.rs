@@ -51,27 +51,25 @@ use crate::Pin;
 /// the [module documentation](self) for the lifecycle.
 #[derive(Debug)]
 pub struct PinnedChain<'a> {
-    /// One per range given, in order.
-    buffers: Vec<Buffer<'a>>,
+    /// The ranges given, in order: guest address and length.
+    buffers: Vec<(u64, u64)>,
+    /// The pins: the buffers cut at region ends and merged where they
+    /// overlap or touch within a region, one pin each (a chain of adjacent
+    /// 4 KiB buffers is one pin, one entry in the thread's batch). Sorted
+    /// by guest address, disjoint; every byte of every buffer is in one.
+    spans: Vec<Span<'a>>,
 }
 
-/// One buffer of a chain: its guest address and length, and the pins of
-/// its pages (one per region it crosses, in address order).
+/// A guest range inside one region and the pin of its pages.
 #[derive(Debug)]
-struct Buffer<'a> {
+struct Span<'a> {
     guest_addr: u64,
-    len: u64,
-    /// The piece in the first region; `None` for an empty buffer.
-    first: Option<Pin<'a>>,
-    /// The pieces in the regions after it (empty, and unallocated, for a
-    /// buffer inside one region).
-    rest: Vec<Pin<'a>>,
+    pin: Pin<'a>,
 }
 
-impl<'a> Buffer<'a> {
-    /// The buffer's pins, in address order.
-    fn pieces(&self) -> impl Iterator<Item = &Pin<'a>> {
-        self.first.iter().chain(&self.rest)
+impl Span<'_> {
+    fn end(&self) -> u64 {
+        self.guest_addr + self.pin.len()
     }
 }
 
@@ -147,41 +145,78 @@ impl GuestMemoryGmem {
     ) -> Result<PinnedChain<'_>, GuestMemoryError> {
         let ranges = ranges.into_iter();
         let mut buffers = Vec::with_capacity(ranges.size_hint().0);
+        let mut pieces = Vec::with_capacity(ranges.size_hint().0);
         for (GuestAddress(guest_addr), len) in ranges {
-            // On an error `buffers` drops, and with it every pin taken.
-            buffers.push(self.pin_buffer(guest_addr, len as u64)?);
+            let end = guest_addr
+                .checked_add(len as u64)
+                .ok_or(GuestMemoryError::GuestAddressOverflow)?;
+            self.chain_pieces(guest_addr, end, &mut pieces)?;
+            buffers.push((guest_addr, len as u64));
         }
-        Ok(PinnedChain { buffers })
+        // A chain's buffers usually come in address order already.
+        pieces.sort_unstable();
+        let merged = self.merge_pieces(&mut pieces);
+        // On an error the spans pinned so far drop, and with them their pins.
+        let spans = pieces[..merged]
+            .iter()
+            .map(|&(start, end)| self.pin_span(start, end))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PinnedChain { buffers, spans })
     }
 
-    /// Pins `[guest_addr, guest_addr + len)`, one piece per region.
+    /// Appends the pieces of `[start, end)` in each region it crosses.
     #[inline]
-    fn pin_buffer(&self, guest_addr: u64, len: u64) -> Result<Buffer<'_>, GuestMemoryError> {
-        let end = guest_addr
-            .checked_add(len)
-            .ok_or(GuestMemoryError::GuestAddressOverflow)?;
-        let mut buffer = Buffer {
-            guest_addr,
-            len,
-            first: None,
-            rest: Vec::new(),
-        };
-        let mut at = guest_addr;
+    fn chain_pieces(
+        &self,
+        start: u64,
+        end: u64,
+        pieces: &mut Vec<(u64, u64)>,
+    ) -> Result<(), GuestMemoryError> {
+        let mut at = start;
         while at < end {
             let region = self
                 .find(at)
                 .ok_or(GuestMemoryError::InvalidGuestAddress(GuestAddress(at)))?;
-            let within = at - region.guest_addr;
-            let piece = (region.len - within).min(end - at);
-            let pin = region.file.pin(region.file_offset + within, piece);
-            let pin = pin.map_err(|err| access_error(at, err))?;
-            match buffer.first {
-                None => buffer.first = Some(pin),
-                Some(_) => buffer.rest.push(pin),
-            }
-            at += piece;
+            let piece_end = region.end().min(end);
+            pieces.push((at, piece_end));
+            at = piece_end;
         }
-        Ok(buffer)
+        Ok(())
+    }
+
+    /// Merges sorted `pieces` in place where they overlap, or touch within
+    /// a region; returns how many are left at the front.
+    fn merge_pieces(&self, pieces: &mut [(u64, u64)]) -> usize {
+        let mut merged = 0usize;
+        for i in 0..pieces.len() {
+            let (start, end) = pieces[i];
+            let joins = merged.checked_sub(1).is_some_and(|last| {
+                let last_end = pieces[last].1;
+                start < last_end || (start == last_end && !self.starts_region(start))
+            });
+            if joins {
+                let last = &mut pieces[merged - 1].1;
+                *last = (*last).max(end);
+            } else {
+                pieces[merged] = (start, end);
+                merged += 1;
+            }
+        }
+        merged
+    }
+
+    /// Pins `[start, end)`, which lies inside one region.
+    #[inline]
+    fn pin_span(&self, start: u64, end: u64) -> Result<Span<'_>, GuestMemoryError> {
+        let region = self
+            .find(start)
+            .ok_or(GuestMemoryError::InvalidGuestAddress(GuestAddress(start)))?;
+        let offset = region.file_offset + (start - region.guest_addr);
+        let pin = region.file.pin(offset, end - start);
+        Ok(Span {
+            guest_addr: start,
+            pin: pin.map_err(|err| access_error(start, err))?,
+        })
     }
 }
 
@@ -198,8 +233,8 @@ impl<'a> PinnedChain<'a> {
 
     /// Buffer `index`'s guest address and length, as given.
     pub fn range(&self, index: usize) -> Result<(GuestAddress, usize), ChainError> {
-        let buffer = self.buffer(index)?;
-        Ok((GuestAddress(buffer.guest_addr), buffer.len as usize))
+        let (guest_addr, len) = self.buffer(index)?;
+        Ok((GuestAddress(guest_addr), len as usize))
     }
 
     /// Buffer `index` as one `VolatileSlice`, which borrows the set (its
@@ -209,12 +244,13 @@ impl<'a> PinnedChain<'a> {
     /// empty buffer or one that crosses regions (use
     /// [`slices`](Self::slices)).
     pub fn slice(&self, index: usize) -> Result<VolatileSlice<'_>, ChainError> {
-        let buffer = self.buffer(index)?;
-        match (&buffer.first, buffer.rest.len()) {
-            (Some(pin), 0) => Ok(pin.as_volatile_slice()),
+        let (guest_addr, len) = self.buffer(index)?;
+        let mut slices = self.slices_of(guest_addr, len);
+        match (slices.next(), slices.next()) {
+            (Some(slice), None) => Ok(slice),
             _ => Err(ChainError::NotOneSlice {
                 index,
-                pieces: buffer.pieces().count(),
+                pieces: self.slices_of(guest_addr, len).count(),
             }),
         }
     }
@@ -227,7 +263,8 @@ impl<'a> PinnedChain<'a> {
         &self,
         index: usize,
     ) -> Result<impl Iterator<Item = VolatileSlice<'_>>, ChainError> {
-        Ok(self.buffer(index)?.pieces().map(Pin::as_volatile_slice))
+        let (guest_addr, len) = self.buffer(index)?;
+        Ok(self.slices_of(guest_addr, len))
     }
 
     /// Copies from `offset` within buffer `index` into `buf` (volatile
@@ -237,13 +274,12 @@ impl<'a> PinnedChain<'a> {
     /// `buf` fits in the buffer from `offset`.
     #[inline]
     pub fn read(&self, index: usize, offset: u64, buf: &mut [u8]) -> Result<(), ChainError> {
-        let buffer = self.checked(index, offset, buf.len())?;
+        let at = self.checked(index, offset, buf.len())?;
         let mut done = 0;
-        for (pin, at, len) in pieces_of(buffer, offset, buf.len()) {
-            // Inside the pin: the buffer's bounds were checked.
+        for (pin, within, len) in self.parts(at, buf.len() as u64) {
             let to = &mut buf[done..done + len];
-            pin.read(at, to)
-                .map_err(|_| out_of_bounds(index, offset, to.len(), buffer))?;
+            let copied = pin.read(within, to);
+            copied.map_err(|_| self.out_of_bounds(index, offset, buf.len()))?;
             done += len;
         }
         Ok(())
@@ -253,12 +289,11 @@ impl<'a> PinnedChain<'a> {
     /// errors as [`read`](Self::read).
     #[inline]
     pub fn write(&self, index: usize, offset: u64, data: &[u8]) -> Result<(), ChainError> {
-        let buffer = self.checked(index, offset, data.len())?;
+        let at = self.checked(index, offset, data.len())?;
         let mut done = 0;
-        for (pin, at, len) in pieces_of(buffer, offset, data.len()) {
-            let from = &data[done..done + len];
-            pin.write(at, from)
-                .map_err(|_| out_of_bounds(index, offset, from.len(), buffer))?;
+        for (pin, within, len) in self.parts(at, data.len() as u64) {
+            let copied = pin.write(within, &data[done..done + len]);
+            copied.map_err(|_| self.out_of_bounds(index, offset, data.len()))?;
             done += len;
         }
         Ok(())
@@ -283,55 +318,61 @@ impl<'a> PinnedChain<'a> {
         self.write(index, offset, value.as_slice())
     }
 
-    fn buffer(&self, index: usize) -> Result<&Buffer<'a>, ChainError> {
-        self.buffers.get(index).ok_or(ChainError::NoBuffer {
-            index,
-            buffers: self.buffers.len(),
+    fn buffer(&self, index: usize) -> Result<(u64, u64), ChainError> {
+        self.buffers
+            .get(index)
+            .copied()
+            .ok_or(ChainError::NoBuffer {
+                index,
+                buffers: self.buffers.len(),
+            })
+    }
+
+    /// The guest address of `offset` in buffer `index`, if `[offset, offset
+    /// + len)` is inside the buffer.
+    #[inline]
+    fn checked(&self, index: usize, offset: u64, len: usize) -> Result<u64, ChainError> {
+        let (guest_addr, buffer_len) = self.buffer(index)?;
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > buffer_len)
+        {
+            return Err(self.out_of_bounds(index, offset, len));
+        }
+        Ok(guest_addr + offset)
+    }
+
+    /// The parts of guest `[at, at + len)` (inside a buffer) in each span:
+    /// the span's pin, the offset within it, and the bytes.
+    #[inline]
+    fn parts(&self, at: u64, len: u64) -> impl Iterator<Item = (&Pin<'a>, u64, usize)> {
+        let first = self.spans.partition_point(|s| s.end() <= at);
+        let end = at + len;
+        self.spans[first..]
+            .iter()
+            .take_while(move |span| span.guest_addr < end)
+            .map(move |span| {
+                let start = at.max(span.guest_addr);
+                let part = span.end().min(end) - start;
+                (&span.pin, start - span.guest_addr, part as usize)
+            })
+    }
+
+    /// The slices of guest `[at, at + len)` (a buffer), one per span.
+    fn slices_of(&self, at: u64, len: u64) -> impl Iterator<Item = VolatileSlice<'_>> {
+        self.parts(at, len).filter_map(|(pin, within, part)| {
+            // Inside the pin: `parts` cuts within its span.
+            pin.as_volatile_slice().subslice(within as usize, part).ok()
         })
     }
 
-    /// Buffer `index`, if `[offset, offset + len)` is inside it.
-    #[inline]
-    fn checked(&self, index: usize, offset: u64, len: usize) -> Result<&Buffer<'a>, ChainError> {
-        let buffer = self.buffer(index)?;
-        if offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > buffer.len)
-        {
-            return Err(out_of_bounds(index, offset, len, buffer));
+    #[cold]
+    fn out_of_bounds(&self, index: usize, offset: u64, len: usize) -> ChainError {
+        ChainError::OutOfBounds {
+            index,
+            offset,
+            len: len as u64,
+            buffer_len: self.buffers.get(index).map_or(0, |b| b.1),
         }
-        Ok(buffer)
     }
-}
-
-/// The error for `[offset, offset + len)` outside `buffer`.
-#[cold]
-fn out_of_bounds(index: usize, offset: u64, len: usize, buffer: &Buffer<'_>) -> ChainError {
-    ChainError::OutOfBounds {
-        index,
-        offset,
-        len: len as u64,
-        buffer_len: buffer.len,
-    }
-}
-
-/// The parts of `[offset, offset + len)` of `buffer` (inside it) in each of
-/// its pieces: the pin, the offset within it, and the bytes.
-#[inline]
-fn pieces_of<'b, 'a>(
-    buffer: &'b Buffer<'a>,
-    offset: u64,
-    len: usize,
-) -> impl Iterator<Item = (&'b Pin<'a>, u64, usize)> {
-    let (mut skip, mut left) = (offset, len as u64);
-    buffer.pieces().filter_map(move |pin| {
-        if left == 0 || skip >= pin.len() {
-            skip = skip.saturating_sub(pin.len());
-            return None;
-        }
-        let take = (pin.len() - skip).min(left);
-        let part = (pin, skip, take as usize);
-        (skip, left) = (0, left - take);
-        Some(part)
-    })
 }
