@@ -76,7 +76,6 @@ fn a_chain_over_two_regions_is_pinned_once_and_served() {
     );
     let lens: Vec<usize> = chain.slices(1).unwrap().map(|s| s.len()).collect();
     assert_eq!(lens, [64, 64]);
-    drop(header);
     drop(chain);
     assert_eq!(live(&a, &b), (0, 0), "the set released every pin");
 }

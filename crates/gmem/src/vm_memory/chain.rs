@@ -7,38 +7,6 @@
 //! status) can instead pin all of its buffers in one call, copy through the
 //! pinned set as often as it likes with no further pin, and release them all
 //! at once by dropping the set.
-//!
-//! # Lifecycle
-//!
-//! * Pop the chain, collect its descriptors' `(address, length)`, and call
-//!   [`GuestMemoryGmem::pin_ranges`]. Either every page of every buffer is
-//!   pinned, or nothing is: a private page anywhere is
-//!   [`GuestMemoryError::HostAddressNotAvailable`], an address in no region
-//!   [`GuestMemoryError::InvalidGuestAddress`], and the pins taken before
-//!   the failure are released before it returns.
-//! * Serve the request through the set, buffer by buffer in the order
-//!   given: [`read`](PinnedChain::read), [`write`](PinnedChain::write),
-//!   [`read_obj`](PinnedChain::read_obj), [`write_obj`](PinnedChain::write_obj),
-//!   or `VolatileSlice`s ([`slice`](PinnedChain::slice),
-//!   [`slices`](PinnedChain::slices)) for vm-memory's own copies and
-//!   `read_volatile_from`/`write_volatile_to`. Every access is checked
-//!   against its buffer's bounds ([`ChainError`]); none can reach a page
-//!   outside the set.
-//! * While the set lives, a conversion of any of its pages to private fails
-//!   with `EAGAIN`. The VMM's let-go (`Vm::set_let_go`) is the device's cue
-//!   to drop the set (finish or abandon the request); the conversion is
-//!   retried and succeeds.
-//! * Drop the set, and every pin is released (through the dropping thread's
-//!   batch). A set borrows the view: a device that keeps one between
-//!   requests (as a device keeps a DMA mapping) holds it where the view
-//!   outlives it.
-//!
-//! A buffer that crosses regions is pinned as one piece per region; its
-//! [`read`](PinnedChain::read) and [`write`](PinnedChain::write) cross the
-//! pieces, and [`slices`](PinnedChain::slices) yields one slice each.
-//!
-//! [`GuestMemoryError::HostAddressNotAvailable`]: https://docs.rs/vm-memory/0.18/vm_memory/guest_memory/enum.Error.html#variant.HostAddressNotAvailable
-//! [`GuestMemoryError::InvalidGuestAddress`]: https://docs.rs/vm-memory/0.18/vm_memory/guest_memory/enum.Error.html#variant.InvalidGuestAddress
 
 use ::vm_memory::{ByteValued, GuestAddress, GuestMemoryError, VolatileSlice};
 
@@ -47,8 +15,39 @@ use crate::Pin;
 
 /// The buffers of a descriptor chain, pinned once: each buffer's pages stay
 /// shared until the set drops, and the set serves copies into and out of
-/// them with no further pin. Made by [`GuestMemoryGmem::pin_ranges`]; see
-/// the [module documentation](self) for the lifecycle.
+/// them with no further pin. Made by [`GuestMemoryGmem::pin_ranges`].
+///
+/// # Lifecycle
+///
+/// * Pop the chain, collect its descriptors' `(address, length)`, and call
+///   [`GuestMemoryGmem::pin_ranges`]. Either every page of every buffer is
+///   pinned, or nothing is: a private page anywhere is
+///   [`GuestMemoryError::HostAddressNotAvailable`], an address in no region
+///   [`GuestMemoryError::InvalidGuestAddress`], and the pins taken before
+///   the failure are released before it returns.
+/// * Serve the request through the set, buffer by buffer in the order
+///   given: [`read`](PinnedChain::read), [`write`](PinnedChain::write),
+///   [`read_obj`](PinnedChain::read_obj), [`write_obj`](PinnedChain::write_obj),
+///   or `VolatileSlice`s ([`slice`](PinnedChain::slice),
+///   [`slices`](PinnedChain::slices)) for vm-memory's own copies and
+///   `read_volatile_from`/`write_volatile_to`. Every access is checked
+///   against its buffer's bounds ([`ChainError`]); none can reach a page
+///   outside the set.
+/// * While the set lives, a conversion of any of its pages to private fails
+///   with `EAGAIN`. The VMM's let-go (`Vm::set_let_go`) is the device's cue
+///   to drop the set (finish or abandon the request); the conversion is
+///   retried and succeeds.
+/// * Drop the set, and every pin is released (through the dropping thread's
+///   batch). A set borrows the view: a device that keeps one between
+///   requests (as a device keeps a DMA mapping) holds it where the view
+///   outlives it.
+///
+/// A buffer that crosses regions is pinned as one piece per region; its
+/// [`read`](PinnedChain::read) and [`write`](PinnedChain::write) cross the
+/// pieces, and [`slices`](PinnedChain::slices) yields one slice each.
+///
+/// [`GuestMemoryError::HostAddressNotAvailable`]: https://docs.rs/vm-memory/0.18/vm_memory/guest_memory/enum.Error.html#variant.HostAddressNotAvailable
+/// [`GuestMemoryError::InvalidGuestAddress`]: https://docs.rs/vm-memory/0.18/vm_memory/guest_memory/enum.Error.html#variant.InvalidGuestAddress
 #[derive(Debug)]
 pub struct PinnedChain<'a> {
     /// The ranges given, in order: guest address and length.
