@@ -23,12 +23,13 @@
 //! last dword of each page, as the guest interpreter's do
 //! ([`crate::guest::fill_page`]).
 //!
-//! **Memory.** The device is generic over `vm_memory::GuestMemory`; a
-//! [`BufferAccess`] holds each buffer for the device while it works on it
-//! (pins it, where the memory does not itself refuse private pages) and
-//! says when the VMM asked devices to let go. A buffer the device cannot
-//! hold or access (a private page) fails the request with
-//! [`RequestStatus::AccessError`]; nothing panics.
+//! **Memory.** The device is generic over `vm_memory::GuestMemory` for its
+//! rings; a [`BufferAccess`] holds a request's four buffers for the device
+//! in one call while it works on them ([`HeldBuffers`]: on gmem's view, the
+//! chain pinned once, `gmem::vm_memory::PinnedChain`), serves the device's
+//! copies into and out of them, and says when the VMM asked devices to let
+//! go. A buffer the device cannot hold or access (a private page) fails the
+//! request with [`RequestStatus::AccessError`]; nothing panics.
 
 use std::fmt;
 use std::sync::atomic::Ordering;
@@ -210,49 +211,108 @@ pub struct QueuePosition {
     pub next_used: u16,
 }
 
-/// Why a buffer cannot be held for the device.
+/// Why a request's buffers cannot be held for the device.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("holding {len:#x} bytes at {gpa:#x} for the device: {why}")]
+#[error("holding the request's buffers for the device: {why}")]
 pub struct HoldRefused {
-    /// The buffer's guest-physical start.
-    pub gpa: u64,
-    /// Its length.
-    pub len: u64,
     /// What refused (the pin's error, as text).
     pub why: String,
 }
 
-/// How a device keeps a guest buffer accessible while it works on it.
+/// Buffer indices of a request's chain, as held (the module's table).
+const HEADER: usize = 0;
+const PAYLOAD: usize = 1;
+const REPLY: usize = 2;
+const STATUS: usize = 3;
+
+/// A request's buffers, held for the device until dropped: the copies into
+/// and out of them, each checked against its buffer's bounds.
+pub trait HeldBuffers {
+    /// Copies from `offset` within buffer `index` into `buf`.
+    fn read(&self, index: usize, offset: u64, buf: &mut [u8]) -> Result<(), String>;
+
+    /// Copies `data` to `offset` within buffer `index`.
+    fn write(&self, index: usize, offset: u64, data: &[u8]) -> Result<(), String>;
+}
+
+/// How a device keeps a request's buffers accessible while it works on
+/// them.
 pub trait BufferAccess {
-    /// What keeps the buffer accessible until dropped.
-    type Hold<'a>
+    /// What keeps the buffers accessible until dropped, and copies through
+    /// them.
+    type Held<'a>: HeldBuffers
     where
         Self: 'a;
 
-    /// Holds `[gpa, gpa + len)` for the device, or says why not (a private
-    /// page, a range outside guest memory).
-    fn hold(&self, gpa: GuestAddress, len: u64) -> Result<Self::Hold<'_>, HoldRefused>;
+    /// Holds the `(guest address, length)` buffers of one chain for the
+    /// device, all or none, or says why not (a private page, a range
+    /// outside guest memory).
+    fn hold(&self, buffers: &[(GuestAddress, u64)]) -> Result<Self::Held<'_>, HoldRefused>;
 
     /// Whether the VMM asked devices to let go of memory overlapping
     /// `[gpa, gpa + len)` (a conversion there met `EAGAIN`).
     fn asked_to_let_go(&self, gpa: GuestAddress, len: u64) -> bool;
 }
 
-/// A [`BufferAccess`] that holds nothing and is never asked to let go: for
-/// memory without private pages, or whose accesses check the page state
-/// themselves.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Unchecked;
+/// A [`BufferAccess`] on memory `M` that holds nothing and is never asked
+/// to let go: for memory without private pages, or whose accesses check the
+/// page state themselves. Its copies go through `M`'s `Bytes`.
+#[derive(Debug, Clone, Copy)]
+pub struct Unchecked<'m, M>(pub &'m M);
 
-impl BufferAccess for Unchecked {
-    type Hold<'a> = ();
+impl<M: GuestMemory> BufferAccess for Unchecked<'_, M> {
+    type Held<'a>
+        = Unheld<'a, M>
+    where
+        Self: 'a;
 
-    fn hold(&self, _: GuestAddress, _: u64) -> Result<(), HoldRefused> {
-        Ok(())
+    fn hold(&self, buffers: &[(GuestAddress, u64)]) -> Result<Unheld<'_, M>, HoldRefused> {
+        Ok(Unheld {
+            mem: self.0,
+            buffers: buffers.to_vec(),
+        })
     }
 
     fn asked_to_let_go(&self, _: GuestAddress, _: u64) -> bool {
         false
+    }
+}
+
+/// The buffers [`Unchecked`] hands out: their ranges, and the memory that
+/// serves each copy.
+#[derive(Debug)]
+pub struct Unheld<'a, M> {
+    mem: &'a M,
+    buffers: Vec<(GuestAddress, u64)>,
+}
+
+impl<M: GuestMemory> Unheld<'_, M> {
+    /// The guest address of `[offset, offset + len)` in buffer `index`, if
+    /// it is inside the buffer.
+    fn at(&self, index: usize, offset: u64, len: usize) -> Result<GuestAddress, String> {
+        let (gpa, buffer_len) = *self
+            .buffers
+            .get(index)
+            .ok_or_else(|| format!("no buffer {index}"))?;
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > buffer_len)
+        {
+            return Err(format!("{offset:#x}+{len:#x} outside buffer {index}"));
+        }
+        Ok(GuestAddress(gpa.0 + offset))
+    }
+}
+
+impl<M: GuestMemory> HeldBuffers for Unheld<'_, M> {
+    fn read(&self, index: usize, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        let at = self.at(index, offset, buf.len())?;
+        self.mem.read_slice(buf, at).map_err(|e| e.to_string())
+    }
+
+    fn write(&self, index: usize, offset: u64, data: &[u8]) -> Result<(), String> {
+        let at = self.at(index, offset, data.len())?;
+        self.mem.write_slice(data, at).map_err(|e| e.to_string())
     }
 }
 
@@ -453,20 +513,12 @@ impl PatternDevice {
             Ok(request) => request,
             Err(why) => return self.refuse(mem, descriptors, Failure::BadChain(why)),
         };
-        match self.serve_letting_go(mem, access, &request) {
+        match self.serve_letting_go(access, &request) {
             Ok(wrong) => {
-                let status = if wrong == 0 {
-                    RequestStatus::Ok
-                } else {
-                    RequestStatus::DataError
-                };
                 self.stats.served += 1;
                 self.stats.bytes += u64::from(request.payload.len());
                 self.stats.data_errors += wrong;
-                match write_status(mem, &request.status, status) {
-                    Ok(()) => request.reply.len() + STATUS_LEN,
-                    Err(why) => self.refuse(mem, descriptors, Failure::Access(why)),
-                }
+                request.reply.len() + STATUS_LEN
             }
             Err(failure) => self.refuse(mem, descriptors, failure),
         }
@@ -475,14 +527,13 @@ impl PatternDevice {
     /// Serves `request`; when the VMM asks devices to let go of its buffers
     /// before the device wrote to them, drops them at once, waits until the
     /// request is lifted, and tries again (up to [`LET_GO_TRIES`] times).
-    fn serve_letting_go<M: GuestMemory, A: BufferAccess>(
+    fn serve_letting_go<A: BufferAccess>(
         &mut self,
-        mem: &M,
         access: &A,
         request: &Request,
     ) -> Result<u64, Failure> {
         for _ in 0..LET_GO_TRIES {
-            match self.serve_request(mem, access, request) {
+            match self.serve_request(access, request) {
                 Err(Failure::LetGo) => {
                     self.stats.let_go_retries += 1;
                     let asked = || {
@@ -528,13 +579,13 @@ impl PatternDevice {
         }
     }
 
-    /// Checks the payload and writes the reply, page by page, holding both
-    /// buffers; returns the payload's wrong dwords. A let-go request is
-    /// heeded until the first write: after it, the device finishes (a few
-    /// microseconds) rather than leave a reply half written.
-    fn serve_request<M: GuestMemory, A: BufferAccess>(
+    /// Checks the payload, writes the reply page by page and the status,
+    /// holding the chain's four buffers in one [`BufferAccess::hold`];
+    /// returns the payload's wrong dwords. A let-go request is heeded until
+    /// the first write: after it, the device finishes (a few microseconds)
+    /// rather than leave a reply half written.
+    fn serve_request<A: BufferAccess>(
         &self,
-        mem: &M,
         access: &A,
         request: &Request,
     ) -> Result<u64, Failure> {
@@ -547,26 +598,28 @@ impl PatternDevice {
             Ok(())
         };
         let_go()?;
-        let seed: u32 = mem
-            .read_obj(request.header.addr())
-            .map_err(|e| Failure::Access(format!("header: {e}")))?;
-        let held = |gpa| {
-            access
-                .hold(gpa, len)
-                .map_err(|e| Failure::Access(e.to_string()))
-        };
-        let _payload_hold = held(payload)?;
-        let _reply_hold = held(reply)?;
+        let held = access
+            .hold(&request.buffers())
+            .map_err(|e| Failure::Access(e.to_string()))?;
+        let seed =
+            read_u32(&held, HEADER, 0).map_err(|e| Failure::Access(format!("header: {e}")))?;
         // The whole payload is read before the reply is written: a payload
         // the device cannot read fails the request with nothing written.
         let mut wrong = 0;
         for page in (0..len).step_by(PAGE_SIZE as usize) {
             let_go()?;
-            wrong += check_page(mem, payload.0 + page, seed)?;
+            wrong += check_page(&held, page, payload.0 + page, seed)?;
         }
         for page in (0..len).step_by(PAGE_SIZE as usize) {
-            write_page(mem, reply.0 + page, reply_seed(seed))?;
+            write_page(&held, page, reply.0 + page, reply_seed(seed))?;
         }
+        let status = if wrong == 0 {
+            RequestStatus::Ok
+        } else {
+            RequestStatus::DataError
+        };
+        held.write(STATUS, 0, &(status as u32).to_le_bytes())
+            .map_err(|e| Failure::Access(format!("status: {e}")))?;
         Ok(wrong)
     }
 }
@@ -575,6 +628,11 @@ impl Request {
     /// The payload's (and the reply's) length.
     fn len(&self) -> u64 {
         u64::from(self.payload.len())
+    }
+
+    /// The chain's buffers, in the order of the module's table.
+    fn buffers(&self) -> [(GuestAddress, u64); 4] {
+        [self.header, self.payload, self.reply, self.status].map(|d| (d.addr(), u64::from(d.len())))
     }
 }
 
@@ -619,27 +677,36 @@ fn write_status<M: GuestMemory>(
         .map_err(|e| format!("status: {e}"))
 }
 
-/// The payload page at `gpa`: its wrong dwords under the pattern of `seed`.
-fn check_page<M: GuestMemory>(mem: &M, gpa: u64, seed: u32) -> Result<u64, Failure> {
+/// A `u32` from `offset` within held buffer `index`.
+fn read_u32(held: &impl HeldBuffers, index: usize, offset: u64) -> Result<u32, String> {
+    let mut word = [0u8; 4];
+    held.read(index, offset, &mut word)?;
+    Ok(u32::from_le_bytes(word))
+}
+
+/// The payload page at `offset` in the payload, guest address `gpa`: its
+/// wrong dwords under the pattern of `seed`.
+fn check_page(held: &impl HeldBuffers, offset: u64, gpa: u64, seed: u32) -> Result<u64, Failure> {
     let word = pattern_word(seed, gpa);
     let read = |at: u64| {
-        mem.read_obj::<u32>(GuestAddress(at))
-            .map_err(|e| Failure::Access(format!("payload at {at:#x}: {e}")))
+        read_u32(held, PAYLOAD, at)
+            .map_err(|e| Failure::Access(format!("payload at {:#x}: {e}", gpa - offset + at)))
     };
-    let first = read(gpa)?;
-    let last = read(gpa + PAGE_SIZE - 4)?;
+    let first = read(offset)?;
+    let last = read(offset + PAGE_SIZE - 4)?;
     Ok(u64::from(first != word) + u64::from(last != !word))
 }
 
-/// Writes the pattern of `seed` into the reply page at `gpa`.
-fn write_page<M: GuestMemory>(mem: &M, gpa: u64, seed: u32) -> Result<(), Failure> {
+/// Writes the pattern of `seed` into the reply page at `offset` in the
+/// reply, guest address `gpa`.
+fn write_page(held: &impl HeldBuffers, offset: u64, gpa: u64, seed: u32) -> Result<(), Failure> {
     let word = pattern_word(seed, gpa);
     let write = |value: u32, at: u64| {
-        mem.write_obj(value, GuestAddress(at))
-            .map_err(|e| Failure::Access(format!("reply at {at:#x}: {e}")))
+        held.write(REPLY, at, &value.to_le_bytes())
+            .map_err(|e| Failure::Access(format!("reply at {:#x}: {e}", gpa - offset + at)))
     };
-    write(word, gpa)?;
-    write(!word, gpa + PAGE_SIZE - 4)
+    write(word, offset)?;
+    write(!word, offset + PAGE_SIZE - 4)
 }
 
 /// The driver's side of one request, as the guest interpreter posts it:
@@ -730,29 +797,51 @@ mod tests {
         (idx, id, len)
     }
 
-    /// Refuses to hold one page, as a pin refuses a private page; counts
-    /// holds, and asks devices to let go the first `let_go` times it is
-    /// asked.
-    #[derive(Default)]
-    struct Refusing {
+    /// Refuses to hold a chain over one page, as a pin refuses a private
+    /// page; counts holds, and asks devices to let go the first `let_go`
+    /// times it is asked. Copies through `mem`.
+    struct Refusing<'m> {
+        mem: &'m GuestMemoryMmap<()>,
         private_page: Option<u64>,
         let_go: Cell<u32>,
         holds: Cell<u32>,
     }
 
-    impl BufferAccess for Refusing {
-        type Hold<'a> = ();
-
-        fn hold(&self, gpa: GuestAddress, len: u64) -> Result<(), HoldRefused> {
-            self.holds.set(self.holds.get() + 1);
-            match self.private_page {
-                Some(page) if (gpa.0..gpa.0 + len).contains(&page) => Err(HoldRefused {
-                    gpa: gpa.0,
-                    len,
-                    why: "EFAULT: a private page".into(),
-                }),
-                _ => Ok(()),
+    impl<'m> Refusing<'m> {
+        fn new(mem: &'m GuestMemoryMmap<()>) -> Self {
+            Refusing {
+                mem,
+                private_page: None,
+                let_go: Cell::new(0),
+                holds: Cell::new(0),
             }
+        }
+    }
+
+    impl BufferAccess for Refusing<'_> {
+        type Held<'a>
+            = Unheld<'a, GuestMemoryMmap<()>>
+        where
+            Self: 'a;
+
+        fn hold(
+            &self,
+            buffers: &[(GuestAddress, u64)],
+        ) -> Result<Unheld<'_, GuestMemoryMmap<()>>, HoldRefused> {
+            self.holds.set(self.holds.get() + 1);
+            let private = |&(gpa, len): &(GuestAddress, u64)| {
+                self.private_page
+                    .is_some_and(|page| (gpa.0..gpa.0 + len).contains(&page))
+            };
+            if buffers.iter().any(private) {
+                return Err(HoldRefused {
+                    why: "EFAULT: a private page".into(),
+                });
+            }
+            Ok(Unheld {
+                mem: self.mem,
+                buffers: buffers.to_vec(),
+            })
         }
 
         fn asked_to_let_go(&self, _: GuestAddress, _: u64) -> bool {
@@ -768,9 +857,9 @@ mod tests {
         let mut device = PatternDevice::new(LAYOUT, &mem).unwrap();
         fill(&mem, BUFFER, 2, 7);
         post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, 7).unwrap();
-        let access = Refusing::default();
+        let access = Refusing::new(&mem);
         assert_eq!(device.serve(&mem, &access).unwrap(), 1);
-        assert_eq!(access.holds.get(), 2, "the payload and the reply are held");
+        assert_eq!(access.holds.get(), 1, "the chain is held once");
         let stats = device.stats();
         assert_eq!((stats.requests, stats.served, stats.bytes), (1, 1, 0x2000));
         assert_eq!(
@@ -795,7 +884,7 @@ mod tests {
         mem.write_obj(0u32, GuestAddress(BUFFER + PAGE_SIZE))
             .unwrap();
         post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x3000, 7).unwrap();
-        device.serve(&mem, &Unchecked).unwrap();
+        device.serve(&mem, &Unchecked(&mem)).unwrap();
         assert_eq!(device.stats().data_errors, 1);
         assert_eq!(status(&mem, 0), RequestStatus::DataError as u32);
         assert!(holds(&mem, BUFFER, 3, reply_seed(7)));
@@ -809,7 +898,7 @@ mod tests {
         post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, 7).unwrap();
         let access = Refusing {
             private_page: Some(BUFFER + PAGE_SIZE),
-            ..Refusing::default()
+            ..Refusing::new(&mem)
         };
         assert_eq!(device.serve(&mem, &access).unwrap(), 1);
         let stats = device.stats();
@@ -829,8 +918,8 @@ mod tests {
         let mut device = PatternDevice::new(LAYOUT, &mem).unwrap();
         fill(&mem, BUFFER, 2, 7);
         post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, 7).unwrap();
-        // Asked before the holds, then while checking (after 2 holds).
-        let access = Refusing::default();
+        // Asked before the hold, then while checking (after the hold).
+        let access = Refusing::new(&mem);
         for asks in [1, 3] {
             access.let_go.set(asks);
             access.holds.set(0);
@@ -850,7 +939,7 @@ mod tests {
         let mut device = PatternDevice::new(LAYOUT, &mem).unwrap();
         fill(&mem, BUFFER, 1, 7);
         post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x1000, 7).unwrap();
-        let access = Refusing::default();
+        let access = Refusing::new(&mem);
         access.let_go.set(u32::MAX);
         device.serve(&mem, &access).unwrap();
         assert_eq!(device.stats().access_errors, 1);
@@ -866,7 +955,7 @@ mod tests {
         let mut device = PatternDevice::new(LAYOUT, &mem).unwrap();
         fill(&mem, 0x3f000, 1, 7);
         post_request(&mem, LAYOUT, GuestAddress(0x3f000), 0x2000, 7).unwrap();
-        device.serve(&mem, &Unchecked).unwrap();
+        device.serve(&mem, &Unchecked(&mem)).unwrap();
         assert_eq!(device.stats().access_errors, 1);
         assert_eq!(status(&mem, 0), RequestStatus::AccessError as u32);
         assert!(holds(&mem, 0x3f000, 1, 7), "nothing written");
@@ -880,13 +969,13 @@ mod tests {
         post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, 7).unwrap();
         let reply = LAYOUT.descriptor(2).unchecked_add(8);
         mem.write_obj(0x1000u32, reply).unwrap();
-        device.serve(&mem, &Unchecked).unwrap();
+        device.serve(&mem, &Unchecked(&mem)).unwrap();
         assert_eq!(status(&mem, 0), RequestStatus::BadChain as u32);
         // A chain of one descriptor: no status to write.
         let slot = post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, 7).unwrap();
         let head = LAYOUT.descriptor(slot * CHAIN_LEN);
         mem.write_obj(0u16, head.unchecked_add(12)).unwrap();
-        device.serve(&mem, &Unchecked).unwrap();
+        device.serve(&mem, &Unchecked(&mem)).unwrap();
         assert_eq!(
             status(&mem, 1),
             0xff,
@@ -905,7 +994,7 @@ mod tests {
             let seed = u32::from(n);
             fill(&mem, BUFFER, 1, seed);
             post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x1000, seed).unwrap();
-            assert_eq!(device.serve(&mem, &Unchecked).unwrap(), 1);
+            assert_eq!(device.serve(&mem, &Unchecked(&mem)).unwrap(), 1);
             assert_eq!(status(&mem, n), 0);
             let head = u32::from(n % SLOTS * CHAIN_LEN);
             assert_eq!(used(&mem, n), (n + 1, head, 0x1000 + STATUS_LEN));
@@ -923,7 +1012,10 @@ mod tests {
             let slot = post_request(&mem, LAYOUT, GuestAddress(gpa), 0x1000, u32::from(n));
             assert_eq!(slot.unwrap(), n);
         }
-        assert_eq!(device.serve(&mem, &Unchecked).unwrap(), u64::from(SLOTS));
+        assert_eq!(
+            device.serve(&mem, &Unchecked(&mem)).unwrap(),
+            u64::from(SLOTS)
+        );
         for n in 0..SLOTS {
             assert_eq!(status(&mem, n), 0);
             let gpa = BUFFER + u64::from(n) * PAGE_SIZE;
@@ -953,14 +1045,14 @@ mod tests {
         file.set_attributes(BUFFER + PAGE_SIZE, PAGE_SIZE, Attribute::Private)
             .unwrap();
         post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, 7).unwrap();
-        device.serve(&mem, &Unchecked).unwrap();
+        device.serve(&mem, &Unchecked(&mem)).unwrap();
         assert_eq!(device.stats().access_errors, 1);
         let status: u32 = mem.read_obj(LAYOUT.status(0)).unwrap();
         assert_eq!(status, RequestStatus::AccessError as u32);
         file.set_attributes(BUFFER + PAGE_SIZE, PAGE_SIZE, Attribute::Shared)
             .unwrap();
         post_request(&mem, LAYOUT, GuestAddress(BUFFER), 0x2000, 7).unwrap();
-        device.serve(&mem, &Unchecked).unwrap();
+        device.serve(&mem, &Unchecked(&mem)).unwrap();
         let status: u32 = mem.read_obj(LAYOUT.status(1)).unwrap();
         assert_eq!((status, device.stats().served), (0, 1));
         assert_eq!(file.stats().pins_live, 0, "no slice outlives the request");
@@ -972,7 +1064,7 @@ mod tests {
         let mut device = PatternDevice::new(LAYOUT, &mem).unwrap();
         mem.write_obj(QUEUE_SIZE + 1, LAYOUT.at(QueueLayout::AVAIL_RING + 2))
             .unwrap();
-        let err = device.serve(&mem, &Unchecked).unwrap_err();
+        let err = device.serve(&mem, &Unchecked(&mem)).unwrap_err();
         assert!(matches!(err, VirtioError::AvailRing(_)), "{err}");
     }
 

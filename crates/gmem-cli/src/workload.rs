@@ -20,10 +20,11 @@
 //!
 //! The virtio devices reach guest memory through gmem's vm-memory view
 //! (`gmem::vm_memory::GuestMemoryGmem`), whose slices pin their pages and
-//! whose accesses to private pages fail instead of faulting; they also pin
-//! each request's buffers for the whole request, and their rings for the
-//! run (`PinnedBuffers`), so that no conversion lands between a request's
-//! check and its reply.
+//! whose accesses to private pages fail instead of faulting; they pin each
+//! request's chain once for the whole request (`PinnedBuffers`, through
+//! `GuestMemoryGmem::pin_ranges`) and copy through it, and pin their rings
+//! for the run, so that no conversion lands between a request's check and
+//! its reply.
 
 use std::ops::{ControlFlow, Range};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,11 +36,11 @@ use anyhow::Context;
 use gmem::kvm::{
     ConversionOutcome, ConversionPolicy, ConversionRequest, ExitRegs, GuestIo, VcpuError, VcpuStop,
 };
-use gmem::vm_memory::GuestMemoryGmem;
+use gmem::vm_memory::{GuestMemoryGmem, PinnedChain};
 use gmem::{Attribute, GuestMemfd, PAGE_SIZE};
 use indicatif::ProgressBar;
 use serde::Serialize;
-use vm_memory::{GuestAddress, GuestMemory};
+use vm_memory::GuestAddress;
 
 use crate::guest::{
     CHECK_PORT, Command, RESULT_PORT, RequestPath, VIRTIO_NOTIFY_PORT, VIRTIO_STATUS_PORT,
@@ -47,7 +48,7 @@ use crate::guest::{
 };
 use crate::machine::{FIRMWARE_SIZE, MAX_COMMANDS, MAX_VCPUS, Machine, queue_layout};
 use crate::virtio::{
-    BufferAccess, DeviceStats, HoldRefused, PatternDevice, QueuePosition, reply_seed,
+    BufferAccess, DeviceStats, HeldBuffers, HoldRefused, PatternDevice, QueuePosition, reply_seed,
 };
 
 /// What `gmem run` runs.
@@ -656,9 +657,9 @@ fn device_memory(machine: &Machine) -> anyhow::Result<GuestMemoryGmem> {
 /// virtio device thread for each vCPU's queue over `device_memory`; returns
 /// the time from start to the last halt. Fails if a thread cannot be
 /// started (after joining those that were).
-fn run_threads<M: GuestMemory + Sync>(
+fn run_threads(
     state: &Arc<RunState>,
-    device_memory: &M,
+    device_memory: &GuestMemoryGmem,
     vcpus: Vec<gmem::kvm::Vcpu>,
     device_threads: usize,
 ) -> anyhow::Result<Duration> {
@@ -749,10 +750,10 @@ fn run_vcpu(vcpu: &mut gmem::kvm::Vcpu, io: &mut WorkloadIo) -> Result<VcpuStop,
 
 /// Starts the virtio device thread of vCPU `id`'s queue; gives the
 /// vCPU's doorbell to it.
-fn spawn_virtio<'scope, M: GuestMemory + Sync>(
+fn spawn_virtio<'scope>(
     s: &'scope std::thread::Scope<'scope, '_>,
     state: &'scope RunState,
-    device_memory: &'scope M,
+    device_memory: &'scope GuestMemoryGmem,
     id: u64,
 ) -> std::io::Result<(std::thread::ScopedJoinHandle<'scope, ()>, Doorbell)> {
     let (kick, kicks) = std::sync::mpsc::channel();
@@ -964,27 +965,27 @@ impl WorkloadIo {
     }
 }
 
-/// Holds virtio buffers for the device by pinning them through gmem for the
-/// whole request; the VMM's let-go requests reach the device through it.
+/// Holds a virtio request's buffers for the device by pinning the chain
+/// once through gmem's view (`GuestMemoryGmem::pin_ranges`) for the whole
+/// request; the VMM's let-go requests reach the device through it.
 struct PinnedBuffers<'s> {
     state: &'s RunState,
+    view: &'s GuestMemoryGmem,
 }
 
 impl BufferAccess for PinnedBuffers<'_> {
-    type Hold<'a>
-        = gmem::Pin<'a>
+    type Held<'a>
+        = PinnedChain<'a>
     where
         Self: 'a;
 
-    fn hold(&self, gpa: GuestAddress, len: u64) -> Result<gmem::Pin<'_>, HoldRefused> {
-        // Guest-physical addresses are file offsets here (one slot at 0).
-        let pin = self.state.mem.pin(gpa.0, len).map_err(|e| HoldRefused {
-            gpa: gpa.0,
-            len,
-            why: e.to_string(),
+    fn hold(&self, buffers: &[(GuestAddress, u64)]) -> Result<PinnedChain<'_>, HoldRefused> {
+        let ranges = buffers.iter().map(|&(gpa, len)| (gpa, len as usize));
+        let chain = self.view.pin_ranges(ranges).map_err(|e| HoldRefused {
+            why: format!("{buffers:x?}: {e}"),
         })?;
         self.state.device_pins.fetch_add(1, Ordering::Relaxed);
-        Ok(pin)
+        Ok(chain)
     }
 
     fn asked_to_let_go(&self, gpa: GuestAddress, len: u64) -> bool {
@@ -992,21 +993,31 @@ impl BufferAccess for PinnedBuffers<'_> {
     }
 }
 
+impl HeldBuffers for PinnedChain<'_> {
+    fn read(&self, index: usize, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        PinnedChain::read(self, index, offset, buf).map_err(|e| e.to_string())
+    }
+
+    fn write(&self, index: usize, offset: u64, data: &[u8]) -> Result<(), String> {
+        PinnedChain::write(self, index, offset, data).map_err(|e| e.to_string())
+    }
+}
+
 /// A virtio device thread: serves vCPU `queue`'s virtqueue at each kick
 /// (and says so on `served`, for a vCPU waiting), until the vCPU is done.
 /// Holds a pin on the queue's rings throughout: they stay shared for the
 /// run.
-fn virtio_thread<M: GuestMemory>(
+fn virtio_thread(
     state: &RunState,
-    mem: &M,
+    mem: &GuestMemoryGmem,
     queue: u64,
     kicks: Receiver<()>,
     served: SyncSender<()>,
 ) {
     let layout = queue_layout(queue);
-    let access = PinnedBuffers { state };
+    let access = PinnedBuffers { state, view: mem };
     let rings = access
-        .hold(GuestAddress(layout.base), layout.len())
+        .hold(&[(GuestAddress(layout.base), layout.len())])
         .map_err(|e| format!("its rings: {e}"));
     let resumed = state
         .resumed

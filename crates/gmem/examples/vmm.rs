@@ -11,10 +11,12 @@
 //!   `Vm::handle_exit` first (conversion hypercalls, memory faults); it
 //!   serves the port-I/O conversion request itself through the `GpaMap`.
 //! * A device thread serves a virtio split queue with `virtio-queue` over
-//!   `GuestMemoryGmem`, and keeps an `OwnedPin` on the buffer page between
-//!   requests, as a device keeps a DMA mapping. When the guest converts
-//!   that page to private, the conversion meets `EAGAIN`; the let-go
-//!   callback asks the device to drop its pin, and gmem retries.
+//!   `GuestMemoryGmem`: it pins each chain's buffers once
+//!   (`GuestMemoryGmem::pin_ranges`, a `PinnedChain`), copies through them,
+//!   and keeps the set between requests for the same buffers, as a device
+//!   keeps a DMA mapping. When the guest converts that page to private, the
+//!   conversion meets `EAGAIN`; the let-go callback asks the device to drop
+//!   the set, and gmem retries.
 //! * The guest (32-bit, no paging) posts a request, waits for the used
 //!   entry, checks the reply, converts the buffer private and back, and
 //!   repeats; then it halts.
@@ -41,8 +43,8 @@ use gmem::kvm::{
     CONVERSION_PORT, ConversionExit, ConversionPolicy, HostSupport, MemslotFlags, RequestChannel,
     Vm,
 };
-use gmem::vm_memory::GuestMemoryGmem;
-use gmem::{Flags, GuestMemfd, Options, OwnedPin, PAGE_SIZE};
+use gmem::vm_memory::{GuestMemoryGmem, PinnedChain};
+use gmem::{Flags, GuestMemfd, Options, PAGE_SIZE};
 use iced_x86::IcedError;
 use iced_x86::code_asm::{
     CodeAssembler, CodeLabel, al, bx, dword_ptr, dx, eax, ebp, ebx, ecx, edi, edx, esi, word_ptr,
@@ -442,17 +444,20 @@ struct DeviceReport {
     requests: u64,
     bytes: u64,
     data_errors: u64,
-    pins_dropped: u64,
+    chains_dropped: u64,
 }
 
-/// A virtio device: one split queue over the gmem view, and the pins it
-/// keeps on the pages of its buffers (by guest page) between requests.
+/// A virtio device: one split queue over the gmem view.
 struct Device {
     view: Arc<GuestMemoryGmem>,
     queue: Queue,
-    pins: Vec<(u64, OwnedPin)>,
     report: DeviceReport,
 }
+
+/// The chain a device keeps pinned between requests (as a device keeps a
+/// DMA mapping): it borrows the device thread's view, and drops at a let-go
+/// over its pages or when a request needs other buffers.
+type Held<'v> = Option<PinnedChain<'v>>;
 
 impl Device {
     /// The queue as the driver set it up (a VMM learns the addresses from
@@ -467,37 +472,39 @@ impl Device {
             return Err("the queue does not fit in guest memory".into());
         }
         let report = DeviceReport::default();
-        let pins = Vec::new();
         Ok(Device {
             view,
             queue,
-            pins,
             report,
         })
     }
 
     fn serve(mut self, inbox: Receiver<DeviceMsg>) -> DeviceReport {
+        // The pinned chain borrows this view (the thread's own handle), so
+        // it lives beside the device, not in it.
+        let view = Arc::clone(&self.view);
+        let mut held: Held<'_> = None;
         for msg in inbox {
             match msg {
-                DeviceMsg::Notify => self.serve_queue(),
-                DeviceMsg::LetGo { gpa, len } => self.let_go(gpa, len),
+                DeviceMsg::Notify => self.serve_queue(&view, &mut held),
+                DeviceMsg::LetGo { gpa, len } => self.let_go(&mut held, gpa, len),
                 DeviceMsg::Stop => break,
             }
         }
+        drop(held);
         self.report
     }
 
     /// Pops every available chain, serves it, and adds its used entry.
-    fn serve_queue(&mut self) {
-        let view = Arc::clone(&self.view);
-        while let Some(chain) = self.queue.pop_descriptor_chain(&*view) {
+    fn serve_queue<'v>(&mut self, view: &'v GuestMemoryGmem, held: &mut Held<'v>) {
+        while let Some(chain) = self.queue.pop_descriptor_chain(view) {
             let head = chain.head_index();
-            let written = self.serve_chain(chain).unwrap_or_else(|e| {
+            let written = self.serve_chain(chain, view, held).unwrap_or_else(|e| {
                 eprintln!("device: request at descriptor {head}: {e}");
                 self.report.data_errors += 1;
                 0
             });
-            if let Err(e) = self.queue.add_used(&*view, head, written) {
+            if let Err(e) = self.queue.add_used(view, head, written) {
                 eprintln!("device: adding the used entry: {e}");
                 self.report.data_errors += 1;
             }
@@ -505,8 +512,14 @@ impl Device {
     }
 
     /// Checks the request (the n-th carries byte n) and writes the reply
-    /// (its bytes inverted); the bytes written.
-    fn serve_chain(&mut self, chain: DescriptorChain<&GuestMemoryGmem>) -> Result<u32, BoxError> {
+    /// (its bytes inverted), through the chain pinned once; the bytes
+    /// written.
+    fn serve_chain<'v>(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryGmem>,
+        view: &'v GuestMemoryGmem,
+        held: &mut Held<'v>,
+    ) -> Result<u32, BoxError> {
         let descriptors: Vec<Descriptor> = chain.collect();
         let [request, reply] = descriptors[..] else {
             return Err("expected a request and a reply descriptor".into());
@@ -514,51 +527,54 @@ impl Device {
         if request.is_write_only() || !reply.is_write_only() || reply.len() < request.len() {
             return Err("malformed request/reply descriptors".into());
         }
-        let mut payload = vec![0; request.len() as usize];
-        let (pin, at) = self.pinned(request.addr(), request.len())?;
-        pin.read(at, &mut payload)?;
+        let len = request.len() as usize;
+        let pinned = Self::pinned(view, held, [(request.addr(), len), (reply.addr(), len)])?;
+        let mut payload = vec![0; len];
+        pinned.read(0, 0, &mut payload)?;
         let expected = (self.report.requests + 1) as u8;
         if let Some(bad) = payload.iter().position(|&b| b != expected) {
             let got = payload[bad];
             return Err(format!("request byte {bad} is {got:#x}, not {expected:#x}").into());
         }
         let inverted: Vec<u8> = payload.iter().map(|b| !b).collect();
-        let (pin, at) = self.pinned(reply.addr(), request.len())?;
-        pin.write(at, &inverted)?;
+        pinned.write(1, 0, &inverted)?;
         self.report.requests += 1;
         self.report.bytes += payload.len() as u64;
         Ok(request.len())
     }
 
-    /// The device's pin on the page holding `[addr, addr + len)`, taken on
-    /// first use and kept; and the offset of `addr` in it.
-    fn pinned(&mut self, addr: GuestAddress, len: u32) -> Result<(&OwnedPin, u64), BoxError> {
-        let page = addr.0 & !(PAGE_SIZE - 1);
-        let at = addr.0 - page;
-        if at + u64::from(len) > PAGE_SIZE {
-            return Err(format!("buffer at {:#x} crosses a page", addr.0).into());
+    /// The chain of `ranges`, pinned once: the one kept from an earlier
+    /// request if it has the same buffers, else pinned now (fails, holding
+    /// nothing, if the guest made a page private).
+    fn pinned<'h, 'v>(
+        view: &'v GuestMemoryGmem,
+        held: &'h mut Held<'v>,
+        ranges: [(GuestAddress, usize); 2],
+    ) -> Result<&'h PinnedChain<'v>, BoxError> {
+        let same = held
+            .as_ref()
+            .is_some_and(|chain| (0..ranges.len()).all(|i| chain.range(i).ok() == Some(ranges[i])));
+        if !same {
+            *held = None;
+            *held = Some(view.pin_ranges(ranges)?);
         }
-        let index = match self.pins.iter().position(|(p, _)| *p == page) {
-            Some(index) => index,
-            None => {
-                let (file, offset) = self
-                    .view
-                    .translate(GuestAddress(page))
-                    .ok_or_else(|| format!("buffer at {:#x} is outside guest memory", addr.0))?;
-                // Fails (EFAULT) if the guest made the page private.
-                self.pins.push((page, file.pin_owned(offset, PAGE_SIZE)?));
-                self.pins.len() - 1
-            }
-        };
-        Ok((&self.pins[index].1, at))
+        held.as_ref().ok_or_else(|| "no chain held".into())
     }
 
-    /// Drops the pins on pages of `[gpa, gpa + len)`.
-    fn let_go(&mut self, gpa: u64, len: u64) {
-        let before = self.pins.len();
-        self.pins
-            .retain(|&(page, _)| page + PAGE_SIZE <= gpa || page >= gpa.saturating_add(len));
-        self.report.pins_dropped += (before - self.pins.len()) as u64;
+    /// Drops the held chain if a buffer of it overlaps `[gpa, gpa + len)`.
+    fn let_go(&mut self, held: &mut Held<'_>, gpa: u64, len: u64) {
+        let end = gpa.saturating_add(len);
+        let overlaps = held.as_ref().is_some_and(|chain| {
+            (0..chain.len()).any(|i| {
+                chain
+                    .range(i)
+                    .is_ok_and(|(GuestAddress(at), n)| at < end && gpa < at + n as u64)
+            })
+        });
+        if overlaps {
+            *held = None;
+            self.report.chains_dropped += 1;
+        }
     }
 }
 
@@ -576,13 +592,13 @@ impl Summary {
         let (run, device) = (&self.run, &self.device);
         println!(
             "vmm: {} requests served ({} bytes), {} conversions by {:?} \
-             ({} EAGAIN retries after the device let go of {} pins), errors: {} conversion, {} data",
+             ({} EAGAIN retries after the device let go of {} pinned chains), errors: {} conversion, {} data",
             device.requests,
             device.bytes,
             run.conversions,
             self.channel,
             self.eagain_retries,
-            device.pins_dropped,
+            device.chains_dropped,
             run.conversion_errors,
             device.data_errors,
         );

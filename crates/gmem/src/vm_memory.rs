@@ -50,7 +50,9 @@
 //!   one at device reset (or when the driver moves the rings).
 //! * A device's request loop takes slices for one request at a time (pop the
 //!   chain, copy the buffers, add the used entry) and drops them before the
-//!   next: a slice is short-lived, like a kernel GUP pin for one I/O.
+//!   next: a slice is short-lived, like a kernel GUP pin for one I/O. Or it
+//!   pins the chain's buffers once ([`GuestMemoryGmem::pin_ranges`], a
+//!   [`PinnedChain`]) and copies through them with no pin per access.
 //! * A device that holds slices (or `Pin`s) across a guest's conversion of
 //!   their pages makes that conversion fail with `EAGAIN`; the VMM's let-go
 //!   (`Vm::set_let_go`) then asks the device to finish or abandon the
@@ -78,6 +80,9 @@ use ::vm_memory::{GuestAddress, GuestMemory, GuestMemoryError, Permissions, Vola
 
 use crate::file::{GuestMemfd, page_range};
 use crate::{Error, OwnedPin, Pin};
+
+mod chain;
+pub use chain::{ChainError, PinnedChain};
 
 /// One guest-physical range of a view: `len` bytes at `guest_addr`, backed
 /// by `[file_offset, file_offset + len)` of `file`.
