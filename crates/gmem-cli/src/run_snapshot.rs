@@ -167,28 +167,33 @@ impl MachineState {
     /// ones on the command line, as their field names) agree with the
     /// snapshot's.
     pub fn check_given(&self, flags: &RunFlags, given: &[&str]) -> Result<(), BadFlag> {
-        let saved = self.flags();
-        let differs = |name: &str| match name {
-            "memory_mib" => (flags.memory_mib != saved.memory_mib)
-                .then(|| (flags.memory_mib.to_string(), saved.memory_mib.to_string())),
-            "vcpus" => (flags.vcpus != saved.vcpus)
-                .then(|| (flags.vcpus.to_string(), saved.vcpus.to_string())),
-            "rounds" => (flags.rounds != saved.rounds).then(|| {
-                let given = flags.rounds.map_or_else(String::new, |r| r.to_string());
-                (given, self.rounds.to_string())
-            }),
-            "chunk_kib" => (flags.chunk_kib != saved.chunk_kib)
-                .then(|| (flags.chunk_kib.to_string(), saved.chunk_kib.to_string())),
-            "device_threads" => (flags.device_threads != saved.device_threads).then(|| {
-                let show = |n: usize| n.to_string();
-                (show(flags.device_threads), show(saved.device_threads))
-            }),
-            "huge_folios" => (flags.huge_folios != saved.huge_folios)
-                .then(|| (flags.huge_folios.to_string(), saved.huge_folios.to_string())),
-            _ => None,
-        };
-        for name in given {
-            if let Some((given_value, saved_value)) = differs(name) {
+        let rounds = flags.rounds.map_or_else(String::new, |r| r.to_string());
+        let values = [
+            (
+                "memory_mib",
+                flags.memory_mib.to_string(),
+                self.memory_mib.to_string(),
+            ),
+            ("vcpus", flags.vcpus.to_string(), self.vcpus.to_string()),
+            ("rounds", rounds, self.rounds.to_string()),
+            (
+                "chunk_kib",
+                flags.chunk_kib.to_string(),
+                self.chunk_kib.to_string(),
+            ),
+            (
+                "device_threads",
+                flags.device_threads.to_string(),
+                self.device_threads.to_string(),
+            ),
+            (
+                "huge_folios",
+                flags.huge_folios.to_string(),
+                self.huge_folios.to_string(),
+            ),
+        ];
+        for (name, given_value, saved_value) in values {
+            if given.contains(&name) && given_value != saved_value {
                 let flag = name.replace('_', "-");
                 return Err(BadFlag(format!(
                     "--{flag} {given_value} disagrees with the snapshot's {saved_value}: \
@@ -530,7 +535,11 @@ mod tests {
             err.0,
             "--vcpus 1 disagrees with the snapshot's 2: leave it out with --restore"
         );
-        assert!(saved.check_given(&flags, &["chunk_kib"]).is_err());
+        // Every flag a snapshot records is compared.
+        for name in MACHINE_FLAGS {
+            let err = saved.check_given(&flags, &[name]).unwrap_err();
+            assert!(err.0.starts_with(&format!("--{}", name.replace('_', "-"))));
+        }
         assert!(saved.check_given(&saved.flags(), &MACHINE_FLAGS).is_ok());
     }
 
