@@ -152,20 +152,22 @@ pub(crate) fn is_held(file: u64) -> bool {
 /// it is in one of its callbacks.
 pub(crate) fn held<R>(file: u64, f: impl FnOnce(&View<'_>) -> R) -> Option<R> {
     let view = find(file)?;
-    // SAFETY: the frame that holds `view` is on the chain, so its
-    // `with_held` has not returned and the view it borrows is alive; frames
-    // leave the chain only when their `with_held` returns or unwinds, which
-    // cannot happen while `f`, called from inside it, runs. The view is only
-    // read.
-    Some(f(unsafe { view.as_ref() }))
+    // The frame that holds `view` is on the chain, so its `with_held` has
+    // not returned and the view it borrows is alive; frames leave the chain
+    // only when their `with_held` returns or unwinds, which cannot happen
+    // while `f`, called from inside it, runs. The view is only read.
+    // SAFETY: the view outlives this call (above), and is only read.
+    let view = unsafe { view.as_ref() };
+    Some(f(view))
 }
 
 /// The view published for `file`, innermost first.
 fn find(file: u64) -> Option<NonNull<View<'static>>> {
     let mut at = TOP.get();
     while let Some(frame) = at {
-        // SAFETY: a frame on the chain lives on the stack of a `with_held`
-        // that has not returned (see `held`); it is only read.
+        // A frame on the chain lives on the stack of a `with_held` that has
+        // not returned (see `held`).
+        // SAFETY: the frame is alive while on the chain (above), and only read.
         let frame = unsafe { frame.as_ref() };
         if frame.file == file {
             return Some(frame.view);

@@ -232,9 +232,9 @@ impl MappedRegion {
         let within = guarded.map(|range| (range.start - start)..(range.end - start));
         staging.set_guards(within, true)?;
         // Nobody holds a Rust reference into either region (raw copies only).
-        // SAFETY: `staging` is our own mapping of `len` bytes, and the
-        // destination lies inside this region, so MREMAP_FIXED replaces only
-        // our own pages.
+        // `staging` is our own mapping of `len` bytes, and the destination
+        // lies inside this region.
+        // SAFETY: MREMAP_FIXED moves our own mapping over our own pages only.
         let moved = unsafe {
             rustix::mm::mremap_fixed(
                 staging.as_ptr().cast(),
