@@ -540,11 +540,10 @@ impl FileState {
     /// invalidate lock held shared, or in a listener's callback on the map
     /// its conversion holds, with the range in flight in a commit phase.
     pub(crate) fn with_view<R>(&self, f: impl FnOnce(&View<'_>) -> R) -> R {
-        let file = self.refs.id();
-        if held::is_held(file) {
-            return held::held(file, f).expect("held by this thread");
+        match held::held(self.refs.id(), f) {
+            Ok(result) => result,
+            Err(f) => f(&View::new(&self.read_attrs())),
         }
-        f(&View::new(&self.read_attrs()))
     }
 
     /// The backing file.

@@ -145,23 +145,26 @@ pub(crate) fn with_held<R>(file: u64, view: &View<'_>, f: impl FnOnce() -> R) ->
 /// lock would deadlock.
 #[inline]
 pub(crate) fn is_held(file: u64) -> bool {
-    TOP.get().is_some() && find(file).is_some()
+    find(file).is_some()
 }
 
 /// Runs `f` on the view of `file` published by this thread's conversion, if
-/// it is in one of its callbacks.
-pub(crate) fn held<R>(file: u64, f: impl FnOnce(&View<'_>) -> R) -> Option<R> {
-    let view = find(file)?;
+/// it is in one of its callbacks; else gives `f` back.
+pub(crate) fn held<R, F: FnOnce(&View<'_>) -> R>(file: u64, f: F) -> Result<R, F> {
+    let Some(view) = find(file) else {
+        return Err(f);
+    };
     // The frame that holds `view` is on the chain, so its `with_held` has
     // not returned and the view it borrows is alive; frames leave the chain
     // only when their `with_held` returns or unwinds, which cannot happen
     // while `f`, called from inside it, runs. The view is only read.
     // SAFETY: the view outlives this call (above), and is only read.
     let view = unsafe { view.as_ref() };
-    Some(f(view))
+    Ok(f(view))
 }
 
 /// The view published for `file`, innermost first.
+#[inline]
 fn find(file: u64) -> Option<NonNull<View<'static>>> {
     let mut at = TOP.get();
     while let Some(frame) = at {
