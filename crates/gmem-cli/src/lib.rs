@@ -3,6 +3,7 @@
 //! the benchmarks.
 
 pub mod bench;
+pub mod counter;
 pub mod floor;
 pub mod guest;
 pub mod info;

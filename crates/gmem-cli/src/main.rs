@@ -50,6 +50,13 @@ enum Command {
         /// missed. Timings are noisy: re-run before reading a miss.
         #[arg(long, conflicts_with = "study")]
         check: bool,
+        /// Run only the instruction counts: gmem's own work per conversion
+        /// in user space (single pages in order and scattered, and per page
+        /// of a batched conversion), by the hardware counter; where the host
+        /// has none the rows say so, and `scripts/instructions.sh` counts the
+        /// same work under callgrind.
+        #[arg(long, conflicts_with_all = ["only", "study", "from"])]
+        instructions: bool,
         /// Run the conversion-latency study instead: median and p99 by size
         /// and case, beside the floor; writes `study.json` and `study.svg`
         /// into `--out` and prints the table.
@@ -213,14 +220,19 @@ fn main() -> ExitCode {
             markdown,
             only,
             check,
+            instructions,
             study,
             from,
             out,
         } => {
+            let only = match instructions {
+                true => Some("instructions-"),
+                false => only.as_deref(),
+            };
             if study {
                 bench_study(markdown, &out)
             } else {
-                bench(json, markdown, only.as_deref(), check, from.as_deref())
+                bench(json, markdown, only, check, from.as_deref())
             }
         }
         Command::Selftest { filter } => selftest(filter.as_deref()),

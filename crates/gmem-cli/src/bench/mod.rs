@@ -18,6 +18,7 @@ use gmem::{Attribute, Flags, GuestMemfd, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 
 pub mod fixtures;
+pub mod instructions;
 pub mod kvm;
 mod snapshot;
 pub mod study;
@@ -49,6 +50,8 @@ pub enum Goal {
     BytesAtMost(f64),
     /// A fraction (of the file's memory) at most this.
     FractionAtMost(f64),
+    /// Instructions per unit of work at most this.
+    InstructionsAtMost(f64),
 }
 
 impl Goal {
@@ -61,6 +64,7 @@ impl Goal {
             Goal::NanosAtMost(ns) => format!("<= {}", trim(&table::format_ns(*ns))),
             Goal::BytesAtMost(b) => format!("<= {}", format_kib(*b)),
             Goal::FractionAtMost(f) => format!("<= {}", format_percent(*f, 2)),
+            Goal::InstructionsAtMost(n) => format!("<= {n:.0} instructions"),
         }
     }
 }
@@ -188,12 +192,22 @@ impl CaseResult {
         }
     }
 
-    /// A memory case: `value` in bytes or as a fraction, as `goal` says.
+    /// An instruction count: `per` instructions a `unit` of work.
+    fn instructions(name: &str, per: f64, unit: &str, goal: Goal) -> CaseResult {
+        CaseResult {
+            unit: Some(format!("instructions per {unit}")),
+            ..CaseResult::value(name, per, goal)
+        }
+    }
+
+    /// A memory case or a count: `value` in bytes, as a fraction or in
+    /// instructions, as `goal` says.
     fn value(name: &str, value: f64, goal: Goal) -> CaseResult {
         let (unit, max) = match goal {
             Goal::BytesAtMost(max) => ("bytes", max),
             Goal::FractionAtMost(max) => ("fraction of memory", max),
-            _ => unreachable!("a memory case's goal is a size or a fraction"),
+            Goal::InstructionsAtMost(max) => ("instructions", max),
+            _ => unreachable!("a value's goal is a size, a fraction or a count"),
         };
         CaseResult {
             name: name.into(),
@@ -309,6 +323,17 @@ fn for_each_case(case: &mut dyn FnMut(&str, &mut Measure<'_>)) {
     for len in [4 * KIB, 2 * MIB, 64 * MIB] {
         let name = format!("round-trip-{}-remap", size_name(len));
         case(&name, &mut || vec![round_trip_remap(&name, len)]);
+    }
+    {
+        // One 1 GiB file for the three instruction counts, made when the
+        // first runs.
+        let scenario = std::cell::OnceCell::new();
+        let scenario = || scenario.get_or_init(instructions::Scenario::new);
+        for pattern in instructions::Pattern::ALL {
+            case(&pattern.row(), &mut || {
+                vec![instructions::row(scenario(), pattern)]
+            });
+        }
     }
     {
         // One pair of 1 GiB files for the three fragmented cases, made when

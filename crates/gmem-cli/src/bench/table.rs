@@ -83,6 +83,9 @@ fn gmem_cell(r: &CaseResult) -> String {
     }
     match (r.value, r.unit.as_deref()) {
         (Some(v), Some("bytes")) => format_kib(v),
+        (Some(v), Some(unit)) if unit.starts_with("instructions") => {
+            format!("{v:.0} {}", unit.replace("instructions per ", "instr/"))
+        }
         (Some(v), _) => format!("{:.4}%", v * 100.0),
         (None, _) => r.ours_ns.map_or("-".into(), format_ns),
     }
