@@ -66,6 +66,10 @@ use std::iter;
 use std::ops::{Index, IndexMut, Range, RangeInclusive};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+mod plan;
+
+pub(crate) use plan::Planned;
+
 /// The state of a page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Attribute {
@@ -361,45 +365,6 @@ impl RunCount {
     }
 }
 
-/// What a [`set`](AttributeMap::set) does, found without changing anything.
-#[derive(Debug, Default)]
-struct Edit {
-    /// The boundaries the set adds, in order, the first `added_len` of: one
-    /// at the start of the pages unless the new run merges with the one
-    /// before, one at their end unless the run after merges with the new one.
-    added: [Boundary; 2],
-    added_len: usize,
-    /// The runs whose boundaries the set removes: those from the start to
-    /// the end of the pages, both included.
-    removed: RunCount,
-    /// The private pages among the pages, before.
-    private_pages: u64,
-}
-
-impl Edit {
-    /// Counts what the set of `pages` changes in `run`, one of the runs
-    /// from the one holding `pages.start` to the one holding `pages.end`.
-    fn count(&mut self, run: Run, pages: &Range<u64>) {
-        let private = run.attr == Attribute::Private;
-        if run.pages.0 >= pages.start {
-            self.removed.all += 1;
-            self.removed.private += u64::from(private);
-        }
-        if private {
-            self.private_pages += run.pages.1.min(pages.end) - run.pages.0.max(pages.start);
-        }
-    }
-
-    fn add(&mut self, boundary: Boundary) {
-        self.added[self.added_len] = boundary;
-        self.added_len += 1;
-    }
-
-    fn added(&self) -> &[Boundary] {
-        &self.added[..self.added_len]
-    }
-}
-
 /// The numbers of nodes of a tree.
 #[derive(Debug, Clone, Copy)]
 struct Shape {
@@ -460,6 +425,8 @@ pub(crate) struct AttributeMap<const L: usize = LEAF_BOUNDARIES, const B: usize 
     finger: AtomicUsize,
     /// `prepare` calls, for checking sparseness now and then.
     prepares: u32,
+    /// The levels of branches, kept as the root grows and shrinks.
+    depth: usize,
 }
 
 /// The packing of a cursor into the finger: the leaf above `SHIFT` bits of
@@ -542,6 +509,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             private_pages: if private { pages } else { 0 },
             finger: AtomicUsize::new(Finger::NONE),
             prepares: 0,
+            depth: 0,
         }
     }
 
@@ -648,17 +616,10 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
     /// the last page, without looking at the one after.
     pub(crate) fn runs_in(&self, pages: Range<u64>) -> impl Iterator<Item = Run> + '_ {
         let first = (!pages.is_empty()).then(|| self.floor(pages.start));
-        let mut runs = self.runs_from(first);
-        iter::from_fn(move || {
-            let run = runs.next().filter(|run| run.pages.0 < pages.end)?;
-            if run.pages.1 >= pages.end {
-                runs.at = None;
-            }
-            Some(Run {
-                pages: (run.pages.0.max(pages.start), run.pages.1.min(pages.end)),
-                attr: run.attr,
-            })
-        })
+        first
+            .map(|first| self.runs_in_from(first, pages))
+            .into_iter()
+            .flatten()
     }
 
     /// The first page in `pages` whose state is not `attr`.
@@ -687,121 +648,25 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
         self.runs.private
     }
 
-    /// How many runs would be private after [`set`](Self::set) of `pages`
-    /// (non-empty, inside the file) to `attr`.
-    pub(crate) fn private_runs_after(&self, pages: Range<u64>, attr: Attribute) -> u64 {
-        let edit = self.plan(self.floor(pages.start), &pages, attr);
-        let added = RunCount::of(edit.added().iter().copied());
-        self.runs.private - edit.removed.private + added.private
-    }
-
     /// Reserves what one [`set`](Self::set) may need, so that it cannot fail
     /// or allocate; first compacts the tree if it is sparse.
     pub(crate) fn prepare(&mut self) -> Result<(), TryReserveError> {
+        self.prepare_compacting().map(drop)
+    }
+
+    /// [`prepare`](Self::prepare); `true` if it compacted the tree (every
+    /// place in it moved).
+    fn prepare_compacting(&mut self) -> Result<bool, TryReserveError> {
         // Sparseness is checked every `SPARSE_CHECK_EVERY` prepares: memory
         // still follows the runs (a map left sparse is compacted within that
         // many sets), and most prepares cost a few compares.
         self.prepares = self.prepares.wrapping_add(1);
-        if self.prepares % SPARSE_CHECK_EVERY == 0 && self.is_sparse() {
-            self.compact();
-        }
-        let need = Shape::one_set(self.depth());
+        let compacted =
+            self.prepares % SPARSE_CHECK_EVERY == 0 && self.is_sparse() && self.compact();
+        let need = Shape::one_set(self.depth);
         self.leaves.reserve(need.leaves)?;
-        self.branches.reserve(need.branches)
-    }
-
-    /// Sets `pages` (non-empty, inside the file) to `attr`, merging runs.
-    /// Does not allocate after a successful [`prepare`](Self::prepare).
-    pub(crate) fn set(&mut self, pages: Range<u64>, attr: Attribute) {
-        debug_assert!(!pages.is_empty() && pages.end <= self.pages);
-        // The leaf holding the run of `pages.start`, through the finger: a
-        // splice there keeps every boundary between two the leaf already
-        // holds (or in the last leaf), so inside its bounds; inserts that
-        // split nodes go from the root.
-        let at = self.floor(pages.start);
-        let edit = self.plan(at, &pages, attr);
-        if !self.splice_in_leaf(at, &pages, edit.added()) {
-            self.remove_boundaries(at.leaf, pages.start..=pages.end);
-            edit.added()
-                .iter()
-                .for_each(|&boundary| self.insert(boundary));
-        }
-        let added = RunCount::of(edit.added().iter().copied());
-        self.runs.all = self.runs.all - edit.removed.all + added.all;
-        self.runs.private = self.runs.private - edit.removed.private + added.private;
-        self.private_pages -= edit.private_pages;
-        if attr == Attribute::Private {
-            self.private_pages += pages.end - pages.start;
-        }
-        debug_assert!(self.is_merged_near(&pages));
-    }
-
-    /// What [`set`](Self::set) of `pages` to `attr` does, in one walk over
-    /// the runs from the one holding `pages.start` (whose boundary is at
-    /// `at`) to the one holding `pages.end`.
-    fn plan(&self, at: Cursor, pages: &Range<u64>, attr: Attribute) -> Edit {
-        let first = self.boundary(at);
-        // The state of the page before: the first run's, or the other one if
-        // that run starts at `pages.start`.
-        let before = match pages.start {
-            0 => None,
-            start if first.start() < start => Some(first.attr()),
-            _ => Some(first.attr().other()),
-        };
-        let mut edit = Edit::default();
-        let mut at = at;
-        let last = loop {
-            let boundary = self.boundary(at);
-            let next = self.step(at);
-            let end = next.map_or(self.pages, |next| self.boundary(next).start());
-            let run = Run {
-                pages: (boundary.start(), end),
-                attr: boundary.attr(),
-            };
-            edit.count(run, pages);
-            match next {
-                // The next run starts at or before `pages.end`: it is one of them.
-                Some(next) if end <= pages.end => at = next,
-                _ => break run,
-            }
-        };
-        if before != Some(attr) {
-            edit.add(Boundary::new(pages.start, attr));
-        }
-        if pages.end < self.pages && last.attr != attr {
-            edit.add(Boundary::new(pages.end, last.attr));
-        }
-        edit
-    }
-
-    /// Replaces the boundaries starting in `pages` by `added` if all of
-    /// them are in the leaf of `at` (the boundary of the run holding
-    /// `pages.start`), and the result fits and is not empty; returns whether
-    /// it did.
-    fn splice_in_leaf(&mut self, at: Cursor, pages: &Range<u64>, added: &[Boundary]) -> bool {
-        let node = &mut self.leaves[at.leaf];
-        // The boundary at `at` is the last one at or before `pages.start`.
-        let from = at.index + usize::from(node.boundaries[at.index].start() < pages.start);
-        let to = from + node.boundaries()[from..].partition_point(|b| b.start() <= pages.end);
-        // A boundary after `pages.end` in the leaf, or no leaf after it:
-        // the leaf holds the boundaries of `pages` and may hold `pages.end`.
-        let holds_end = to < node.len || node.next.is_none();
-        let len = node.len - (to - from) + added.len();
-        if !holds_end || len == 0 || len > L {
-            return false;
-        }
-        node.splice(from..to, added);
-        // The finger to the run holding `pages.end`: the last boundary put
-        // in, else the one before the range; a set is often followed by one
-        // just after it.
-        if let Some(index) = (from + added.len()).checked_sub(1) {
-            let at = Cursor {
-                leaf: at.leaf,
-                index,
-            };
-            *self.finger.get_mut() = Finger::pack(at);
-        }
-        true
+        self.branches.reserve(need.branches)?;
+        Ok(compacted)
     }
 
     /// Removes the boundaries starting in `pages`, from `leaf`, the leaf for
@@ -868,6 +733,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             self.set_parent(child, None);
             self.branches.release(root);
             self.root = child;
+            self.depth -= 1;
         }
     }
 
@@ -953,6 +819,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
         self.set_parent(left, Some(root));
         self.set_parent(right, Some(root));
         self.root = Node::Branch(root);
+        self.depth += 1;
     }
 
     fn parent(&self, node: Node) -> Option<usize> {
@@ -969,7 +836,9 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
         }
     }
 
-    /// The levels of branches.
+    /// The levels of branches, counted from the root (the tests check the
+    /// kept `depth` against it).
+    #[cfg(test)]
     fn depth(&self) -> usize {
         let mut depth = 0;
         let mut node = self.root;
@@ -987,11 +856,15 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             || self.branches.capacity() > SPARSE * packed.branches + SLACK
     }
 
-    /// Replaces the tree by a packed copy, if there is memory for one.
-    fn compact(&mut self) {
-        if let Ok(packed) = self.packed() {
+    /// Replaces the tree by a packed copy, if there is memory for one;
+    /// returns whether it did.
+    fn compact(&mut self) -> bool {
+        let packed = self.packed();
+        if let Ok(packed) = packed {
             *self = packed;
+            return true;
         }
+        false
     }
 
     /// A copy with full nodes, and room for one set.
@@ -1007,6 +880,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             private_pages: self.private_pages,
             finger: AtomicUsize::new(Finger::NONE),
             prepares: 0,
+            depth: shape.depth,
         };
         packed.push_leaves(self, self.floor(0).leaf);
         let mut level = 0..shape.leaves;
@@ -1252,6 +1126,7 @@ mod tests {
             "leaked branches"
         );
         assert!(map.is_merged());
+        assert_eq!(map.depth, map.depth(), "the depth kept");
         let private_pages: u64 = map
             .runs_in(0..map.pages)
             .filter(|run| run.attr == Private)
@@ -1323,10 +1198,17 @@ mod tests {
             let start = start % pages;
             let end = (start + len).min(pages);
             let attr = if shared { Shared } else { Private };
-            map.prepare().unwrap();
+            // As a conversion does: plan, prepare (which may compact the
+            // tree and plan again), then make the plan.
+            let mut planned = map.plan(start..end, attr);
+            let changing = changing_in_model(&model, start..end, attr);
+            assert_eq!(map.changing_runs(&planned).collect::<Vec<_>>(), changing);
+            assert_eq!(planned.changes(), !changing.is_empty());
+            map.prepare_for(&mut planned).unwrap();
+            assert_eq!(map.changing_runs(&planned).collect::<Vec<_>>(), changing);
             let reserved = capacities(&map);
-            let predicted = map.private_runs_after(start..end, attr);
-            map.set(start..end, attr);
+            let predicted = map.private_runs_after(&planned);
+            map.apply(planned);
             assert_eq!(capacities(&map), reserved, "set allocated after prepare");
             assert_eq!(
                 map.private_runs(),
@@ -1338,6 +1220,25 @@ mod tests {
             check_queries(&map, &model, start.saturating_sub(len)..end);
             check_queries(&map, &model, start..start);
         }
+    }
+
+    /// The runs of `pages` not in state `attr`, by `model`.
+    fn changing_in_model(
+        model: &[Attribute],
+        pages: Range<u64>,
+        attr: Attribute,
+    ) -> Vec<Range<u64>> {
+        let mut start = pages.start;
+        let slice = &model[pages.start as usize..pages.end as usize];
+        let mut runs = Vec::new();
+        for run in slice.chunk_by(|a, b| a == b) {
+            let len = run.len() as u64;
+            if run[0] != attr {
+                runs.push(start..start + len);
+            }
+            start += len;
+        }
+        runs
     }
 
     fn ops(pages: u64, count: usize) -> impl Strategy<Value = Vec<(u64, u64, bool)>> {
@@ -1402,18 +1303,18 @@ mod tests {
     fn private_runs_after_predicts_the_set() {
         let mut map = AttributeMap::new(16, Shared);
         assert_eq!(map.private_runs(), 0);
-        assert_eq!(map.private_runs_after(4..6, Private), 1);
+        assert_eq!(map.private_runs_after(&map.plan(4..6, Private)), 1);
         map.set(4..6, Private);
         map.set(8..10, Private);
         assert_eq!(map.private_runs(), 2);
         // Filling the gap joins two runs; splitting one adds one.
-        assert_eq!(map.private_runs_after(6..8, Private), 1);
-        assert_eq!(map.private_runs_after(5..6, Shared), 2);
-        assert_eq!(map.private_runs_after(8..9, Shared), 2);
-        assert_eq!(map.private_runs_after(4..5, Shared), 2);
-        assert_eq!(map.private_runs_after(2..3, Private), 3);
-        assert_eq!(map.private_runs_after(0..16, Shared), 0);
-        assert_eq!(map.private_runs_after(0..16, Private), 1);
+        assert_eq!(map.private_runs_after(&map.plan(6..8, Private)), 1);
+        assert_eq!(map.private_runs_after(&map.plan(5..6, Shared)), 2);
+        assert_eq!(map.private_runs_after(&map.plan(8..9, Shared)), 2);
+        assert_eq!(map.private_runs_after(&map.plan(4..5, Shared)), 2);
+        assert_eq!(map.private_runs_after(&map.plan(2..3, Private)), 3);
+        assert_eq!(map.private_runs_after(&map.plan(0..16, Shared)), 0);
+        assert_eq!(map.private_runs_after(&map.plan(0..16, Private)), 1);
         assert_eq!(map.private_runs(), 2, "nothing changed");
     }
 }

@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::panic::{self, AssertUnwindSafe};
 
-use crate::attributes::{Attribute, AttributeMap};
+use crate::attributes::{Attribute, AttributeMap, Planned};
 use crate::file::{FileState, GuestMemfd};
 use crate::held::{self, InFlight, View};
 use crate::listener::Refusal;
@@ -52,14 +52,18 @@ impl GuestMemfd {
         // 1. The invalidate lock, exclusively: no fault, new mapping or
         //    slow-path pin runs until we are done.
         let mut attrs = state.write_attrs();
-        // 2. Nothing to change: success without check or mapping change.
-        if attrs.first_not(pages.clone(), to).is_none() {
+        // 2. Nothing to change: success without check or mapping change. One
+        //    walk over the runs plans all the map is asked until the set.
+        let mut planned = attrs.plan(pages.clone(), to);
+        if !planned.changes() {
             return Ok(());
         }
         // 3. Nothing after the point of no return may fail for memory.
-        attrs.prepare().map_err(|_| ConversionError::NoMemory {
-            error_offset: offset,
-        })?;
+        attrs
+            .prepare_for(&mut planned)
+            .map_err(|_| ConversionError::NoMemory {
+                error_offset: offset,
+            })?;
         let listening = state.listeners.any();
         if to == Attribute::Private && listening {
             held::with_held(file, &View::new(&attrs), || {
@@ -68,14 +72,15 @@ impl GuestMemfd {
         }
         // 4. The reference check, then the host mappings; then the
         //    listeners' commit phase, which may still undo it all.
-        let costs = state.change_mappings(&attrs, pages.clone(), to, offset, listening)?;
+        let costs =
+            state.change_mappings(&attrs, &planned, pages.clone(), to, offset, listening)?;
         if listening {
-            state.commit_phase(&attrs, pages.clone(), to, offset, costs)?;
+            state.commit_phase(&attrs, &planned, pages.clone(), to, offset, costs)?;
         }
         // 5. Point of no return: store the new state. (Guest mappings are
         //    KVM's and stay valid: on a software-protected VM both states are
         //    mapped for the guest.)
-        attrs.set(pages.clone(), to);
+        attrs.apply(planned);
         state.refs.reshape(pages, |range| attrs.is_uniform(range));
         Counters::bump(match to {
             Attribute::Private => &state.counters.to_private,
@@ -140,6 +145,7 @@ impl FileState {
     fn change_mappings(
         &self,
         attrs: &AttributeMap,
+        planned: &Planned,
         pages: Range<u64>,
         to: Attribute,
         offset: u64,
@@ -149,8 +155,8 @@ impl FileState {
         // the mappings charged for.
         let mut mappings = self.mappings.lock();
         let before = mappings.fallback_cost();
-        let changing = || changing_runs(attrs, pages.clone(), to);
-        let private_runs_after = || attrs.private_runs_after(pages.clone(), to);
+        let changing = || attrs.changing_runs(planned);
+        let private_runs_after = || attrs.private_runs_after(planned);
         let after = mappings
             .take_for_change(self, private_runs_after)
             .map_err(|over| ConversionError::VmaBudget {
@@ -183,6 +189,7 @@ impl FileState {
     fn commit_phase(
         &self,
         attrs: &AttributeMap,
+        planned: &Planned,
         pages: Range<u64>,
         to: Attribute,
         offset: u64,
@@ -212,7 +219,7 @@ impl FileState {
             }
             Ok(Err(refusal)) => refusal,
             Err(panic) => {
-                if let Err(failure) = self.undo_change(attrs, pages, to, costs) {
+                if let Err(failure) = self.undo_change(attrs, planned, to, costs) {
                     tracing::error!(
                         ?failure,
                         "a listener panicked in its commit phase and the undo failed"
@@ -221,7 +228,7 @@ impl FileState {
                 panic::resume_unwind(panic);
             }
         };
-        self.undo_change(attrs, pages, to, costs)
+        self.undo_change(attrs, planned, to, costs)
             .map_err(|failure| mapping_error(failure, offset))?;
         Err(self.refused(offset, len, refusal))
     }
@@ -231,12 +238,12 @@ impl FileState {
     fn undo_change(
         &self,
         attrs: &AttributeMap,
-        pages: Range<u64>,
+        planned: &Planned,
         to: Attribute,
         costs: Costs,
     ) -> Result<(), MappingFailure> {
         let mut mappings = self.mappings.lock();
-        let undone = mappings.undo(self, || changing_runs(attrs, pages.clone(), to), to.other());
+        let undone = mappings.undo(self, || attrs.changing_runs(planned), to.other());
         mappings.settle(self, Some(costs.before));
         undone
     }
@@ -264,17 +271,6 @@ impl FileState {
 struct Costs {
     before: u64,
     after: u64,
-}
-
-/// The runs of `pages` not in state `to`: those a conversion changes.
-fn changing_runs(
-    attrs: &AttributeMap,
-    pages: Range<u64>,
-    to: Attribute,
-) -> impl Iterator<Item = Range<u64>> + '_ {
-    let runs = attrs.runs_in(pages);
-    runs.filter(move |run| run.attr != to)
-        .map(|run| run.range())
 }
 
 /// The conversion error for a failed change of the host mappings.
