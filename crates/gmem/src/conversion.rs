@@ -80,7 +80,7 @@ impl GuestMemfd {
         // 5. Point of no return: store the new state. (Guest mappings are
         //    KVM's and stay valid: on a software-protected VM both states are
         //    mapped for the guest.)
-        attrs.apply(planned);
+        attrs.apply(&planned);
         state.refs.reshape(pages, |range| attrs.is_uniform(range));
         Counters::bump(match to {
             Attribute::Private => &state.counters.to_private,

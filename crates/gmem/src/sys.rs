@@ -130,25 +130,14 @@ impl MappedRegion {
         advice: i32,
         counted: bool,
     ) -> Result<(), Errno> {
-        let mut ranges = ranges.map(|range| self.iovec(range)).peekable();
+        let mut ranges = ranges.map(|range| self.iovec(range));
         let Some(first) = ranges.next() else {
             return Ok(());
         };
-        if ranges.peek().is_none() {
-            return advise_batch(&[MaybeUninit::new(first)], advice, counted);
+        match ranges.next() {
+            None => advise_batch(&[MaybeUninit::new(first)], advice, counted),
+            Some(second) => advise_many([first, second], &mut ranges, advice, counted),
         }
-        let mut batch = [const { MaybeUninit::<libc::iovec>::uninit() }; IOV_MAX];
-        batch[0].write(first);
-        let mut filled = 1;
-        for iovec in ranges {
-            if filled == IOV_MAX {
-                advise_batch(&batch[..filled], advice, counted)?;
-                filled = 0;
-            }
-            batch[filled].write(iovec);
-            filled += 1;
-        }
-        advise_batch(&batch[..filled], advice, counted)
     }
 
     /// The iovec of a byte range of the region (page-aligned, inside it).
@@ -491,6 +480,31 @@ const MADV_GUARD_REMOVE: i32 = 103;
 /// The most ranges one `process_madvise` call takes (`UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
 
+/// [`MappedRegion::advise`] of more than one range (the first two given,
+/// then `rest`) in batches of up to `IOV_MAX`: apart, so that the common
+/// lone range needs no room for a batch on the stack.
+#[inline(never)]
+fn advise_many(
+    first: [libc::iovec; 2],
+    rest: &mut dyn Iterator<Item = libc::iovec>,
+    advice: i32,
+    counted: bool,
+) -> Result<(), Errno> {
+    let mut batch = [const { MaybeUninit::<libc::iovec>::uninit() }; IOV_MAX];
+    batch[0].write(first[0]);
+    batch[1].write(first[1]);
+    let mut filled = 2;
+    for iovec in rest {
+        if filled == IOV_MAX {
+            advise_batch(&batch[..filled], advice, counted)?;
+            filled = 0;
+        }
+        batch[filled].write(iovec);
+        filled += 1;
+    }
+    advise_batch(&batch[..filled], advice, counted)
+}
+
 /// Advises the initialised ranges `batch` (inside one region); `counted`
 /// calls go through fault injection.
 fn advise_batch(
@@ -526,8 +540,15 @@ fn madvise(range: &libc::iovec, advice: i32) -> Result<(), Errno> {
     }
 }
 
+/// Set once `pidfd_open` or `process_madvise` answered `ENOSYS` (a seccomp
+/// filter that hides them, or valgrind, which knows neither): every batch
+/// then goes one `madvise` a range. Relaxed: a hint that only picks between
+/// two correct ways; no data is handed over through it.
+static NO_PROCESS_MADVISE: AtomicBool = AtomicBool::new(false);
+
 /// `process_madvise` on this process until every range is advised: the call
-/// may stop part-way and report the bytes it advised.
+/// may stop part-way and report the bytes it advised. Where the system call
+/// is missing, one `madvise` a range.
 fn process_madvise_all(mut rest: &[libc::iovec], advice: i32) -> Result<(), Errno> {
     let mut skip = 0usize; // bytes of `rest[0]` already advised
     let mut first = [libc::iovec {
@@ -539,10 +560,22 @@ fn process_madvise_all(mut rest: &[libc::iovec], advice: i32) -> Result<(), Errn
             iov_base: rest[0].iov_base.wrapping_byte_add(skip),
             iov_len: rest[0].iov_len - skip,
         };
+        if NO_PROCESS_MADVISE.load(Ordering::Relaxed) {
+            return first
+                .iter()
+                .chain(&rest[1..])
+                .try_for_each(|iov| madvise(iov, advice));
+        }
         let call =
             |iov: &[libc::iovec]| with_own_pidfd(|pidfd| process_madvise(pidfd, iov, advice));
         // The first range goes alone while part of it was advised.
-        let advised = if skip > 0 { call(&first)? } else { call(rest)? };
+        let advised = match if skip > 0 { call(&first) } else { call(rest) } {
+            Err(Errno::NOSYS) => {
+                NO_PROCESS_MADVISE.store(true, Ordering::Relaxed);
+                continue;
+            }
+            advised => advised?,
+        };
         if advised == 0 {
             return Err(Errno::IO);
         }

@@ -14,7 +14,7 @@ use std::collections::TryReserveError;
 use std::iter;
 use std::ops::Range;
 
-use super::{Attribute, AttributeMap, Boundary, Cursor, Finger, Run, RunCount};
+use super::{Attribute, AttributeMap, Boundary, Cursor, Finger, Run, RunCount, Runs};
 
 /// What a set does, found without changing anything.
 #[derive(Debug, Default)]
@@ -87,6 +87,41 @@ impl Planned {
     }
 }
 
+/// The runs a planned set changes ([`AttributeMap::changing_runs`]).
+pub(crate) struct ChangingRuns<'a, const L: usize, const B: usize> {
+    /// The one run, where the set changes one.
+    one: Option<Range<u64>>,
+    /// Else the walk over the runs from the one holding the first page.
+    walk: Option<Walk<'a, L, B>>,
+}
+
+/// A walk over the runs of some pages, for those not in a state.
+struct Walk<'a, const L: usize, const B: usize> {
+    runs: Runs<'a, L, B>,
+    pages: Range<u64>,
+    to: Attribute,
+}
+
+impl<const L: usize, const B: usize> Iterator for ChangingRuns<'_, L, B> {
+    type Item = Range<u64>;
+
+    fn next(&mut self) -> Option<Range<u64>> {
+        if let Some(one) = self.one.take() {
+            return Some(one);
+        }
+        let Walk { runs, pages, to } = self.walk.as_mut()?;
+        loop {
+            let run = runs.next().filter(|run| run.pages.0 < pages.end)?;
+            if run.pages.1 >= pages.end {
+                runs.at = None;
+            }
+            if run.attr != *to {
+                return Some(run.pages.0.max(pages.start)..run.pages.1.min(pages.end));
+            }
+        }
+    }
+}
+
 impl<const L: usize, const B: usize> AttributeMap<L, B> {
     /// Plans the set of `pages` (non-empty, inside the file) to `attr`.
     pub(crate) fn plan(&self, pages: Range<u64>, attr: Attribute) -> Planned {
@@ -116,18 +151,17 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
 
     /// The runs `planned` changes, as page ranges, in order: one without a
     /// walk when it changes one, else walked from where it starts.
-    pub(crate) fn changing_runs<'a>(
-        &'a self,
-        planned: &'a Planned,
-    ) -> impl Iterator<Item = Range<u64>> + 'a {
+    pub(crate) fn changing_runs<'a>(&'a self, planned: &Planned) -> ChangingRuns<'a, L, B> {
         let (start, end) = planned.edit.first_changing;
-        let one = (planned.edit.changing == 1).then_some(start..end);
-        let many = (planned.edit.changing > 1).then(|| {
-            self.runs_in_from(planned.at, planned.pages.clone())
-                .filter(|run| run.attr != planned.attr)
-                .map(|run| run.range())
+        let walk = (planned.edit.changing > 1).then(|| Walk {
+            runs: self.runs_from(Some(planned.at)),
+            pages: planned.pages.clone(),
+            to: planned.attr,
         });
-        one.into_iter().chain(many.into_iter().flatten())
+        ChangingRuns {
+            one: (planned.edit.changing == 1).then_some(start..end),
+            walk,
+        }
     }
 
     /// How many runs will be private once `planned` is made.
@@ -140,19 +174,19 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
     /// Does not allocate after a successful [`prepare`](Self::prepare).
     pub(crate) fn set(&mut self, pages: Range<u64>, attr: Attribute) {
         let planned = self.plan(pages, attr);
-        self.apply(planned);
+        self.apply(&planned);
     }
 
     /// Makes the set `planned` (the map unchanged since it was planned).
     /// Does not allocate after a successful [`prepare`](Self::prepare).
-    pub(crate) fn apply(&mut self, planned: Planned) {
+    pub(crate) fn apply(&mut self, planned: &Planned) {
         let Planned {
             at,
-            pages,
+            ref pages,
             attr,
-            edit,
-        } = planned;
-        if !self.splice_in_leaf(at, &pages, edit.added()) {
+            ref edit,
+        } = *planned;
+        if !self.splice_in_leaf(at, pages, edit) {
             self.remove_boundaries(at.leaf, pages.start..=pages.end);
             edit.added()
                 .iter()
@@ -165,7 +199,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
         if attr == Attribute::Private {
             self.private_pages += pages.end - pages.start;
         }
-        debug_assert!(self.is_merged_near(&pages));
+        debug_assert!(self.is_merged_near(pages));
     }
 
     /// What the set of `pages` to `attr` does, in one walk over the runs
@@ -206,20 +240,26 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
         edit
     }
 
-    /// Replaces the boundaries starting in `pages` by `added` if all of
-    /// them are in the leaf of `at` (the boundary of the run holding
-    /// `pages.start`), and the result fits and is not empty; returns whether
-    /// it did.
-    fn splice_in_leaf(&mut self, at: Cursor, pages: &Range<u64>, added: &[Boundary]) -> bool {
+    /// Replaces the boundaries starting in `pages` (those `edit` removes)
+    /// by those it adds if all of them are in the leaf of `at` (the boundary
+    /// of the run holding `pages.start`), and the result fits and is not
+    /// empty; returns whether it did.
+    fn splice_in_leaf(&mut self, at: Cursor, pages: &Range<u64>, edit: &Edit) -> bool {
+        let added = edit.added();
         let node = &mut self.leaves[at.leaf];
-        // The boundary at `at` is the last one at or before `pages.start`.
+        // The boundary at `at` is the last one at or before `pages.start`;
+        // the boundaries in `pages.start..=pages.end` follow it, as many as
+        // the walk counted (some may be in the leaves after).
         let from = at.index + usize::from(node.boundaries[at.index].start() < pages.start);
-        let to = from + node.boundaries()[from..].partition_point(|b| b.start() <= pages.end);
+        let to = from + edit.removed.all as usize;
         // A boundary after `pages.end` in the leaf, or no leaf after it:
         // the leaf holds the boundaries of `pages` and may hold `pages.end`.
-        let holds_end = to < node.len || node.next.is_none();
+        let holds_end = to < node.len || (to == node.len && node.next.is_none());
+        if !holds_end {
+            return false;
+        }
         let len = node.len - (to - from) + added.len();
-        if !holds_end || len == 0 || len > L {
+        if len == 0 || len > L {
             return false;
         }
         node.splice(from..to, added);
