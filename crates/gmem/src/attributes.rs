@@ -323,7 +323,15 @@ impl<T> Arena<T> {
             // The common case: the room is there from the last time.
             return Ok(());
         }
+        self.grow(more)
+    }
+
+    /// [`reserve`](Self::reserve) where the room is not there yet.
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self, more: usize) -> Result<(), TryReserveError> {
         self.nodes.try_reserve(more)?;
+        let most_free = self.nodes.len() + more;
         self.free.try_reserve(most_free - self.free.len())
     }
 
@@ -459,24 +467,40 @@ impl Finger {
     }
 }
 
-/// The runs of a map from a boundary on, in order: a cursor stepped through
-/// the leaves.
+/// The runs of a map from a boundary on, in order: a place in a leaf
+/// stepped through the leaves, reading each boundary once.
 struct Runs<'a, const L: usize, const B: usize> {
     map: &'a AttributeMap<L, B>,
-    /// The boundary of the next run.
-    at: Option<Cursor>,
+    /// The leaf of the next run's boundary, and its index there.
+    leaf: &'a Leaf<L>,
+    index: usize,
+    /// The next run's boundary; `None` once the walk is over.
+    next: Option<Boundary>,
+}
+
+impl<const L: usize, const B: usize> Runs<'_, L, B> {
+    /// Ends the walk: no run after the one last given.
+    fn stop(&mut self) {
+        self.next = None;
+    }
 }
 
 impl<const L: usize, const B: usize> Iterator for Runs<'_, L, B> {
     type Item = Run;
 
     fn next(&mut self) -> Option<Run> {
-        let at = self.at?;
-        let boundary = self.map.boundary(at);
-        self.at = self.map.step(at);
-        let end = self
-            .at
-            .map_or(self.map.pages, |next| self.map.boundary(next).start());
+        let boundary = self.next?;
+        self.index += 1;
+        if self.index >= self.leaf.len {
+            match self.leaf.next {
+                Some(next) => (self.leaf, self.index) = (&self.map.leaves[next], 0),
+                None => self.next = None,
+            }
+        }
+        if self.next.is_some() {
+            self.next = Some(self.leaf.boundaries[self.index]);
+        }
+        let end = self.next.map_or(self.map.pages, Boundary::start);
         Some(Run {
             pages: (boundary.start(), end),
             attr: boundary.attr(),
@@ -608,9 +632,12 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
 
     /// The whole runs from the one whose boundary is at `first` on.
     fn runs_from(&self, first: Option<Cursor>) -> Runs<'_, L, B> {
+        let at = first.unwrap_or(Cursor { leaf: 0, index: 0 });
         Runs {
             map: self,
-            at: first,
+            leaf: &self.leaves[at.leaf],
+            index: at.index,
+            next: first.map(|at| self.boundary(at)),
         }
     }
 
@@ -663,13 +690,13 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
 
     /// [`prepare`](Self::prepare); `true` if it compacted the tree (every
     /// place in it moved).
+    #[inline]
     fn prepare_compacting(&mut self) -> Result<bool, TryReserveError> {
         // Sparseness is checked every `SPARSE_CHECK_EVERY` prepares: memory
         // still follows the runs (a map left sparse is compacted within that
         // many sets), and most prepares cost a few compares.
         self.prepares = self.prepares.wrapping_add(1);
-        let compacted =
-            self.prepares % SPARSE_CHECK_EVERY == 0 && self.is_sparse() && self.compact();
+        let compacted = self.prepares % SPARSE_CHECK_EVERY == 0 && self.compact_if_sparse();
         let need = Shape::one_set(self.depth);
         self.leaves.reserve(need.leaves)?;
         self.branches.reserve(need.branches)?;
@@ -861,6 +888,14 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
         let packed = Shape::packed::<L, B>(self.runs.all);
         self.leaves.capacity() > SPARSE * packed.leaves + SLACK
             || self.branches.capacity() > SPARSE * packed.branches + SLACK
+    }
+
+    /// [`compact`](Self::compact) if the tree is sparse; whether it did.
+    /// Apart from `prepare`, which checks now and then.
+    #[cold]
+    #[inline(never)]
+    fn compact_if_sparse(&mut self) -> bool {
+        self.is_sparse() && self.compact()
     }
 
     /// Replaces the tree by a packed copy, if there is memory for one;

@@ -467,11 +467,16 @@ impl References {
     /// lock and after a successful check: split the huge folios that now have
     /// two states, and merge the chunks whose range is one state again and
     /// that hold no reference. `uniform` tells whether a range has one state.
+    #[inline]
     pub(crate) fn reshape(&self, pages: Range<u64>, uniform: impl Fn(Range<u64>) -> bool) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if !self.table.has_huge_folios() {
-            return;
+        if self.table.has_huge_folios() {
+            self.reshape_huge(pages, uniform);
         }
+    }
+
+    /// [`reshape`](Self::reshape) of a file with huge folios.
+    fn reshape_huge(&self, pages: Range<u64>, uniform: impl Fn(Range<u64>) -> bool) {
+        use std::sync::atomic::Ordering::Relaxed;
         for (index, chunk, _) in self.table.made(pages) {
             let range = FolioTable::chunk_range(index);
             let whole = self.table.may_be_huge(index) && uniform(range.clone());

@@ -33,30 +33,24 @@ struct Edit {
     /// the set changes.
     changing: u64,
     /// The first of them, if any.
-    first_changing: (u64, u64),
+    first_changing: Range<u64>,
 }
 
 impl Edit {
     /// Counts what the set of `pages` to `attr` changes in `run`, one of the
     /// runs from the one holding `pages.start` to the one holding
-    /// `pages.end`.
+    /// `pages.end`. Without branches: a batched conversion counts every
+    /// run of its range here.
     fn count(&mut self, run: Run, pages: &Range<u64>, attr: Attribute) {
-        let private = run.attr == Attribute::Private;
-        if run.pages.0 >= pages.start {
-            self.removed.all += 1;
-            self.removed.private += u64::from(private);
-        }
-        let clipped = (run.pages.0.max(pages.start), run.pages.1.min(pages.end));
-        // The run holding `pages.end` is counted but holds none of them.
-        if run.attr != attr && clipped.0 < clipped.1 {
-            if self.changing == 0 {
-                self.first_changing = clipped;
-            }
-            self.changing += 1;
-        }
-        if private && clipped.0 < clipped.1 {
-            self.private_pages += clipped.1 - clipped.0;
-        }
+        let private = u64::from(run.attr == Attribute::Private);
+        let removed = u64::from(run.pages.0 >= pages.start);
+        self.removed.all += removed;
+        self.removed.private += removed & private;
+        // The run holding `pages.end` may hold none of them: then its
+        // clipped length is zero.
+        let clipped = run.pages.1.min(pages.end) - run.pages.0.max(pages.start);
+        self.changing += u64::from(run.attr != attr && clipped > 0);
+        self.private_pages += private * clipped;
     }
 
     fn add(&mut self, boundary: Boundary) {
@@ -87,38 +81,38 @@ impl Planned {
     }
 }
 
-/// The runs a planned set changes ([`AttributeMap::changing_runs`]).
+/// The runs a planned set changes ([`AttributeMap::changing_runs`]): a
+/// walk over the runs from the one holding the first page, giving those not
+/// in the new state, which stops after the last of them.
 pub(crate) struct ChangingRuns<'a, const L: usize, const B: usize> {
-    /// The one run, where the set changes one.
+    /// The one run, where the set changes one: no walk.
     one: Option<Range<u64>>,
-    /// Else the walk over the runs from the one holding the first page.
-    walk: Option<Walk<'a, L, B>>,
-}
-
-/// A walk over the runs of some pages, for those not in a state.
-struct Walk<'a, const L: usize, const B: usize> {
     runs: Runs<'a, L, B>,
     pages: Range<u64>,
     to: Attribute,
+    /// The runs still to walk to.
+    left: u64,
 }
 
 impl<const L: usize, const B: usize> Iterator for ChangingRuns<'_, L, B> {
     type Item = Range<u64>;
 
+    #[inline]
     fn next(&mut self) -> Option<Range<u64>> {
         if let Some(one) = self.one.take() {
             return Some(one);
         }
-        let Walk { runs, pages, to } = self.walk.as_mut()?;
-        loop {
-            let run = runs.next().filter(|run| run.pages.0 < pages.end)?;
-            if run.pages.1 >= pages.end {
-                runs.at = None;
-            }
-            if run.attr != *to {
-                return Some(run.pages.0.max(pages.start)..run.pages.1.min(pages.end));
-            }
+        if self.left == 0 {
+            return None;
         }
+        self.left -= 1;
+        // States alternate: of two runs in a row, one changes.
+        let run = self.runs.next()?;
+        let run = match run.attr == self.to {
+            true => self.runs.next()?,
+            false => run,
+        };
+        Some(run.pages.0.max(self.pages.start)..run.pages.1.min(self.pages.end))
     }
 }
 
@@ -150,17 +144,16 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
     }
 
     /// The runs `planned` changes, as page ranges, in order: one without a
-    /// walk when it changes one, else walked from where it starts.
+    /// walk where it changes one, else walked from where it starts to the
+    /// last of them.
     pub(crate) fn changing_runs<'a>(&'a self, planned: &Planned) -> ChangingRuns<'a, L, B> {
-        let (start, end) = planned.edit.first_changing;
-        let walk = (planned.edit.changing > 1).then(|| Walk {
-            runs: self.runs_from(Some(planned.at)),
+        let one = planned.edit.changing == 1;
+        ChangingRuns {
+            one: one.then(|| planned.edit.first_changing.clone()),
+            runs: self.runs_from(Some(planned.at).filter(|_| !one)),
             pages: planned.pages.clone(),
             to: planned.attr,
-        });
-        ChangingRuns {
-            one: (planned.edit.changing == 1).then_some(start..end),
-            walk,
+            left: if one { 0 } else { planned.edit.changing },
         }
     }
 
@@ -215,21 +208,31 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             _ => Some(first.attr().other()),
         };
         let mut edit = Edit::default();
-        let mut at = at;
-        let last = loop {
-            let boundary = self.boundary(at);
-            let next = self.step(at);
-            let end = next.map_or(self.pages, |next| self.boundary(next).start());
-            let run = Run {
-                pages: (boundary.start(), end),
-                attr: boundary.attr(),
-            };
-            edit.count(run, pages, attr);
-            match next {
-                // The next run starts at or before `pages.end`: it is one of them.
-                Some(next) if end <= pages.end => at = next,
-                _ => break run,
+        let mut runs = self.runs_from(Some(at));
+        let mut next = || {
+            runs.next()
+                .expect("a run holds pages.end or reaches the end")
+        };
+        // The next run starts after `pages.end`: the walk is over.
+        let last_one = |run: &Run| run.pages.1 > pages.end || run.pages.1 == self.pages;
+        // The first two runs apart: states alternate, so the first run that
+        // changes is one of them.
+        let first = next();
+        edit.count(first, pages, attr);
+        let (mut last, mut second) = (first, None);
+        if !last_one(&first) {
+            last = next();
+            (edit.count(last, pages, attr), second = Some(last));
+            while !last_one(&last) {
+                last = next();
+                edit.count(last, pages, attr);
             }
+        }
+        let clip = |run: Run| run.pages.0.max(pages.start)..run.pages.1.min(pages.end);
+        edit.first_changing = match (first.attr != attr, second) {
+            (true, _) => clip(first),
+            (false, Some(second)) => clip(second),
+            (false, None) => pages.start..pages.start,
         };
         if before != Some(attr) {
             edit.add(Boundary::new(pages.start, attr));
@@ -287,7 +290,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
         iter::from_fn(move || {
             let run = runs.next().filter(|run| run.pages.0 < pages.end)?;
             if run.pages.1 >= pages.end {
-                runs.at = None;
+                runs.stop();
             }
             Some(Run {
                 pages: (run.pages.0.max(pages.start), run.pages.1.min(pages.end)),

@@ -61,6 +61,7 @@ impl std::ops::DerefMut for Registry<'_> {
 }
 
 impl Mappings {
+    #[inline]
     pub(crate) fn lock(&self) -> Registry<'_> {
         Registry {
             state: self.state.lock().unwrap_or_else(|e| e.into_inner()),
@@ -124,6 +125,7 @@ impl Registry<'_> {
     /// Guard-marker mappings take what their remaps need as they go, and
     /// hide or show without a VMA when the budget is spent. Returns what a
     /// fallback mapping will cost; settle with it once the change is made.
+    #[inline]
     pub(crate) fn take_for_change(
         &self,
         file: &FileState,
@@ -187,6 +189,7 @@ impl Registry<'_> {
 
     /// Makes the file's charge what its mappings need now, with fallback
     /// mappings at `fallback_cost` (`None`: as before, the change failed).
+    #[inline]
     pub(crate) fn settle(&mut self, file: &FileState, fallback_cost: Option<u64>) {
         if let Some(cost) = fallback_cost {
             self.fallback_cost = cost;
@@ -205,6 +208,24 @@ impl Registry<'_> {
     /// every mapping is put back; one that cannot be is poisoned and
     /// unregistered.
     pub(crate) fn apply<I: Iterator<Item = Range<u64>>>(
+        &mut self,
+        file: &FileState,
+        runs: impl Fn() -> I,
+        to: Attribute,
+    ) -> Result<(), MappingFailure> {
+        // A lone run (a single-page conversion) goes the same way as a
+        // known single range: no walk is repeated for each mapping, and the
+        // compiler folds the iterators away.
+        let mut first = runs();
+        match (first.next(), first.next()) {
+            (None, _) => Ok(()),
+            (Some(run), None) => self.apply_each(file, || std::iter::once(run.clone()), to),
+            _ => self.apply_each(file, runs, to),
+        }
+    }
+
+    /// [`apply`](Self::apply) to each live mapping in turn.
+    fn apply_each<I: Iterator<Item = Range<u64>>>(
         &mut self,
         file: &FileState,
         runs: impl Fn() -> I,
