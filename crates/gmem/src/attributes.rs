@@ -175,13 +175,18 @@ impl<const L: usize> Leaf<L> {
     }
 
     /// Replaces the boundaries at `indices` by `new`, which must fit.
+    #[inline]
     fn splice(&mut self, indices: Range<usize>, new: &[Boundary]) {
         let tail = indices.end..self.len;
         let len = self.len - indices.len() + new.len();
         self.boundaries.copy_within(tail, indices.start + new.len());
-        // At most two: element by element, not through `memcpy`.
-        for (slot, boundary) in self.boundaries[indices.start..].iter_mut().zip(new) {
-            *slot = *boundary;
+        // A set puts in at most two: stored one by one, not by `memcpy`.
+        let at = indices.start;
+        match *new {
+            [] => {}
+            [one] => self.boundaries[at] = one,
+            [one, two] => (self.boundaries[at], self.boundaries[at + 1]) = (one, two),
+            _ => self.boundaries[at..][..new.len()].copy_from_slice(new),
         }
         self.len = len;
     }

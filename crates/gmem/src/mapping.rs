@@ -260,7 +260,7 @@ impl Drop for HostMapping {
 impl LiveMapping {
     /// Hides (`to` private) or shows (`to` shared) the page runs `runs` in
     /// this mapping, clipped to the pages it covers. Returns the failing call.
-    fn apply<I: Iterator<Item = Range<u64>>>(
+    pub(super) fn apply<I: Iterator<Item = Range<u64>>>(
         &self,
         file: &FileState,
         runs: impl Fn() -> I,
@@ -276,6 +276,30 @@ impl LiveMapping {
             (Hiding::EmptyFileRemap, _) => covered().try_for_each(|run| self.remap(file, run, to)),
             (Hiding::GuardMarkers, Attribute::Private) => self.hide_guarded(file, covered),
             (Hiding::GuardMarkers, Attribute::Shared) => self.show_guarded(file, covered),
+        }
+    }
+
+    /// [`apply`](Self::apply) of the lone run `run`: the common small run
+    /// of a guard-marker mapping straight to one guard advice; any other
+    /// the general way.
+    pub(super) fn apply_one(
+        &self,
+        file: &FileState,
+        run: Range<u64>,
+        to: Attribute,
+    ) -> Result<(), (&'static str, Errno)> {
+        let clipped = run.start..run.end.min(self.pages);
+        let small = clipped.end - clipped.start < LARGE_RUN;
+        let guards = match (self.hiding, to) {
+            (Hiding::GuardMarkers, Attribute::Private) => small,
+            // Relaxed: changed and read under the registry lock, held here.
+            (Hiding::GuardMarkers, Attribute::Shared) => !self.any_remapped.load(Ordering::Relaxed),
+            (Hiding::EmptyFileRemap, _) => false,
+        };
+        match guards {
+            _ if clipped.is_empty() => Ok(()),
+            true => self.set_guards(std::iter::once(clipped), to == Attribute::Private),
+            false => self.apply(file, || std::iter::once(run.clone()), to),
         }
     }
 

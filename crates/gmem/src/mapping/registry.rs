@@ -213,27 +213,26 @@ impl Registry<'_> {
         runs: impl Fn() -> I,
         to: Attribute,
     ) -> Result<(), MappingFailure> {
-        // A lone run (a single-page conversion) goes the same way as a
-        // known single range: no walk is repeated for each mapping, and the
-        // compiler folds the iterators away.
+        // A lone run (a single-page conversion) goes a way without
+        // iterators, and no walk is repeated for each mapping.
         let mut first = runs();
         match (first.next(), first.next()) {
             (None, _) => Ok(()),
-            (Some(run), None) => self.apply_each(file, || std::iter::once(run.clone()), to),
-            _ => self.apply_each(file, runs, to),
+            (Some(run), None) => self.apply_each(|m, to| m.apply_one(file, run.clone(), to), to),
+            _ => self.apply_each(|m, to| m.apply(file, &runs, to), to),
         }
     }
 
-    /// [`apply`](Self::apply) to each live mapping in turn.
-    fn apply_each<I: Iterator<Item = Range<u64>>>(
+    /// [`apply`](Self::apply) to each live mapping in turn: `change` makes
+    /// a mapping's change to a state, and puts it back to the other.
+    fn apply_each(
         &mut self,
-        file: &FileState,
-        runs: impl Fn() -> I,
+        change: impl Fn(&LiveMapping, Attribute) -> Result<(), (&'static str, Errno)>,
         to: Attribute,
     ) -> Result<(), MappingFailure> {
         let back = to.other();
         for (done, mapping) in self.live.iter().enumerate() {
-            let Err((call, errno)) = mapping.apply(file, &runs, to) else {
+            let Err((call, errno)) = change(mapping, to) else {
                 continue;
             };
             // Put back every mapping changed so far, the failed one
@@ -241,7 +240,7 @@ impl Registry<'_> {
             // or hidden by halves is whole again after the other way).
             let mut poisoned = false;
             for mapping in &self.live[..=done] {
-                if let Err((call, errno)) = mapping.apply(file, &runs, back) {
+                if let Err((call, errno)) = change(mapping, back) {
                     tracing::error!(call, %errno, "undoing a host mapping change failed; the mapping is poisoned");
                     mapping.poison();
                     poisoned = true;
