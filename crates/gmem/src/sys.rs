@@ -136,7 +136,7 @@ impl MappedRegion {
         };
         match ranges.next() {
             None => advise_batch(&[MaybeUninit::new(first)], advice, counted),
-            Some(second) => advise_many([first, second], &mut ranges, advice, counted),
+            Some(second) => advise_many([first, second], ranges, advice, counted),
         }
     }
 
@@ -486,7 +486,7 @@ const IOV_MAX: usize = 1024;
 #[inline(never)]
 fn advise_many(
     first: [libc::iovec; 2],
-    rest: &mut dyn Iterator<Item = libc::iovec>,
+    rest: impl Iterator<Item = libc::iovec>,
     advice: i32,
     counted: bool,
 ) -> Result<(), Errno> {
