@@ -53,6 +53,35 @@ impl Edit {
         self.private_pages += private * clipped;
     }
 
+    /// Counts, as [`count`](Self::count) does, the runs from where `runs`
+    /// is that end in its leaf at or before `end` (so lie inside the pages,
+    /// after the first run), reading the leaf's boundaries in one loop;
+    /// leaves `runs` at the first run it did not count. A batched
+    /// conversion counts most of its runs here.
+    fn count_inside<const L: usize, const B: usize>(
+        &mut self,
+        runs: &mut Runs<'_, L, B>,
+        end: u64,
+        attr: Attribute,
+    ) {
+        let boundaries = runs.leaf.boundaries();
+        let mut index = runs.index;
+        while let [run, next, ..] = boundaries[index..] {
+            let len = next.start() - run.start();
+            if next.start() > end {
+                break;
+            }
+            let private = u64::from(run.attr() == Attribute::Private);
+            self.removed.all += 1;
+            self.removed.private += private;
+            self.changing += u64::from(run.attr() != attr);
+            self.private_pages += private * len;
+            index += 1;
+        }
+        runs.index = index;
+        runs.next = Some(boundaries[index]);
+    }
+
     fn add(&mut self, boundary: Boundary) {
         self.added[self.added_len] = boundary;
         self.added_len += 1;
@@ -223,9 +252,8 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
         if !last_one(&first) {
             last = next();
             (edit.count(last, pages, attr), second = Some(last));
-            while !last_one(&last) {
-                last = next();
-                edit.count(last, pages, attr);
+            if !last_one(&last) {
+                last = self.count_rest(runs, pages, attr, &mut edit);
             }
         }
         let clip = |run: Run| run.pages.0.max(pages.start)..run.pages.1.min(pages.end);
@@ -241,6 +269,30 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
             edit.add(Boundary::new(pages.end, last.attr));
         }
         edit
+    }
+
+    /// Counts into `edit` the runs from `runs` on to the one holding
+    /// `pages.end` (or the last), and returns that one: the walk of a
+    /// conversion of more than two runs, out of line so that the common one
+    /// carries none of it.
+    #[inline(never)]
+    fn count_rest(
+        &self,
+        mut runs: Runs<'_, L, B>,
+        pages: &Range<u64>,
+        attr: Attribute,
+        edit: &mut Edit,
+    ) -> Run {
+        loop {
+            edit.count_inside(&mut runs, pages.end, attr);
+            let run = runs
+                .next()
+                .expect("a run holds pages.end or reaches the end");
+            edit.count(run, pages, attr);
+            if run.pages.1 > pages.end || run.pages.1 == self.pages {
+                return run;
+            }
+        }
     }
 
     /// Replaces the boundaries starting in `pages` (those `edit` removes)
