@@ -282,6 +282,7 @@ impl LiveMapping {
     /// [`apply`](Self::apply) of the lone run `run`: the common small run
     /// of a guard-marker mapping straight to one guard advice; any other
     /// the general way.
+    #[inline]
     pub(super) fn apply_one(
         &self,
         file: &FileState,

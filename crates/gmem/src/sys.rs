@@ -101,6 +101,7 @@ impl MappedRegion {
     /// them fault in from the file again. Contents stay in the file. Ranges
     /// go to the kernel 1024 at a time through `process_madvise`, a lone
     /// range through `madvise`. On error, some ranges may have been advised.
+    #[inline]
     pub(crate) fn set_guards(
         &self,
         ranges: impl Iterator<Item = Range<u64>>,
@@ -124,6 +125,7 @@ impl MappedRegion {
 
     /// Gives `advice` to every range (page-aligned, inside the region), in
     /// batches of up to `IOV_MAX` ranges; a lone range with `madvise`.
+    #[inline]
     fn advise(
         &self,
         ranges: impl Iterator<Item = Range<u64>>,

@@ -165,6 +165,7 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
 
     /// [`prepare`](Self::prepare), planning `planned` again if that moved
     /// the tree's nodes.
+    #[inline]
     pub(crate) fn prepare_for(&mut self, planned: &mut Planned) -> Result<(), TryReserveError> {
         if self.prepare_compacting()? {
             *planned = self.plan(planned.pages.clone(), planned.attr);
