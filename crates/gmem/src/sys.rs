@@ -509,6 +509,7 @@ fn advise_many(
 
 /// Advises the initialised ranges `batch` (inside one region); `counted`
 /// calls go through fault injection.
+#[inline]
 fn advise_batch(
     batch: &[MaybeUninit<libc::iovec>],
     advice: i32,
@@ -527,6 +528,7 @@ fn advise_batch(
 }
 
 /// One `madvise(2)` call (rustix's `Advice` has no guard advices).
+#[inline]
 fn madvise(range: &libc::iovec, advice: i32) -> Result<(), Errno> {
     loop {
         // Guard markers and populating change no byte of the file, and no
