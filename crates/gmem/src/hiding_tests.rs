@@ -257,3 +257,31 @@ fn a_refused_commit_whose_undo_fails_poisons() {
         assert_eq!(stats.refused, 0, "not counted as a refusal: it failed");
     }
 }
+
+/// Where `process_madvise` is missing (`ENOSYS`: a seccomp filter that
+/// hides it, valgrind), a conversion of several runs advises them one
+/// `madvise` each, both ways: the state and both mappings agree.
+#[test]
+fn a_missing_process_madvise_falls_back_to_madvise() {
+    let (mem, maps) = fragmented(&SMALL, Hiding::GuardMarkers);
+    faults::hide_process_madvise(true);
+    // Pages 0..8, with 1, 3 and 5 private: the runs 0, 2, 4 and 6..8.
+    let converted = mem.set_attributes(0, 8 * P, Attribute::Private);
+    let refused = faults::hide_process_madvise(false);
+    converted.unwrap();
+    assert!(refused >= 1, "process_madvise was never called");
+    maps.iter()
+        .for_each(|map| assert_mapping_follows_state(&mem, map, &SMALL));
+    // The fallback stays: the way back (the runs 0..2 and 3..8, page 2
+    // shared first) makes no process_madvise call.
+    mem.set_attributes(2 * P, P, Attribute::Shared).unwrap();
+    faults::hide_process_madvise(true);
+    let converted = mem.set_attributes(0, 8 * P, Attribute::Shared);
+    let refused = faults::hide_process_madvise(false);
+    crate::sys::use_process_madvise_again();
+    converted.unwrap();
+    assert_eq!(refused, 0, "the fallback was not kept");
+    assert_eq!(mem.attribute(3 * P).unwrap(), Attribute::Shared);
+    maps.iter()
+        .for_each(|map| assert_mapping_follows_state(&mem, map, &SMALL));
+}

@@ -550,6 +550,13 @@ fn madvise(range: &libc::iovec, advice: i32) -> Result<(), Errno> {
 /// two correct ways; no data is handed over through it.
 static NO_PROCESS_MADVISE: AtomicBool = AtomicBool::new(false);
 
+/// Goes back to `process_madvise` after a test hid it (other threads meanwhile
+/// took the fallback, which is as correct).
+#[cfg(test)]
+pub(crate) fn use_process_madvise_again() {
+    NO_PROCESS_MADVISE.store(false, Ordering::Relaxed);
+}
+
 /// `process_madvise` on this process until every range is advised: the call
 /// may stop part-way and report the bytes it advised. Where the system call
 /// is missing, one `madvise` a range.
@@ -603,6 +610,7 @@ fn process_madvise(
     iov: &[libc::iovec],
     advice: i32,
 ) -> Result<usize, Errno> {
+    faults::process_madvise_hidden()?;
     loop {
         // Every iovec lies inside a mapping this process owns, and guard
         // advice changes no byte: the kernel only reads the array.

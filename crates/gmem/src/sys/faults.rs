@@ -72,3 +72,36 @@ pub(crate) fn injected() -> Result<(), Errno> {
 pub(crate) fn injected() -> Result<(), Errno> {
     Ok(())
 }
+
+#[cfg(test)]
+thread_local! {
+    /// Whether this thread's `process_madvise` calls answer `ENOSYS`, and
+    /// how many have.
+    static NO_PROCESS_MADVISE: std::cell::Cell<(bool, u32)> = const { std::cell::Cell::new((false, 0)) };
+}
+
+/// Makes this thread's `process_madvise` calls answer `ENOSYS` (as under a
+/// seccomp filter that hides it, or valgrind), or not; returns how many
+/// answered so since the last call.
+#[cfg(test)]
+pub(crate) fn hide_process_madvise(hidden: bool) -> u32 {
+    NO_PROCESS_MADVISE.replace((hidden, 0)).1
+}
+
+/// Called before each `process_madvise`: `ENOSYS` where a test hid it.
+#[cfg(test)]
+pub(crate) fn process_madvise_hidden() -> Result<(), Errno> {
+    let (hidden, refused) = NO_PROCESS_MADVISE.get();
+    if !hidden {
+        return Ok(());
+    }
+    NO_PROCESS_MADVISE.set((hidden, refused + 1));
+    Err(Errno::NOSYS)
+}
+
+/// Called before each `process_madvise` (never fails outside tests).
+#[cfg(not(test))]
+#[inline(always)]
+pub(crate) fn process_madvise_hidden() -> Result<(), Errno> {
+    Ok(())
+}
