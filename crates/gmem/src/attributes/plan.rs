@@ -252,7 +252,8 @@ impl<const L: usize, const B: usize> AttributeMap<L, B> {
         let (mut last, mut second) = (first, None);
         if !last_one(&first) {
             last = next();
-            (edit.count(last, pages, attr), second = Some(last));
+            edit.count(last, pages, attr);
+            second = Some(last);
             if !last_one(&last) {
                 last = self.count_rest(runs, pages, attr, &mut edit);
             }
