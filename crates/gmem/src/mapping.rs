@@ -290,6 +290,10 @@ impl LiveMapping {
         to: Attribute,
     ) -> Result<(), (&'static str, Errno)> {
         let clipped = run.start..run.end.min(self.pages);
+        if clipped.is_empty() {
+            // Past the pages the mapping covers.
+            return Ok(());
+        }
         let small = clipped.end - clipped.start < LARGE_RUN;
         let guards = match (self.hiding, to) {
             (Hiding::GuardMarkers, Attribute::Private) => small,
@@ -298,7 +302,6 @@ impl LiveMapping {
             (Hiding::EmptyFileRemap, _) => false,
         };
         match guards {
-            _ if clipped.is_empty() => Ok(()),
             true => self.set_guards(std::iter::once(clipped), to == Attribute::Private),
             false => self.apply(file, || std::iter::once(run.clone()), to),
         }
