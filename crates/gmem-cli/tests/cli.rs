@@ -358,6 +358,10 @@ fn bench_check_exits_1_on_a_missed_goal() {
         "every row printed: {stdout}"
     );
     assert!(stderr.contains("goals missed: round-trip-2m"), "{stderr}");
+    assert!(
+        stderr.contains("depends on") && stderr.contains("system-call cost"),
+        "the misses' table: {stderr}"
+    );
 
     let (code, stdout, _) = gmem_full(&["bench", "--from", &missed], &[]);
     assert_eq!(code, Some(0), "no --check, no failure: {stdout}");

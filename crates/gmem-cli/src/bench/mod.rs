@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use gmem::{Attribute, Flags, GuestMemfd, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 
+pub mod check;
 pub mod fixtures;
 pub mod instructions;
 pub mod kvm;
