@@ -66,6 +66,18 @@ enum Command {
     /// Torture one file from many threads against a shadow model: pins,
     /// conversions, punches and copies; exit 1 on any violation.
     Stress(StressArgs),
+    /// Be a backend process of a VMM's guest memory: listen on --socket,
+    /// attach to the VMM that connects (gmem's backend protocol), map its
+    /// file and serve its conversions until it goes away.
+    Backend {
+        /// The Unix socket to listen on (removed once a VMM connects).
+        #[arg(long, value_name = "PATH")]
+        socket: std::path::PathBuf,
+        /// Echo messages instead, hiding and showing a page of a memfd
+        /// for each: the benchmarks' cross-process floor.
+        #[arg(long, hide = true)]
+        echo: bool,
+    },
     /// Show what this host's KVM supports.
     Info {
         /// Print one JSON object.
@@ -225,8 +237,19 @@ fn main() -> ExitCode {
         }
         Command::Selftest { filter } => selftest(filter.as_deref()),
         Command::Stress(args) => stress(args),
+        Command::Backend { socket, echo } => backend(&socket, echo),
     };
     result.unwrap_or_else(|e| failed(&e))
+}
+
+fn backend(socket: &std::path::Path, echo: bool) -> anyhow::Result<ExitCode> {
+    if echo {
+        gmem_cli::backend::echo(socket).map_err(anyhow::Error::msg)?;
+    } else {
+        let served = gmem_cli::backend::serve(socket).map_err(anyhow::Error::msg)?;
+        eprintln!("gmem backend: the VMM went away after {served} requests");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `given`: the machine flags on the command line, which must agree with

@@ -60,6 +60,15 @@ impl Attached {
         self.shared.requests.load(Ordering::Relaxed)
     }
 
+    /// Serves the VMM's requests on this thread's behalf until the VMM goes
+    /// away (closes the channel or breaks the protocol): a backend
+    /// process's main loop once its devices run on other threads.
+    pub fn wait_for_vmm(&mut self) {
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
+    }
+
     /// Whether the VMM closed the channel (or broke the protocol): no more
     /// requests will be served, and the backend should stop.
     pub fn vmm_gone(&self) -> bool {

@@ -1,0 +1,193 @@
+//! The backend rows of `gmem bench`: a pin on a backend's replica against
+//! the atomic pair, a 4 KiB round trip with one backend process against the
+//! page-table work in both processes plus one message round trip, and the
+//! cost of 1, 2 and 4 backends on a 64 MiB round trip.
+//!
+//! The backends are real processes: this binary started as `gmem backend`
+//! (and, for the floor, `gmem backend --echo`), on a socket in a fresh
+//! temporary directory.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gmem::{Attribute, Flags, GuestMemfd, HostMapping, Options, PAGE_SIZE};
+
+use super::fixtures::PinUnpin;
+use super::{CaseResult, Goal, MIB, measure, measure_prepared};
+use crate::floor::{RawMapping, populate};
+
+/// A child process of this binary, connected; killed when dropped.
+struct Peer {
+    child: Child,
+    socket: UnixStream,
+}
+
+impl Peer {
+    /// Starts `gmem backend` (with `--echo`, the floor's peer) and connects.
+    fn start(echo: bool) -> Result<Peer, String> {
+        let dir = std::env::temp_dir().join(format!("gmem-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path: PathBuf = dir.join(format!("{}.sock", rand_name()));
+        let exe = std::env::current_exe().map_err(|e| format!("this binary: {e}"))?;
+        let mut command = Command::new(exe);
+        command.arg("backend").arg("--socket").arg(&path);
+        if echo {
+            command.arg("--echo");
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting gmem backend: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match UnixStream::connect(&path) {
+                Ok(socket) => return Ok(Peer { child, socket }),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+                Err(e) => return Err(format!("connecting to gmem backend: {e}")),
+            }
+        }
+    }
+
+    /// Attaches a backend process to `mem`.
+    fn attach(mem: &GuestMemfd) -> Result<Peer, String> {
+        let peer = Peer::start(false)?;
+        let socket = peer.socket.try_clone().map_err(|e| e.to_string())?;
+        mem.add_backend(socket, None)
+            .map_err(|e| format!("attaching gmem backend: {e}"))?;
+        Ok(peer)
+    }
+
+    /// One echoed message.
+    fn echo(&mut self) {
+        let mut message = [7u8; 32];
+        self.socket.write_all(&message).expect("echo");
+        self.socket.read_exact(&mut message).expect("echo");
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_name() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    format!("{}", now.map_or(0, |d| d.as_nanos()))
+}
+
+/// All the backend rows.
+pub(super) fn rows() -> Vec<CaseResult> {
+    let mut rows = vec![pin_unpin()];
+    rows.push(round_trip_4k().unwrap_or_else(|why| {
+        CaseResult::skipped("round-trip-4k-backend", Goal::RatioAtMost(1.3), why)
+    }));
+    match check_cost() {
+        Ok(more) => rows.extend(more),
+        Err(why) => rows.push(CaseResult::skipped(
+            "round-trip-64m-backends-1",
+            Goal::SpeedupAtLeast(0.0),
+            why,
+        )),
+    }
+    rows
+}
+
+/// A pin and unpin on a backend's replica (the same code as the VMM's pin,
+/// on the replica's own reference table; the replica is attached in this
+/// process, a thread playing the VMM) against the atomic pair.
+fn pin_unpin() -> CaseResult {
+    let name = "backend-pin-unpin";
+    let goal = Goal::RatioAtMost(1.5);
+    let vmm = GuestMemfd::new(4 * MIB, Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
+    let Ok((a, b)) = UnixStream::pair() else {
+        return CaseResult::skipped(name, goal, "no socket pair".into());
+    };
+    let attaching = std::thread::spawn(move || GuestMemfd::attach(b, Options::new()));
+    if let Err(e) = vmm.add_backend(a, None) {
+        return CaseResult::skipped(name, goal, format!("attach: {e}"));
+    }
+    let attached = attaching.join().expect("attach thread").expect("attach");
+    let replica = attached.file();
+    drop(replica.pin(0, PAGE_SIZE).expect("pin"));
+    let floor = PinUnpin::new();
+    let (o, f) = measure(
+        &mut || {
+            drop(std::hint::black_box(
+                replica.pin(std::hint::black_box(0), 1).expect("pin"),
+            ))
+        },
+        Some(&mut || floor.atomic()),
+    );
+    CaseResult::timed(name, o, f, goal).against("floor: atomic add+sub")
+}
+
+/// A populated, mapped VMM file of `len` bytes.
+fn mapped(len: u64) -> (GuestMemfd, HostMapping) {
+    let mem = GuestMemfd::new(len.max(2 * MIB), Flags::MMAP | Flags::INIT_SHARED).expect("memfd");
+    mem.allocate(0, mem.size()).expect("allocate");
+    let map = mem.mmap().expect("mmap");
+    (mem, map)
+}
+
+fn convert_round_trip(mem: &GuestMemfd, len: u64) {
+    mem.set_attributes(0, len, Attribute::Private)
+        .expect("to private");
+    mem.set_attributes(0, len, Attribute::Shared)
+        .expect("to shared");
+}
+
+/// 4 KiB shared to private to shared with one backend process (which maps
+/// the file) against guard install and remove here, the same in the peer,
+/// and one message round trip to it.
+fn round_trip_4k() -> Result<CaseResult, String> {
+    let len = PAGE_SIZE;
+    if let Some(why) = super::fixtures::guard_markers_unsupported() {
+        return Err(why);
+    }
+    let (mem, map) = mapped(len);
+    let _backend = Peer::attach(&mem)?;
+    let mut echo = Peer::start(true)?;
+    let raw = RawMapping::new(len as usize).map_err(|e| e.to_string())?;
+    let (o, f) = measure_prepared(
+        &mut || convert_round_trip(&mem, len),
+        &mut || populate(&map, len).expect("populate"),
+        &mut || {
+            raw.guard_install(0, len as usize).expect("guard");
+            echo.echo();
+            raw.guard_remove(0, len as usize).expect("guard");
+        },
+        &mut || raw.touch(0, len as usize),
+    );
+    let goal = Goal::RatioAtMost(1.3);
+    Ok(CaseResult::timed("round-trip-4k-backend", o, Some(f), goal)
+        .against("floor: guards here and in the peer + 1 message round trip"))
+}
+
+/// A 64 MiB round trip with 1, 2 and 4 backend processes against the same
+/// without any (reference rows: the cost the backends add).
+fn check_cost() -> Result<Vec<CaseResult>, String> {
+    let len = 64 * MIB;
+    let (alone, alone_map) = mapped(len);
+    let (mem, map) = mapped(len);
+    let mut backends = Vec::new();
+    let mut rows = Vec::new();
+    for count in [1, 2, 4] {
+        while backends.len() < count {
+            backends.push(Peer::attach(&mem)?);
+        }
+        let (o, f) = measure_prepared(
+            &mut || convert_round_trip(&mem, len),
+            &mut || populate(&map, len).expect("populate"),
+            &mut || convert_round_trip(&alone, len),
+            &mut || populate(&alone_map, len).expect("populate"),
+        );
+        let name = format!("round-trip-64m-backends-{count}");
+        rows.push(CaseResult::reference(&name, o, f).against("no backend"));
+    }
+    Ok(rows)
+}
