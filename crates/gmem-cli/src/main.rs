@@ -75,8 +75,12 @@ enum Command {
         socket: std::path::PathBuf,
         /// Echo messages instead, hiding and showing a page of a memfd
         /// for each: the benchmarks' cross-process floor.
-        #[arg(long, hide = true)]
+        #[arg(long, hide = true, conflicts_with = "torture")]
         echo: bool,
+        /// Pin, read and check random pages until the VMM goes away, and
+        /// print what was done (`gmem stress --backends`).
+        #[arg(long, hide = true)]
+        torture: bool,
     },
     /// Show what this host's KVM supports.
     Info {
@@ -162,6 +166,10 @@ struct StressArgs {
     /// Count references per 2 MiB huge folio where a range is uniform.
     #[arg(long)]
     huge_folios: bool,
+    /// Backend processes, 0 to 4, attached to the file: each pins, reads
+    /// and checks random pages of its replica while the workers convert.
+    #[arg(long, default_value_t = 0)]
+    backends: u64,
     /// Print one JSON object instead of the summary (progress lines still go
     /// to stderr every few seconds).
     #[arg(long)]
@@ -237,12 +245,25 @@ fn main() -> ExitCode {
         }
         Command::Selftest { filter } => selftest(filter.as_deref()),
         Command::Stress(args) => stress(args),
-        Command::Backend { socket, echo } => backend(&socket, echo),
+        Command::Backend {
+            socket,
+            echo,
+            torture,
+        } => backend(&socket, echo, torture),
     };
     result.unwrap_or_else(|e| failed(&e))
 }
 
-fn backend(socket: &std::path::Path, echo: bool) -> anyhow::Result<ExitCode> {
+fn backend(socket: &std::path::Path, echo: bool, torture: bool) -> anyhow::Result<ExitCode> {
+    if torture {
+        let tortured = gmem_cli::backend::torture(socket).map_err(anyhow::Error::msg)?;
+        println!("{}", tortured.line());
+        return Ok(if tortured.violations == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     if echo {
         gmem_cli::backend::echo(socket).map_err(anyhow::Error::msg)?;
     } else {
@@ -326,6 +347,7 @@ fn stress(args: StressArgs) -> anyhow::Result<ExitCode> {
         seconds: args.seconds,
         size_mib: args.size_mib,
         huge_folios: args.huge_folios,
+        backends: args.backends,
     }
     .validate(workload::available_memory())?;
     interrupt::install().context("handling Ctrl-C")?;

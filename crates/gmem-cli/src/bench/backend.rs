@@ -9,75 +9,20 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use gmem::{Attribute, Flags, GuestMemfd, HostMapping, Options, PAGE_SIZE};
 
 use super::fixtures::PinUnpin;
 use super::{CaseResult, Goal, MIB, measure, measure_prepared};
+use crate::backend::Process;
 use crate::floor::{RawMapping, populate};
 
-/// A child process of this binary, connected; killed when dropped.
-struct Peer {
-    child: Child,
-    socket: UnixStream,
-}
-
-impl Peer {
-    /// Starts `gmem backend` (with `--echo`, the floor's peer) and connects.
-    fn start(echo: bool) -> Result<Peer, String> {
-        let dir = std::env::temp_dir().join(format!("gmem-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let path: PathBuf = dir.join(format!("{}.sock", rand_name()));
-        let exe = std::env::current_exe().map_err(|e| format!("this binary: {e}"))?;
-        let mut command = Command::new(exe);
-        command.arg("backend").arg("--socket").arg(&path);
-        if echo {
-            command.arg("--echo");
-        }
-        let child = command
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting gmem backend: {e}"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match UnixStream::connect(&path) {
-                Ok(socket) => return Ok(Peer { child, socket }),
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-                Err(e) => return Err(format!("connecting to gmem backend: {e}")),
-            }
-        }
-    }
-
-    /// Attaches a backend process to `mem`.
-    fn attach(mem: &GuestMemfd) -> Result<Peer, String> {
-        let peer = Peer::start(false)?;
-        let socket = peer.socket.try_clone().map_err(|e| e.to_string())?;
-        mem.add_backend(socket, None)
-            .map_err(|e| format!("attaching gmem backend: {e}"))?;
-        Ok(peer)
-    }
-
-    /// One echoed message.
-    fn echo(&mut self) {
-        let mut message = [7u8; 32];
-        self.socket.write_all(&message).expect("echo");
-        self.socket.read_exact(&mut message).expect("echo");
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn rand_name() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    format!("{}", now.map_or(0, |d| d.as_nanos()))
+/// One echoed message to the floor's peer.
+fn echo(peer: &mut Process) {
+    let mut message = [7u8; 32];
+    let socket = peer.socket.as_mut().expect("the peer's socket");
+    socket.write_all(&message).expect("echo");
+    socket.read_exact(&mut message).expect("echo");
 }
 
 /// All the backend rows.
@@ -150,15 +95,15 @@ fn round_trip_4k() -> Result<CaseResult, String> {
         return Err(why);
     }
     let (mem, map) = mapped(len);
-    let _backend = Peer::attach(&mem)?;
-    let mut echo = Peer::start(true)?;
+    let _backend = Process::attach(&mem, &[])?;
+    let mut peer = Process::start(&["--echo"])?;
     let raw = RawMapping::new(len as usize).map_err(|e| e.to_string())?;
     let (o, f) = measure_prepared(
         &mut || convert_round_trip(&mem, len),
         &mut || populate(&map, len).expect("populate"),
         &mut || {
             raw.guard_install(0, len as usize).expect("guard");
-            echo.echo();
+            echo(&mut peer);
             raw.guard_remove(0, len as usize).expect("guard");
         },
         &mut || raw.touch(0, len as usize),
@@ -178,7 +123,7 @@ fn check_cost() -> Result<Vec<CaseResult>, String> {
     let mut rows = Vec::new();
     for count in [1, 2, 4] {
         while backends.len() < count {
-            backends.push(Peer::attach(&mem)?);
+            backends.push(Process::attach(&mem, &[])?);
         }
         let (o, f) = measure_prepared(
             &mut || convert_round_trip(&mem, len),
