@@ -119,7 +119,11 @@ impl GuestMemfd {
         Ok(())
     }
 
-    fn conversion_pages(&self, offset: u64, len: u64) -> Result<Range<u64>, ConversionError> {
+    pub(crate) fn conversion_pages(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Range<u64>, ConversionError> {
         let invalid = |reason| ConversionError::Invalid {
             offset,
             len,

@@ -466,7 +466,10 @@ impl GuestMemfd {
     /// Errors: `EINVAL` for an unaligned or empty range; `EFBIG` if `offset +
     /// len` passes `i64::MAX`; `EBUSY` with the offset of the first pinned
     /// page of the request (where the kernel would detach it; a pinned huge
-    /// folio that begins before the request reports the request's start).
+    /// folio that begins before the request reports the request's start),
+    /// here or in a backend process, which holds its replica still until the
+    /// punch is done; a backend's fault ([`Error::Backend`]); `EPERM` on a
+    /// backend's replica.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), Error> {
         self.fallocate(falloc::KEEP_SIZE | falloc::PUNCH_HOLE, offset, len)
     }
@@ -624,7 +627,16 @@ impl FileState {
                 offset: (page << PAGE_SHIFT).max(offset),
             });
         }
-        self.backing.punch_hole(offset, end - offset)?;
+        if self.backends.any() {
+            let timeout = self.backend_timeout;
+            self.backends
+                .prepare_punch(pages.clone(), offset, timeout)?;
+            let punched = self.backing.punch_hole(offset, end - offset);
+            self.backends.end_punch(punched.is_ok(), timeout);
+            punched?;
+        } else {
+            self.backing.punch_hole(offset, end - offset)?;
+        }
         self.refs.mark_unallocated(pages.clone());
         self.refs.reshape(pages, |range| attrs.is_uniform(range));
         Ok(())

@@ -50,6 +50,10 @@ fn main() {
         ),
         trial("bad_handshakes_are_refused", bad_handshakes_are_refused),
         trial(
+            "a_backend_pin_fails_a_punch_with_its_page",
+            backend_pin_blocks_punch,
+        ),
+        trial(
             "bad_answers_break_only_the_backend",
             bad_answers_break_the_backend,
         ),
@@ -222,6 +226,22 @@ fn backend_pin_blocks() {
     assert_eq!(backend.ask("unpin"), "ok");
     file.set_attributes(0, 16 * P, Attribute::Private).unwrap();
     assert_eq!(backend.ask(&format!("raw {}", 7 * P)), "signal 11");
+}
+
+fn backend_pin_blocks_punch() {
+    let file = shared_file(16);
+    file.mmap().unwrap().write(6 * P, &[0x66]).unwrap();
+    let mut backend = Backend::start(&file);
+    assert_eq!(backend.ask(&format!("pin {}", 6 * P)), "ok");
+    let refused = file.punch_hole(4 * P, 4 * P).unwrap_err();
+    assert_eq!(refused, Error::Pinned { offset: 6 * P });
+    assert_eq!(refused.errno(), libc::EBUSY);
+    // Nothing was punched, and the backend goes on.
+    assert_eq!(backend.ask(&format!("read {}", 6 * P)), "ok 102");
+    assert_eq!(backend.ask("unpin"), "ok");
+    file.punch_hole(4 * P, 4 * P).unwrap();
+    assert_eq!(backend.ask(&format!("read {}", 6 * P)), "ok 0");
+    assert_eq!(backend.ask(&format!("pin {}", 6 * P)), "ok");
 }
 
 fn stopped_backend_times_out() {

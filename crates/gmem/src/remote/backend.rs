@@ -192,9 +192,8 @@ fn private_runs(
 
 /// The serving thread: each request, a conversion of the replica, answered.
 fn serve(file: &GuestMemfd, mut channel: Channel, served: &Served) {
-    let never = || Instant::now() + Duration::from_secs(3600);
     loop {
-        let request = match channel.receive(never(), None) {
+        let request = match channel.receive(far(), None) {
             Ok(Received { message, fd: None }) => message,
             Ok(_) => break tracing::warn!("the VMM sent a descriptor with a request"),
             Err(WireError::Closed) => break,
@@ -204,6 +203,16 @@ fn serve(file: &GuestMemfd, mut channel: Channel, served: &Served) {
         let to = match request.kind {
             Kind::Hide => Attribute::Private,
             Kind::Show => Attribute::Shared,
+            Kind::PunchPrepare => {
+                // Relaxed: a statistic.
+                served.requests.fetch_add(1, Ordering::Relaxed);
+                match hold_for_punch(file, &mut channel, request) {
+                    Ok(()) => continue,
+                    Err(error) => break tracing::warn!(?error, "a punch was not ended"),
+                }
+            }
+            // The end of a punch this replica did not prepare (it was busy).
+            Kind::PunchEnd => continue,
             _ => break tracing::warn!(kind = ?request.kind, "the VMM sent no request"),
         };
         let answer = match file.convert(request.a, request.b, to) {
@@ -215,12 +224,61 @@ fn serve(file: &GuestMemfd, mut channel: Channel, served: &Served) {
         };
         // Relaxed: a statistic.
         served.requests.fetch_add(1, Ordering::Relaxed);
-        if channel.send(answer, None, never()).is_err() {
+        if channel.send(answer, None, far()).is_err() {
             break;
         }
     }
     // Release pairs with the Acquire in `vmm_gone`.
     served.vmm_gone.store(true, Ordering::Release);
+}
+
+/// A punch the VMM prepares: under the replica's invalidate lock, held
+/// exclusively until the VMM's `PunchEnd`, no pin may hold the range (the
+/// kernel's punch check, with its drain) and none can take it, so no
+/// backend pin sees a page the VMM punches. A pin answers `Busy`.
+fn hold_for_punch(
+    file: &GuestMemfd,
+    channel: &mut Channel,
+    request: Message,
+) -> Result<(), WireError> {
+    let state = &*file.state;
+    let answer = |kind, a| Message::new(kind, request.seq, a, 0);
+    let pages = match file.conversion_pages(request.a, request.b) {
+        Ok(pages) => pages,
+        Err(error) => return channel.send(answer(Kind::Failed, error.errno() as u64), None, far()),
+    };
+    let attrs = state.write_attrs();
+    state.refs.unmap(pages.clone());
+    if let Err(page) = state.refs.check_unreferenced(pages.clone()) {
+        drop(attrs);
+        let busy = answer(Kind::Busy, (page << PAGE_SHIFT).max(request.a));
+        return channel.send(busy, None, far());
+    }
+    channel.send(answer(Kind::Done, 0), None, far())?;
+    let end = channel.receive(Instant::now() + PUNCH_HOLD, None)?;
+    match end.message {
+        Message {
+            kind: Kind::PunchEnd,
+            seq,
+            a,
+            ..
+        } if seq == request.seq && end.fd.is_none() => {
+            if a == 1 {
+                state.refs.mark_unallocated(pages.clone());
+                state.refs.reshape(pages, |range| attrs.is_uniform(range));
+            }
+            Ok(())
+        }
+        _ => Err(WireError::Protocol("a prepared punch was not ended")),
+    }
+}
+
+/// The longest a replica holds still for a punch the VMM prepared.
+const PUNCH_HOLD: Duration = Duration::from_secs(10);
+
+/// A deadline no answer should reach.
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(3600)
 }
 
 fn fault(error: WireError) -> Error {

@@ -135,6 +135,39 @@ impl Backends {
         self.forget_exited(&mut list);
     }
 
+    /// Has every backend check that no pin holds `pages`, about to be
+    /// punched, and hold its replica still until [`end_punch`](Self::end_punch).
+    /// A backend's pin fails the punch with `EBUSY` at its page (and every
+    /// backend lets go at once).
+    pub(crate) fn prepare_punch(
+        &self,
+        pages: Range<u64>,
+        offset: u64,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let mut list = self.lock();
+        let deadline = Instant::now() + timeout;
+        let prepared = exchange(&mut list, Kind::PunchPrepare, pages, deadline);
+        let Err((_, refusal)) = prepared else {
+            return Ok(());
+        };
+        end_punch(&mut list, false, deadline);
+        self.forget_exited(&mut list);
+        Err(match refusal {
+            Refusal::Busy(page) => Error::Pinned {
+                offset: page.max(offset),
+            },
+            Refusal::Fault(fault) => Error::Backend(fault),
+        })
+    }
+
+    /// Tells every backend that the punch `prepare_punch` announced is done
+    /// (or abandoned): no answer is awaited.
+    pub(crate) fn end_punch(&self, punched: bool, timeout: Duration) {
+        let mut list = self.lock();
+        end_punch(&mut list, punched, Instant::now() + timeout);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Backend>> {
         self.list
             .lock()
@@ -153,6 +186,17 @@ impl Backends {
             !exited
         });
         self.any.store(!list.is_empty(), Ordering::Relaxed);
+    }
+}
+
+/// Sends `PunchEnd` for the last request to every live backend (one that
+/// did not prepare ignores it).
+fn end_punch(list: &mut [Backend], punched: bool, deadline: Instant) {
+    for backend in list.iter_mut().filter(|backend| backend.broken.is_none()) {
+        let end = Message::new(Kind::PunchEnd, backend.last_sent, u64::from(punched), 0);
+        if let Err(error) = backend.channel.send(end, None, deadline) {
+            backend.fail(error);
+        }
     }
 }
 

@@ -51,6 +51,13 @@ pub(crate) enum Kind {
     Busy = 8,
     /// Backend to VMM: request `seq` failed with errno `a`.
     Failed = 9,
+    /// VMM to backend, request `seq`: `[a, a + b)` is about to be punched;
+    /// check that no pin holds it and hold the replica's invalidate lock
+    /// until `PunchEnd`.
+    PunchPrepare = 10,
+    /// VMM to backend, for the prepare `seq` (no answer): the punch is done
+    /// (`a` 1) or abandoned (`a` 0); let go of the lock.
+    PunchEnd = 11,
 }
 
 impl Kind {
@@ -65,6 +72,8 @@ impl Kind {
             7 => Kind::Done,
             8 => Kind::Busy,
             9 => Kind::Failed,
+            10 => Kind::PunchPrepare,
+            11 => Kind::PunchEnd,
             _ => return None,
         })
     }
