@@ -2,6 +2,7 @@
 //! the bundled workload and its virtio device, the self-test scenarios, the stress torture and
 //! the benchmarks.
 
+pub mod backend;
 pub mod bench;
 pub mod counter;
 pub mod floor;

@@ -79,6 +79,22 @@ enum Command {
     /// Torture one file from many threads against a shadow model: pins,
     /// conversions, punches and copies; exit 1 on any violation.
     Stress(StressArgs),
+    /// Be a backend process of a VMM's guest memory: listen on --socket,
+    /// attach to the VMM that connects (gmem's backend protocol), map its
+    /// file and serve its conversions until it goes away.
+    Backend {
+        /// The Unix socket to listen on (removed once a VMM connects).
+        #[arg(long, value_name = "PATH")]
+        socket: std::path::PathBuf,
+        /// Echo messages instead, hiding and showing a page of a memfd
+        /// for each: the benchmarks' cross-process floor.
+        #[arg(long, hide = true, conflicts_with = "torture")]
+        echo: bool,
+        /// Pin, read and check random pages until the VMM goes away, and
+        /// print what was done (`gmem stress --backends`).
+        #[arg(long, hide = true)]
+        torture: bool,
+    },
     /// Show what this host's KVM supports.
     Info {
         /// Print one JSON object.
@@ -163,6 +179,10 @@ struct StressArgs {
     /// Count references per 2 MiB huge folio where a range is uniform.
     #[arg(long)]
     huge_folios: bool,
+    /// Backend processes, 0 to 4, attached to the file: each pins, reads
+    /// and checks random pages of its replica while the workers convert.
+    #[arg(long, default_value_t = 0)]
+    backends: u64,
     /// Print one JSON object instead of the summary (progress lines still go
     /// to stderr every few seconds).
     #[arg(long)]
@@ -243,8 +263,32 @@ fn main() -> ExitCode {
         }
         Command::Selftest { filter } => selftest(filter.as_deref()),
         Command::Stress(args) => stress(args),
+        Command::Backend {
+            socket,
+            echo,
+            torture,
+        } => backend(&socket, echo, torture),
     };
     result.unwrap_or_else(|e| failed(&e))
+}
+
+fn backend(socket: &std::path::Path, echo: bool, torture: bool) -> anyhow::Result<ExitCode> {
+    if torture {
+        let tortured = gmem_cli::backend::torture(socket).map_err(anyhow::Error::msg)?;
+        println!("{}", tortured.line());
+        return Ok(if tortured.violations == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    if echo {
+        gmem_cli::backend::echo(socket).map_err(anyhow::Error::msg)?;
+    } else {
+        let served = gmem_cli::backend::serve(socket).map_err(anyhow::Error::msg)?;
+        eprintln!("gmem backend: the VMM went away after {served} requests");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `given`: the machine flags on the command line, which must agree with
@@ -321,6 +365,7 @@ fn stress(args: StressArgs) -> anyhow::Result<ExitCode> {
         seconds: args.seconds,
         size_mib: args.size_mib,
         huge_folios: args.huge_folios,
+        backends: args.backends,
     }
     .validate(workload::available_memory())?;
     interrupt::install().context("handling Ctrl-C")?;

@@ -32,6 +32,7 @@ use gmem::{Attribute, ConversionListener, Flags, GuestMemfd, Options, PAGE_SIZE,
 
 use crate::workload::BadFlag;
 
+mod backends;
 mod probing;
 mod summary;
 mod vcpus;
@@ -61,6 +62,8 @@ pub struct StressFlags {
     pub size_mib: u64,
     /// Count references per 2 MiB huge folio where uniform.
     pub huge_folios: bool,
+    /// Backend processes attached to the file (`gmem backend --torture`).
+    pub backends: u64,
 }
 
 impl StressFlags {
@@ -70,6 +73,8 @@ impl StressFlags {
     pub const MAX_SECONDS: u64 = 86_400;
     /// File size allowed, MiB.
     pub const MAX_SIZE_MIB: u64 = 65_536;
+    /// Backend processes allowed.
+    pub const MAX_BACKENDS: u64 = 4;
 
     /// Checks the flags against their ranges and the memory `available`.
     pub fn validate(&self, available: Option<u64>) -> Result<StressFlags, BadFlag> {
@@ -93,6 +98,13 @@ impl StressFlags {
                 "--size-mib {} is outside 1 to {}",
                 self.size_mib,
                 Self::MAX_SIZE_MIB
+            ));
+        }
+        if self.backends > Self::MAX_BACKENDS {
+            return bad(format!(
+                "--backends {} is outside 0 to {}",
+                self.backends,
+                Self::MAX_BACKENDS
             ));
         }
         if let Some(available) = available
@@ -256,7 +268,11 @@ pub fn run(
     let size = flags.size_mib << 20;
     let pages = size / P;
     let threads = flags.threads;
-    let options = Options::new().huge_folios(flags.huge_folios);
+    // A backend answers in time on a loaded machine: the workers outnumber
+    // the cores.
+    let options = Options::new()
+        .huge_folios(flags.huge_folios)
+        .backend_timeout(Duration::from_secs(5));
     let mem = GuestMemfd::with_options(size, Flags::MMAP | Flags::INIT_SHARED, options)?;
     // In an `Arc`: the probing listener pins it owned.
     let mem = Arc::new(mem);
@@ -282,6 +298,7 @@ pub fn run(
         listener_checks: AtomicU64::new(0),
     });
     let listener = mem.add_listener(Arc::new(Checker(shadow.clone())));
+    let backends = backends::Backends::start(&mem, flags.backends).map_err(anyhow::Error::msg)?;
     // After the checker, so that a panic in `converted` never hides a
     // conversion from it.
     let probing = Arc::new(probing::Probing::new(&mem, shadow.clone())?);
@@ -395,7 +412,9 @@ pub fn run(
     });
     let elapsed = start.elapsed();
 
-    // The end: no pin is live, no reference leaked, every stripe exact.
+    // The end: the backends let go and report; no pin is live, no
+    // reference leaked, every stripe exact.
+    let tortured = backends.finish(&mem, &|what| shadow.violation(what));
     shadow.refusing.store(false, Relaxed);
     mem.remove_listener(probing_id);
     probing.release_all();
@@ -457,6 +476,8 @@ pub fn run(
         threads,
         size_bytes: size,
         huge_folios: flags.huge_folios,
+        backends: flags.backends,
+        backend_work: tortured,
         elapsed_s: elapsed.as_secs_f64(),
         ops_total: ops.values().sum(),
         ops,
@@ -503,6 +524,7 @@ mod tests {
             seconds: 20,
             size_mib: 16,
             huge_folios: false,
+            backends: 0,
         }
     }
 
@@ -575,6 +597,7 @@ mod tests {
                     seconds: 1,
                     size_mib: 4,
                     huge_folios,
+                    backends: 0,
                 },
                 Duration::from_secs(60),
                 &AtomicBool::new(false),
@@ -600,6 +623,7 @@ mod tests {
             seconds: 60,
             size_mib: 2,
             huge_folios: false,
+            backends: 0,
         };
         let interrupt = AtomicBool::new(true);
         let summary = run(&flags, Duration::from_secs(60), &interrupt, |_, _| {}).unwrap();

@@ -408,6 +408,38 @@ fn stress_runs_clean_for_two_seconds() {
     assert!(summary["ops"]["pins"].as_u64().unwrap() > 0);
 }
 
+/// `gmem stress --backends`: backend processes pin and check their
+/// replicas while the workers convert, and report what they did.
+#[test]
+fn stress_with_backend_processes_runs_clean() {
+    let out = Command::new(env!("CARGO_BIN_EXE_gmem"))
+        .args([
+            "stress",
+            "--seconds",
+            "2",
+            "--size-mib",
+            "4",
+            "--backends",
+            "2",
+        ])
+        .args(["--json"])
+        .output()
+        .expect("gmem runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(summary["violations"], 0, "{summary}");
+    assert_eq!(summary["backends"], 2);
+    assert!(
+        summary["backend_work"]["pins"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
+    assert!(
+        summary["backend_work"]["reads"].as_u64().unwrap() > 0,
+        "{summary}"
+    );
+}
+
 /// Each flag out of range: one line naming it, exit 2.
 #[test]
 fn stress_flags_out_of_range_exit_2() {
@@ -417,6 +449,7 @@ fn stress_flags_out_of_range_exit_2() {
         (&["--seconds", "0"][..], "--seconds 0 is outside"),
         (&["--size-mib", "0"][..], "--size-mib 0 is outside"),
         (&["--size-mib", "65537"][..], "--size-mib 65537 is outside"),
+        (&["--backends", "5"][..], "--backends 5 is outside 0 to 4"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_gmem"))
             .arg("stress")

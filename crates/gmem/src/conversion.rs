@@ -28,13 +28,37 @@ impl GuestMemfd {
     /// succeeds does. Once `set_attributes` has returned, the host mappings
     /// match the state.
     ///
+    /// With backend processes attached ([`GuestMemfd::add_backend`]), a
+    /// conversion to private also has every backend check and hide the
+    /// range in its replica, after this process's check and before its
+    /// mappings change; a conversion to shared tells them once it is done
+    /// (see [`gmem::remote`](crate::remote)).
+    ///
     /// Errors: `EINVAL` for a malformed range; `EAGAIN` with the offset of a
-    /// page still referenced; `EBUSY` if a listener refused (before, or in
+    /// page still referenced (here or in a backend); `EBUSY` if a listener refused (before, or in
     /// the commit phase); `EDEADLK` from a listener's callback of this file; `ENOMEM` (no
     /// memory, or over the VMA budget of the remap fallback); the errno of a
     /// failed `madvise`/`mmap`, which may also have poisoned a mapping
-    /// ([`ConversionError::MappingPoisoned`]).
+    /// ([`ConversionError::MappingPoisoned`]); a backend's fault
+    /// ([`ConversionError::Backend`], `ETIMEDOUT` for one that does not
+    /// answer in time); `EPERM` on a backend's replica.
     pub fn set_attributes(
+        &self,
+        offset: u64,
+        len: u64,
+        to: Attribute,
+    ) -> Result<(), ConversionError> {
+        if self.state.attached {
+            return Err(ConversionError::Attached {
+                error_offset: offset,
+            });
+        }
+        self.convert(offset, len, to)
+    }
+
+    /// [`set_attributes`](Self::set_attributes) on any file: a backend's
+    /// replica is converted so when the VMM asks.
+    pub(crate) fn convert(
         &self,
         offset: u64,
         len: u64,
@@ -81,7 +105,12 @@ impl GuestMemfd {
         //    KVM's and stay valid: on a software-protected VM both states are
         //    mapped for the guest.)
         attrs.apply(&planned);
-        state.refs.reshape(pages, |range| attrs.is_uniform(range));
+        state
+            .refs
+            .reshape(pages.clone(), |range| attrs.is_uniform(range));
+        if to == Attribute::Shared && state.backends.any() {
+            state.backends.show(pages, state.backend_timeout);
+        }
         Counters::bump(match to {
             Attribute::Private => &state.counters.to_private,
             Attribute::Shared => &state.counters.to_shared,
@@ -95,7 +124,11 @@ impl GuestMemfd {
         Ok(())
     }
 
-    fn conversion_pages(&self, offset: u64, len: u64) -> Result<Range<u64>, ConversionError> {
+    pub(crate) fn conversion_pages(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Range<u64>, ConversionError> {
         let invalid = |reason| ConversionError::Invalid {
             offset,
             len,
@@ -165,14 +198,20 @@ impl FileState {
                 budget: over.budget,
             })?;
         let checked = match to {
-            Attribute::Private => self.check_unreferenced(pages.clone(), offset),
+            Attribute::Private => self
+                .check_unreferenced(pages.clone(), offset)
+                .and_then(|()| self.hide_in_backends(pages.clone(), offset)),
             Attribute::Shared => Ok(()),
         };
+        let hidden_in_backends = checked.is_ok() && to == Attribute::Private;
         let changed = checked.and_then(|()| {
             mappings
                 .apply(self, changing, to)
                 .map_err(|failure| mapping_error(failure, offset))
         });
+        if hidden_in_backends && changed.is_err() {
+            self.show_in_backends(pages.clone());
+        }
         let settle_at = match committing {
             false => after,
             true => before.max(after),
@@ -219,6 +258,9 @@ impl FileState {
             }
             Ok(Err(refusal)) => refusal,
             Err(panic) => {
+                if to == Attribute::Private {
+                    self.show_in_backends(pages.clone());
+                }
                 if let Err(failure) = self.undo_change(attrs, planned, to, costs) {
                     tracing::error!(
                         ?failure,
@@ -228,9 +270,33 @@ impl FileState {
                 panic::resume_unwind(panic);
             }
         };
+        if to == Attribute::Private {
+            self.show_in_backends(pages.clone());
+        }
         self.undo_change(attrs, planned, to, costs)
             .map_err(|failure| mapping_error(failure, offset))?;
         Err(self.refused(offset, len, refusal))
+    }
+
+    /// Step 4b with backend processes: each checks and hides the range in
+    /// its replica (after this process's check passed, before its mappings
+    /// change), or the conversion fails and each shows it again.
+    fn hide_in_backends(&self, pages: Range<u64>, offset: u64) -> Result<(), ConversionError> {
+        if !self.backends.any() {
+            return Ok(());
+        }
+        let hidden = self.backends.hide(pages, offset, self.backend_timeout);
+        if let Err(ConversionError::Again { .. }) = hidden {
+            Counters::bump(&self.counters.eagain);
+        }
+        hidden
+    }
+
+    /// Undoes [`hide_in_backends`](Self::hide_in_backends).
+    fn show_in_backends(&self, pages: Range<u64>) {
+        if self.backends.any() {
+            self.backends.show(pages, self.backend_timeout);
+        }
     }
 
     /// Puts back the host mappings' change of a conversion whose commit

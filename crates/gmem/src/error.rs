@@ -112,6 +112,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A backend's replica ([`GuestMemfd::attach`](crate::GuestMemfd::attach))
+    /// cannot be converted, punched or given backends by the backend
+    /// (`EPERM`): its conversions are the VMM's.
+    #[error("the file is a backend's replica: only the VMM converts it")]
+    Attached,
+    /// A backend process failed to attach, or a replica to attach (the
+    /// fault's errno).
+    #[error("backend: {0}")]
+    Backend(crate::BackendFault),
     /// A system call failed.
     #[error("{call} failed: {errno}")]
     Os {
@@ -142,6 +151,8 @@ impl Error {
             Error::Private { .. } => Errno::FAULT,
             Error::Pinned { .. } => Errno::BUSY,
             Error::TooManyPins { .. } => Errno::NOMEM,
+            Error::Attached => Errno::PERM,
+            Error::Backend(fault) => fault.errno(),
             Error::Os { errno, .. } => *errno,
         }
         .raw_os_error()
@@ -193,6 +204,25 @@ pub enum ConversionError {
         error_offset: u64,
         /// The listener's reason.
         reason: String,
+    },
+    /// The file is a backend's replica, whose conversions are the VMM's
+    /// (`EPERM`); nothing changed.
+    #[error("conversion at {error_offset:#x} of a backend's replica: only the VMM converts it")]
+    Attached {
+        /// The start of the request.
+        error_offset: u64,
+    },
+    /// A backend process could not take part (its fault's errno:
+    /// `ETIMEDOUT` for no answer in time, `EPROTO`, `EPIPE`, ...); nothing
+    /// changed, and every backend shows the range again.
+    #[error("backend {backend:?} failed the conversion at {error_offset:#x}: {fault}")]
+    Backend {
+        /// The start of the request.
+        error_offset: u64,
+        /// The backend.
+        backend: crate::BackendId,
+        /// What went wrong.
+        fault: crate::BackendFault,
     },
     /// Memory for the attribute update could not be reserved (`ENOMEM`).
     #[error("no memory to prepare the attribute update at {error_offset:#x}")]
@@ -253,6 +283,8 @@ impl ConversionError {
             ConversionError::Os { errno, .. } | ConversionError::MappingPoisoned { errno, .. } => {
                 *errno
             }
+            ConversionError::Attached { .. } => Errno::PERM,
+            ConversionError::Backend { fault, .. } => fault.errno(),
         }
         .raw_os_error()
     }
@@ -266,6 +298,8 @@ impl ConversionError {
             ConversionError::Again { error_offset }
             | ConversionError::Refused { error_offset, .. }
             | ConversionError::NoMemory { error_offset }
+            | ConversionError::Attached { error_offset }
+            | ConversionError::Backend { error_offset, .. }
             | ConversionError::WouldDeadlock { error_offset }
             | ConversionError::VmaBudget { error_offset, .. }
             | ConversionError::Os { error_offset, .. }

@@ -4,6 +4,7 @@
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 use crate::attributes::{Attribute, AttributeMap};
 use crate::backing::{Backing, BackingKind};
@@ -12,6 +13,7 @@ use crate::held::{self, View};
 use crate::listener::{ConversionListener, ListenerId, Listeners};
 use crate::mapping::{Hiding, HostMapping, Mappings};
 use crate::refs::References;
+use crate::remote::Backends;
 use crate::stats::{Counters, Stats};
 use crate::sys::MappedRegion;
 use crate::{Error, PAGE_SHIFT, PAGE_SIZE};
@@ -67,6 +69,11 @@ pub struct Options {
     /// quarter of it. A conversion or mapping that would exceed either
     /// fails with `ENOMEM`.
     pub vma_budget: Option<u64>,
+    /// How long a conversion waits for each backend process
+    /// ([`GuestMemfd::add_backend`]) to answer before it fails with
+    /// `ETIMEDOUT` (default 250 ms); on a backend's replica, how long its
+    /// attachment waits for the VMM (plus 5 s for the state).
+    pub backend_timeout: Duration,
 }
 
 impl Options {
@@ -77,6 +84,7 @@ impl Options {
             huge_folios: false,
             hiding: None,
             vma_budget: None,
+            backend_timeout: Duration::from_millis(250),
         }
     }
 
@@ -101,6 +109,16 @@ impl Options {
     #[must_use]
     pub fn vma_budget(mut self, vma_budget: impl Into<Option<u64>>) -> Options {
         self.vma_budget = vma_budget.into();
+        self
+    }
+}
+
+impl Options {
+    /// Sets [`backend_timeout`](Self::backend_timeout): how long a
+    /// conversion waits for a backend's answer.
+    #[must_use]
+    pub const fn backend_timeout(mut self, timeout: Duration) -> Options {
+        self.backend_timeout = timeout;
         self
     }
 }
@@ -152,6 +170,12 @@ pub(crate) struct FileState {
     pub(crate) mappings: Mappings,
     pub(crate) listeners: Listeners,
     pub(crate) counters: Counters,
+    /// The backend processes that hold replicas of the file.
+    pub(crate) backends: Backends,
+    /// How long a conversion waits for a backend.
+    pub(crate) backend_timeout: Duration,
+    /// This is a backend's replica: its conversions are the VMM's.
+    pub(crate) attached: bool,
 }
 
 impl GuestMemfd {
@@ -217,6 +241,18 @@ impl GuestMemfd {
         flags: Flags,
         options: Options,
     ) -> Result<GuestMemfd, Error> {
+        Self::with_backing_as(backing, size, flags, options, false)
+    }
+
+    /// [`with_backing`](Self::with_backing), as a backend's replica
+    /// (`attached`) or not.
+    pub(crate) fn with_backing_as(
+        backing: Backing,
+        size: u64,
+        flags: Flags,
+        options: Options,
+        attached: bool,
+    ) -> Result<GuestMemfd, Error> {
         debug_assert!(Self::validate(size, flags).is_ok());
         let initial = if flags.contains(Flags::INIT_SHARED) {
             Attribute::Shared
@@ -248,6 +284,9 @@ impl GuestMemfd {
                 mappings: Mappings::default(),
                 listeners: Listeners::default(),
                 counters: Counters::default(),
+                backends: Backends::default(),
+                backend_timeout: options.backend_timeout,
+                attached,
             }),
         })
     }
@@ -269,6 +308,7 @@ impl GuestMemfd {
             huge_folios: self.state.refs.has_huge_folios(),
             hiding: self.state.hiding,
             vma_budget: Some(self.state.vma_budget.limit()),
+            backend_timeout: self.state.backend_timeout,
         }
     }
 
@@ -426,7 +466,10 @@ impl GuestMemfd {
     /// Errors: `EINVAL` for an unaligned or empty range; `EFBIG` if `offset +
     /// len` passes `i64::MAX`; `EBUSY` with the offset of the first pinned
     /// page of the request (where the kernel would detach it; a pinned huge
-    /// folio that begins before the request reports the request's start).
+    /// folio that begins before the request reports the request's start),
+    /// here or in a backend process, which holds its replica still until the
+    /// punch is done; a backend's fault ([`Error::Backend`]); `EPERM` on a
+    /// backend's replica.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), Error> {
         self.fallocate(falloc::KEEP_SIZE | falloc::PUNCH_HOLE, offset, len)
     }
@@ -565,6 +608,9 @@ impl FileState {
 
     /// Punches `[offset, end)`, both page-aligned; empty is a no-op.
     fn punch_hole(&self, offset: u64, end: u64) -> Result<(), Error> {
+        if self.attached {
+            return Err(Error::Attached);
+        }
         if offset >= end {
             return Ok(());
         }
@@ -581,7 +627,16 @@ impl FileState {
                 offset: (page << PAGE_SHIFT).max(offset),
             });
         }
-        self.backing.punch_hole(offset, end - offset)?;
+        if self.backends.any() {
+            let timeout = self.backend_timeout;
+            self.backends
+                .prepare_punch(pages.clone(), offset, timeout)?;
+            let punched = self.backing.punch_hole(offset, end - offset);
+            self.backends.end_punch(punched.is_ok(), timeout);
+            punched?;
+        } else {
+            self.backing.punch_hole(offset, end - offset)?;
+        }
         self.refs.mark_unallocated(pages.clone());
         self.refs.reshape(pages, |range| attrs.is_uniform(range));
         Ok(())

@@ -42,7 +42,13 @@ impl Dependence {
 
 /// The dependence of the row `name` (any row `gmem bench` makes).
 pub fn dependence(name: &str) -> Dependence {
-    const USER_SPACE: [&str; 4] = ["pin-unpin", "host-mapping-", "pin-read", "pin-write"];
+    const USER_SPACE: [&str; 5] = [
+        "pin-unpin",
+        "backend-pin-unpin",
+        "host-mapping-",
+        "pin-read",
+        "pin-write",
+    ];
     const SIZES: [&str; 2] = ["metadata-", "snapshot-4g-sparse-size"];
     const ABSOLUTE: [&str; 2] = ["convert-64g-sparse", "snapshot-fragmented-1g"];
     let starts = |prefixes: &[&str]| prefixes.iter().any(|p| name.starts_with(p));
@@ -55,8 +61,9 @@ pub fn dependence(name: &str) -> Dependence {
     } else if starts(&USER_SPACE) || name.starts_with("virtio-chain") {
         Dependence::UserSpace
     } else {
-        // Round trips, the fragmented files, the drain, huge folios against
-        // small ones, snapshots and restores, the guest's round trip.
+        // Round trips (with backends too), the fragmented files, the
+        // drain, huge folios against small ones, snapshots and restores,
+        // the guest's round trip.
         Dependence::SystemCalls
     }
 }
@@ -116,6 +123,8 @@ mod tests {
             ("kvm-guest-round-trip-4k", Dependence::SystemCalls),
             ("restore-4g-sparse", Dependence::SystemCalls),
             ("pin-unpin-16-huge", Dependence::UserSpace),
+            ("backend-pin-unpin", Dependence::UserSpace),
+            ("round-trip-4k-backend", Dependence::SystemCalls),
             ("host-mapping-read-64k", Dependence::UserSpace),
             ("pin-write-64k", Dependence::UserSpace),
             ("virtio-chain-64k-per-slice", Dependence::UserSpace),

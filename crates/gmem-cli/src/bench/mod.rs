@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use gmem::{Attribute, Flags, GuestMemfd, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
 
+mod backend;
 pub mod check;
 pub mod fixtures;
 pub mod instructions;
@@ -359,6 +360,7 @@ fn for_each_case(case: &mut dyn FnMut(&str, &mut Measure<'_>)) {
     case("drain-path", &mut || vec![drain_path()]);
     case("snapshot-4g-sparse", &mut snapshot::sparse_4g);
     case("snapshot-fragmented-1g", &mut snapshot::fragmented_1g);
+    case("backend-pin-unpin", &mut backend::rows);
     case("kvm-guest-round-trip-4k", &mut || {
         vec![kvm::guest_round_trip()]
     });

@@ -17,6 +17,10 @@ pub struct StressSummary {
     pub size_bytes: u64,
     /// Whether the file counts references per huge folio.
     pub huge_folios: bool,
+    /// Backend processes attached.
+    pub backends: u64,
+    /// What they did.
+    pub backend_work: crate::backend::Tortured,
     /// Seconds run.
     pub elapsed_s: f64,
     /// Operations, by kind (conversions: requests that succeeded, no-ops
@@ -139,6 +143,14 @@ impl StressSummary {
         }
         if let Some(why) = &self.gpa_map_skipped {
             writeln!(out, "  GpaMap requests  none: {why}")?;
+        }
+        if self.backends > 0 {
+            let work = &self.backend_work;
+            writeln!(
+                out,
+                "  backends         {} processes: {} pins held and checked, {} refused, {} checked reads",
+                self.backends, work.pins, work.refused, work.reads
+            )?;
         }
         writeln!(out, "  drains           {}", self.drains)?;
         if self.huge_folios {
