@@ -1,8 +1,8 @@
 //! Backends: other processes that map a file and do I/O on it (vhost-user
 //! devices), held to the same rules as the VMM's own threads.
 //!
-//! The VMM owns the file ([`GuestMemfd`]); a backend holds a *replica*
-//! ([`GuestMemfd::attach`]): the same memory, mapped through gmem in the
+//! The VMM owns the file ([`GuestMemfd`](crate::GuestMemfd)); a backend holds a *replica*
+//! ([`GuestMemfd::attach`](crate::GuestMemfd::attach)): the same memory, mapped through gmem in the
 //! backend's process, with its own attribute map, references, pins, host
 //! mappings and guard markers, all made by the same code as the VMM's. The
 //! VMM drives every conversion of the replica over a channel (a connected
