@@ -1,7 +1,7 @@
 //! Floors for the benchmarks: the raw work gmem cannot avoid, done directly.
 //! Written apart from gmem's own `sys.rs` on purpose: a floor must not run
 //! gmem's code.
-//! The one module of the command with `unsafe`.
+//! One of the two modules of the command with `unsafe` (with `counter.rs`).
 
 use std::ffi::{c_int, c_long, c_void};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
