@@ -517,6 +517,40 @@ fn bench_only_with_no_matching_case_fails() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
+/// `gmem bench --instructions` runs the three instruction rows only, each
+/// counted where the host has a hardware counter or else skipped with the
+/// way to count it; either way it reports each row's counted work on
+/// stderr in the line `scripts/instructions.sh` reads.
+#[test]
+fn bench_instructions_runs_the_counts_and_reports_the_work() {
+    let (code, stdout, stderr) = gmem_full(&["bench", "--instructions", "--json"], &[]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let rows = json["cases"].as_array().unwrap();
+    let names: Vec<_> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "instructions-in-order",
+            "instructions-scattered",
+            "instructions-batch"
+        ]
+    );
+    for row in rows {
+        match row["skipped"].as_str() {
+            Some(why) => assert!(why.contains("scripts/instructions.sh"), "{row}"),
+            None => assert!(row["value"].as_f64().unwrap() > 0.0, "{row}"),
+        }
+    }
+    for line in [
+        "counted: in-order 262144 conversion 700",
+        "counted: scattered 262144 conversion 700",
+        "counted: batch 262144 page 60",
+    ] {
+        assert!(stderr.lines().any(|l| l == line), "{line} in {stderr}");
+    }
+}
+
 /// A reference row (no goal) meets nothing: `"met": null` in the JSON,
 /// which `--from` reads back, with `-` in the table and no miss for
 /// `--check`.

@@ -254,6 +254,11 @@ mod tests {
         assert_eq!(gmem_cell(&idle), "512 KiB");
         let touched = CaseResult::value("touched", 0.001965, Goal::FractionAtMost(0.002));
         assert_eq!(gmem_cell(&touched), "0.1965%");
+        let goal = Goal::InstructionsAtMost(700.0);
+        assert_eq!(goal.describe(), "<= 700 instructions");
+        let count = CaseResult::instructions("count", 885.6, "conversion", goal);
+        assert_eq!(gmem_cell(&count), "886 instr/conversion");
+        assert_eq!(count.met, Some(false));
     }
 
     fn sample() -> Vec<CaseResult> {
