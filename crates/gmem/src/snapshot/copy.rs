@@ -12,7 +12,7 @@ use rustix::fs::SeekFrom;
 use rustix::io::Errno;
 
 use super::format::EXTENT_HEAD_LEN;
-use super::{CHUNK, SnapshotError, read_at, read_guest, write_at};
+use super::{CHUNK, SnapshotError, read_at, write_at};
 use crate::Error;
 
 /// How a snapshot's extent contents were moved between guest memory and
@@ -146,16 +146,26 @@ pub(super) struct Job {
     pub(super) len: u64,
 }
 
+/// How a failed or short `pread` of the checksummed file is reported.
+pub(super) type ReadError = fn(Errno) -> SnapshotError;
+
 /// The CRC-32 of `job`: its head and its bytes of `fd`, read a chunk at a
-/// time into `buf`.
-fn checksum(fd: BorrowedFd<'_>, job: &Job, buf: &mut [u8]) -> Result<u32, SnapshotError> {
+/// time into `buf`; a read error or an early end is `error`'s.
+fn checksum(
+    fd: BorrowedFd<'_>,
+    job: &Job,
+    buf: &mut [u8],
+    error: ReadError,
+) -> Result<u32, SnapshotError> {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&job.head);
     let end = job.at + job.len;
     let mut at = job.at;
     while at < end {
         let chunk = &mut buf[..(end - at).min(CHUNK as u64) as usize];
-        read_guest(fd, chunk, at)?;
+        if read_at(fd, chunk, at).map_err(error)? < chunk.len() {
+            return Err(error(Errno::IO));
+        }
         crc.update(chunk);
         at += chunk.len() as u64;
     }
@@ -168,6 +178,7 @@ fn checksum(fd: BorrowedFd<'_>, job: &Job, buf: &mut [u8]) -> Result<u32, Snapsh
 /// thread could be started.
 pub(super) struct Checksums<'scope> {
     fd: BorrowedFd<'scope>,
+    error: ReadError,
     worker: Option<Worker<'scope>>,
     /// Jobs not yet checksummed, without a worker.
     pending: VecDeque<Job>,
@@ -181,10 +192,12 @@ struct Worker<'scope> {
 }
 
 impl<'scope> Checksums<'scope> {
-    /// Checksums of extents of `fd`, on a thread of `scope` if one starts.
+    /// Checksums of extents of `fd`, on a thread of `scope` if one starts;
+    /// `error` reports a failed read.
     pub(super) fn start<'env>(
         scope: &'scope Scope<'scope, 'env>,
         fd: BorrowedFd<'scope>,
+        error: ReadError,
     ) -> Checksums<'scope> {
         let (jobs, job_rx) = channel::<Job>();
         let (result_tx, results) = channel();
@@ -193,7 +206,7 @@ impl<'scope> Checksums<'scope> {
             .spawn_scoped(scope, move || {
                 let mut buf = vec![0u8; CHUNK];
                 for job in job_rx {
-                    let result = checksum(fd, &job, &mut buf);
+                    let result = checksum(fd, &job, &mut buf, error);
                     let failed = result.is_err();
                     // The caller stopped listening (it failed): stop too.
                     if result_tx.send(result).is_err() || failed {
@@ -208,6 +221,7 @@ impl<'scope> Checksums<'scope> {
         });
         Checksums {
             fd,
+            error,
             worker,
             pending: VecDeque::new(),
             buf: Vec::new(),
@@ -240,6 +254,6 @@ impl<'scope> Checksums<'scope> {
         }
         let job = self.pending.pop_front().expect("a job was pushed");
         self.buf.resize(CHUNK, 0);
-        checksum(self.fd, &job, &mut self.buf)
+        checksum(self.fd, &job, &mut self.buf, self.error)
     }
 }

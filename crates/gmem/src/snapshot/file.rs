@@ -144,7 +144,7 @@ fn write_plan(
     method: CopyMethod,
 ) -> Result<CopyMethod, SnapshotError> {
     std::thread::scope(|scope| {
-        let mut sums = Checksums::start(scope, from);
+        let mut sums = Checksums::start(scope, from, |errno| Error::os("pread")(errno).into());
         for extent in &plan.extents {
             let (head, len) = (extent_head(extent), extent.end - extent.start);
             sums.push(Job {
@@ -178,17 +178,18 @@ fn write_plan(
 
 /// Copies `count` extents from the snapshot into `file` in the kernel,
 /// checking each one's place as the stream form does, and then every
-/// checksum, computed by the helper thread from what landed in `file`.
-/// The method the copies ended with.
+/// checksum, computed by the helper thread from the same bytes of the
+/// snapshot, read while the kernel copies them. The method the copies
+/// ended with.
 fn copy_extents_in(
     input: &mut Cursor<Positioned<'_>>,
     file: &GuestMemfd,
     count: u64,
     method: CopyMethod,
 ) -> Result<CopyMethod, SnapshotError> {
-    let to = file.state.backing_fd();
+    let (from, to) = (input.inner.fd, file.state.backing_fd());
     std::thread::scope(|scope| {
-        let mut sums = Checksums::start(scope, to);
+        let mut sums = Checksums::start(scope, from, |errno| stream("pread")(errno));
         let mut mover = Mover::new(method);
         // Where each extent's checksum is in the snapshot, and its value.
         let mut expected = VecDeque::new();
@@ -196,18 +197,14 @@ fn copy_extents_in(
             let mut previous_end = 0;
             for _ in 0..count {
                 let (head, extent) = read_extent_head(input, previous_end, file.size())?;
-                let len = extent.end - extent.start;
-                let n = mover.copy(input.inner.fd, input.inner.at, to, extent.start, len)?;
+                let (at, len) = (input.inner.at, extent.end - extent.start);
+                sums.push(Job { head, at, len });
+                let n = mover.copy(from, at, to, extent.start, len)?;
                 input.inner.at += n;
                 input.at += n;
                 if n < len {
                     return Err(SnapshotError::Truncated { at: input.at });
                 }
-                sums.push(Job {
-                    head,
-                    at: extent.start,
-                    len,
-                });
                 expected.push_back((input.at, input.read_u32()?));
                 previous_end = extent.end;
             }
