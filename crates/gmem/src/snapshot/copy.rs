@@ -173,13 +173,16 @@ fn checksum(
 }
 
 /// The checksums of extents of one file, in the order they are pushed,
-/// computed by a helper thread (reading the file with `pread` into its own
-/// buffer) while the caller copies; by the caller, when it asks, if no
-/// thread could be started.
-pub(super) struct Checksums<'scope> {
+/// computed by a helper thread (started at the first job, reading the file
+/// with `pread` into its own buffer) while the caller copies; by the
+/// caller, when it asks, if no thread could be started.
+pub(super) struct Checksums<'scope, 'env> {
+    scope: &'scope Scope<'scope, 'env>,
     fd: BorrowedFd<'scope>,
     error: ReadError,
     worker: Option<Worker<'scope>>,
+    /// Whether a worker was started, or failed to start.
+    tried: bool,
     /// Jobs not yet checksummed, without a worker.
     pending: VecDeque<Job>,
     buf: Vec<u8>,
@@ -191,19 +194,33 @@ struct Worker<'scope> {
     handle: ScopedJoinHandle<'scope, ()>,
 }
 
-impl<'scope> Checksums<'scope> {
+impl<'scope, 'env> Checksums<'scope, 'env> {
     /// Checksums of extents of `fd`, on a thread of `scope` if one starts;
     /// `error` reports a failed read.
-    pub(super) fn start<'env>(
+    pub(super) fn new(
         scope: &'scope Scope<'scope, 'env>,
         fd: BorrowedFd<'scope>,
         error: ReadError,
-    ) -> Checksums<'scope> {
+    ) -> Checksums<'scope, 'env> {
+        Checksums {
+            scope,
+            fd,
+            error,
+            worker: None,
+            tried: false,
+            pending: VecDeque::new(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// The helper thread, if it starts.
+    fn spawn(&self) -> Option<Worker<'scope>> {
         let (jobs, job_rx) = channel::<Job>();
         let (result_tx, results) = channel();
+        let (fd, error) = (self.fd, self.error);
         let spawned = Builder::new()
             .name("gmem-snapshot-crc".into())
-            .spawn_scoped(scope, move || {
+            .spawn_scoped(self.scope, move || {
                 let mut buf = vec![0u8; CHUNK];
                 for job in job_rx {
                     let result = checksum(fd, &job, &mut buf, error);
@@ -214,21 +231,19 @@ impl<'scope> Checksums<'scope> {
                     }
                 }
             });
-        let worker = spawned.ok().map(|handle| Worker {
+        let handle = spawned.ok()?;
+        Some(Worker {
             jobs,
             results,
             handle,
-        });
-        Checksums {
-            fd,
-            error,
-            worker,
-            pending: VecDeque::new(),
-            buf: Vec::new(),
-        }
+        })
     }
 
     pub(super) fn push(&mut self, job: Job) {
+        if !self.tried {
+            self.tried = true;
+            self.worker = self.spawn();
+        }
         match &self.worker {
             // A worker gone (after an error it reports) takes no more jobs.
             Some(worker) => worker.jobs.send(job).unwrap_or(()),

@@ -14,7 +14,10 @@ use rustix::io::Errno;
 
 use super::copy::{Checksums, CopyMethod, Job, Mover};
 use super::format::{Cursor, TRAILER};
-use super::{Plan, Saved, SnapshotError, extent_head, read_extent_head, restore_with, write_at};
+use super::{
+    CHUNK, Plan, Saved, SnapshotError, extent_head, read_extent, read_extent_head, read_guest,
+    restore_with, write_at,
+};
 use crate::{Error, GuestMemfd, Options};
 
 impl GuestMemfd {
@@ -132,10 +135,17 @@ fn position(fd: BorrowedFd<'_>, writing: bool) -> Result<Option<u64>, SnapshotEr
     }
 }
 
+/// Extents of at most this many bytes go through a buffer in both
+/// directions: for them a kernel copy and a helper's checksum cost more in
+/// system calls and wake-ups than the copy they save.
+pub(super) const SMALL: u64 = 64 << 10;
+
 /// Writes `plan` to `to` from `start`: the header and runs, then each
-/// extent's head, its contents copied from guest memory (`from`) in the
-/// kernel, and its checksum from the helper thread, which reads the same
-/// extents meanwhile; then the trailer. The method the copies ended with.
+/// extent's head, contents and checksum; then the trailer. A large
+/// extent's contents are copied from guest memory (`from`) in the kernel
+/// and its checksum comes from the helper thread, which reads the same
+/// pages meanwhile; small extents are read into the buffer of bytes
+/// written between two copies. The method the copies ended with.
 fn write_plan(
     from: BorrowedFd<'_>,
     plan: &Plan,
@@ -144,8 +154,8 @@ fn write_plan(
     method: CopyMethod,
 ) -> Result<CopyMethod, SnapshotError> {
     std::thread::scope(|scope| {
-        let mut sums = Checksums::start(scope, from, |errno| Error::os("pread")(errno).into());
-        for extent in &plan.extents {
+        let mut sums = Checksums::new(scope, from, |errno| Error::os("pread")(errno).into());
+        for extent in plan.extents.iter().filter(|e| e.end - e.start > SMALL) {
             let (head, len) = (extent_head(extent), extent.end - extent.start);
             sums.push(Job {
                 head,
@@ -154,24 +164,38 @@ fn write_plan(
             });
         }
         let mut mover = Mover::new(method);
-        // Bytes written between two copies: a checksum, the next head.
         let mut between = plan.head.clone();
         let mut at = start;
+        let flush = |between: &mut Vec<u8>, at: &mut u64| {
+            write_at(to, between, *at).map_err(stream("pwrite"))?;
+            *at += between.len() as u64;
+            between.clear();
+            Ok::<_, SnapshotError>(())
+        };
         for extent in &plan.extents {
-            between.extend_from_slice(&extent_head(extent));
-            write_at(to, &between, at).map_err(stream("pwrite"))?;
-            at += between.len() as u64;
-            let len = extent.end - extent.start;
+            let (head, len) = (extent_head(extent), extent.end - extent.start);
+            between.extend_from_slice(&head);
+            if len <= SMALL {
+                let old = between.len();
+                between.resize(old + len as usize, 0);
+                read_guest(from, &mut between[old..], extent.start)?;
+                let crc = crc32fast::hash(&between[old - head.len()..]);
+                between.extend_from_slice(&crc.to_le_bytes());
+                if between.len() >= CHUNK {
+                    flush(&mut between, &mut at)?;
+                }
+                continue;
+            }
+            flush(&mut between, &mut at)?;
             if mover.copy(from, extent.start, to, at, len)? < len {
                 // Guest memory is never shorter than its extents.
                 return Err(Error::os("copying guest memory")(Errno::IO).into());
             }
             at += len;
-            between.clear();
             between.extend_from_slice(&sums.next()?.to_le_bytes());
         }
         between.extend_from_slice(&TRAILER);
-        write_at(to, &between, at).map_err(stream("pwrite"))?;
+        flush(&mut between, &mut at)?;
         Ok(mover.method)
     })
 }
@@ -189,14 +213,20 @@ fn copy_extents_in(
 ) -> Result<CopyMethod, SnapshotError> {
     let (from, to) = (input.inner.fd, file.state.backing_fd());
     std::thread::scope(|scope| {
-        let mut sums = Checksums::start(scope, from, |errno| stream("pread")(errno));
+        let mut sums = Checksums::new(scope, from, |errno| stream("pread")(errno));
         let mut mover = Mover::new(method);
+        let mut buf = Vec::new();
         // Where each extent's checksum is in the snapshot, and its value.
         let mut expected = VecDeque::new();
         let copied = (|| {
             let mut previous_end = 0;
             for _ in 0..count {
                 let (head, extent) = read_extent_head(input, previous_end, file.size())?;
+                previous_end = extent.end;
+                if extent.end - extent.start <= SMALL {
+                    read_extent(input, head, extent, to, &mut buf)?;
+                    continue;
+                }
                 let (at, len) = (input.inner.at, extent.end - extent.start);
                 sums.push(Job { head, at, len });
                 let n = mover.copy(from, at, to, extent.start, len)?;
@@ -206,7 +236,6 @@ fn copy_extents_in(
                     return Err(SnapshotError::Truncated { at: input.at });
                 }
                 expected.push_back((input.at, input.read_u32()?));
-                previous_end = extent.end;
             }
             Ok(())
         })();

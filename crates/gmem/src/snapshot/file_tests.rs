@@ -159,3 +159,47 @@ fn append_only_files_are_streams() {
     mem.snapshot(&mut stream).unwrap();
     assert_eq!(&contents(&mut file)[1..], &stream[..]);
 }
+
+/// The same for a snapshot with an extent copied in the kernel (larger
+/// than [`SMALL`](super::file::SMALL)): cuts and changed bytes in its head,
+/// its contents and its checksum, and in the extents after it.
+#[test]
+fn kernel_copied_extents_are_refused_as_the_stream_form_does() {
+    let mut good = Vec::new();
+    sample().snapshot(&mut good).unwrap();
+    let file = memfd();
+    // The header, the runs, then the 3 MiB extent's head from `head`.
+    let head = good.len() - 2 * (16 + 4096 + 4) - 8 - (16 + (3 << 20) + 4);
+    let big_crc = head + 16 + (3 << 20);
+    let places = [
+        head,
+        head + 9,
+        head + 16,
+        head + 20_000,
+        big_crc - 1,
+        big_crc,
+        big_crc + 3,
+    ];
+    for place in places
+        .into_iter()
+        .chain([big_crc + 4, big_crc + 30, good.len() - 1])
+    {
+        for (cut, flip) in [(Some(place), None), (None, Some(place))] {
+            let mut bad = good.clone();
+            if let Some(at) = flip {
+                bad[at] ^= 0x40;
+            }
+            bad.truncate(cut.unwrap_or(bad.len()));
+            file.set_len(0).unwrap();
+            (&file).write_all(&bad).unwrap();
+            (&file).seek(SeekFrom::Start(0)).unwrap();
+            let stream = GuestMemfd::restore(&bad[..], Options::new()).map(|f| f.size());
+            for method in METHODS {
+                (&file).seek(SeekFrom::Start(0)).unwrap();
+                let by_file = restore_file_by(file.as_fd(), Options::new(), method);
+                assert_eq!(by_file.map(|f| f.0.size()), stream, "{place} {method:?}");
+            }
+            assert!(stream.is_err(), "{place}");
+        }
+    }
+}

@@ -418,25 +418,40 @@ fn read_extents(
     file: &GuestMemfd,
     count: u64,
 ) -> Result<(), SnapshotError> {
-    let fd = file.state.backing_fd();
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = Vec::new();
     let mut previous_end = 0;
     for _ in 0..count {
         let (head, extent) = read_extent_head(input, previous_end, file.size())?;
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&head);
-        let mut pos = extent.start;
-        while pos < extent.end {
-            let chunk = &mut buf[..(extent.end - pos).min(CHUNK as u64) as usize];
-            input.read_exact(chunk)?;
-            crc.update(chunk);
-            write_at(fd, chunk, pos).map_err(Error::os("pwrite"))?;
-            pos += chunk.len() as u64;
-        }
-        check_extent_crc(input, crc.finalize())?;
         previous_end = extent.end;
+        read_extent(input, head, extent, file.state.backing_fd(), &mut buf)?;
     }
     Ok(())
+}
+
+/// Reads the contents of the extent whose `head` was just read, a chunk at
+/// a time through `buf`, into `to`, then its checksum, and compares it.
+fn read_extent(
+    input: &mut Cursor<impl Read>,
+    head: [u8; EXTENT_HEAD_LEN],
+    extent: Range<u64>,
+    to: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+) -> Result<(), SnapshotError> {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    let most = (extent.end - extent.start).min(CHUNK as u64) as usize;
+    if buf.len() < most {
+        buf.resize(most, 0);
+    }
+    let mut pos = extent.start;
+    while pos < extent.end {
+        let chunk = &mut buf[..(extent.end - pos).min(CHUNK as u64) as usize];
+        input.read_exact(chunk)?;
+        crc.update(chunk);
+        write_at(to, chunk, pos).map_err(Error::os("pwrite"))?;
+        pos += chunk.len() as u64;
+    }
+    check_extent_crc(input, crc.finalize())
 }
 
 /// Reads an extent's offset and length and checks them: page-aligned,
