@@ -102,7 +102,7 @@ pub use file::{Flags, GuestMemfd, Options, falloc};
 pub use listener::{ConversionListener, ListenerId, Refusal};
 pub use mapping::{Hiding, HostMapping};
 pub use pin::{OwnedPin, Pin};
-pub use snapshot::{Saved, SnapshotError};
+pub use snapshot::{CopyMethod, Saved, SnapshotError};
 pub use stats::Stats;
 pub use sys::ProbeOutcome;
 

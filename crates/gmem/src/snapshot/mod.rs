@@ -83,6 +83,7 @@ mod file;
 #[cfg(test)]
 mod file_tests;
 mod format;
+mod lazy;
 #[cfg(test)]
 mod tests;
 
@@ -96,6 +97,7 @@ use rustix::io::Errno;
 pub use copy::CopyMethod;
 pub use error::SnapshotError;
 use format::{Cursor, EXTENT_HEAD_LEN, HEADER_LEN, Header, TRAILER};
+pub use lazy::{FaultsUnavailable, LazyRestoreProbe, probe_lazy_restore};
 
 use crate::attributes::{Attribute, AttributeMap};
 use crate::file::FileState;
