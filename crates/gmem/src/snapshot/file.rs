@@ -1,9 +1,9 @@
 //! The file form of snapshots: [`GuestMemfd::snapshot_to_file`] and
 //! [`GuestMemfd::restore_from_file`], the same format written and read at
-//! explicit offsets of a regular file, the extents' contents copied in the
-//! kernel and checksummed by a helper thread ([`super::copy`]). Anything
-//! but a regular file (a pipe, a socket, a terminal) goes through the
-//! stream form instead.
+//! explicit offsets of a regular file, large extents copied in the kernel
+//! and checksummed by a helper thread ([`super::copy`]), small ones through
+//! a buffer. Anything but a regular file (a pipe, a socket, a terminal)
+//! goes through the stream form instead.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
