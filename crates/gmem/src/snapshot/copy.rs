@@ -1,19 +1,18 @@
 //! How the file form moves an extent's contents and checksums them: a
 //! kernel-side copy ([`Mover`]: `copy_file_range`, else `sendfile`, else
 //! `pread`/`pwrite` through a buffer) and the CRC of the same bytes read
-//! by a helper thread while the copy runs ([`Checksums`]).
+//! by a helper thread while the copy runs, or by the caller when the helper
+//! has not got to them ([`Checksums`]).
 
-use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::thread::{Builder, Scope, ScopedJoinHandle};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{Builder, Scope};
 
 use rustix::fs::SeekFrom;
 use rustix::io::Errno;
 
 use super::format::EXTENT_HEAD_LEN;
 use super::{CHUNK, SnapshotError, read_at, write_at};
-use crate::Error;
 
 /// How a snapshot's extent contents were moved between guest memory and
 /// the snapshot.
@@ -172,31 +171,75 @@ fn checksum(
     Ok(crc.finalize())
 }
 
-/// The checksums of extents of one file, in the order they are pushed,
-/// computed by a helper thread (started at the first job, reading the file
-/// with `pread` into its own buffer) while the caller copies; by the
-/// caller, when it asks, if no thread could be started.
+/// The checksums of extents of one file, shared between the caller and a
+/// helper thread (started at the first job, reading with `pread` into its
+/// own buffer). The helper takes the jobs in order; the caller, when it
+/// reaches a job the helper has not started (the helper has no CPU, or
+/// could not be started), takes it itself, while the bytes it just copied
+/// may still be in its cache. So with a free CPU the checksums run beside
+/// the copies, and without one they cost what they would on one thread.
 pub(super) struct Checksums<'scope, 'env> {
     scope: &'scope Scope<'scope, 'env>,
     fd: BorrowedFd<'scope>,
     error: ReadError,
-    worker: Option<Worker<'scope>>,
-    /// Whether a worker was started, or failed to start.
+    shared: Arc<Shared>,
+    /// Whether the helper was started, or failed to start.
     tried: bool,
-    /// Jobs not yet checksummed, without a worker.
-    pending: VecDeque<Job>,
     buf: Vec<u8>,
 }
 
-struct Worker<'scope> {
-    jobs: Sender<Job>,
-    results: Receiver<Result<u32, SnapshotError>>,
-    handle: ScopedJoinHandle<'scope, ()>,
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Signalled when a job is pushed or done, and when the caller leaves.
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    /// Each job's checksum once done (taken by the caller).
+    done: Vec<Option<Result<u32, SnapshotError>>>,
+    /// The first job nobody has started.
+    next: usize,
+    /// The caller is gone: the helper stops.
+    closed: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics while holding the lock.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The helper: takes the next job, checksums it, records it; until the
+    /// caller leaves.
+    fn serve(&self, fd: BorrowedFd<'_>, error: ReadError) {
+        let mut buf = vec![0u8; CHUNK];
+        let mut queue = self.lock();
+        loop {
+            if queue.closed {
+                return;
+            }
+            if queue.next == queue.jobs.len() {
+                queue = self.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            let k = queue.next;
+            let job = queue.jobs[k];
+            queue.next += 1;
+            drop(queue);
+            let result = checksum(fd, &job, &mut buf, error);
+            queue = self.lock();
+            queue.done[k] = Some(result);
+            self.changed.notify_all();
+        }
+    }
 }
 
 impl<'scope, 'env> Checksums<'scope, 'env> {
-    /// Checksums of extents of `fd`, on a thread of `scope` if one starts;
-    /// `error` reports a failed read.
+    /// Checksums of extents of `fd`, with a helper on a thread of `scope`
+    /// if one starts; `error` reports a failed read.
     pub(super) fn new(
         scope: &'scope Scope<'scope, 'env>,
         fd: BorrowedFd<'scope>,
@@ -206,69 +249,127 @@ impl<'scope, 'env> Checksums<'scope, 'env> {
             scope,
             fd,
             error,
-            worker: None,
+            shared: Arc::default(),
             tried: false,
-            pending: VecDeque::new(),
             buf: Vec::new(),
         }
     }
 
-    /// The helper thread, if it starts.
-    fn spawn(&self) -> Option<Worker<'scope>> {
-        let (jobs, job_rx) = channel::<Job>();
-        let (result_tx, results) = channel();
-        let (fd, error) = (self.fd, self.error);
-        let spawned = Builder::new()
-            .name("gmem-snapshot-crc".into())
-            .spawn_scoped(self.scope, move || {
-                let mut buf = vec![0u8; CHUNK];
-                for job in job_rx {
-                    let result = checksum(fd, &job, &mut buf, error);
-                    let failed = result.is_err();
-                    // The caller stopped listening (it failed): stop too.
-                    if result_tx.send(result).is_err() || failed {
-                        break;
-                    }
-                }
-            });
-        let handle = spawned.ok()?;
-        Some(Worker {
-            jobs,
-            results,
-            handle,
-        })
-    }
-
-    pub(super) fn push(&mut self, job: Job) {
+    /// Queues a job: its number.
+    pub(super) fn push(&mut self, job: Job) -> usize {
         if !self.tried {
             self.tried = true;
-            self.worker = self.spawn();
+            let (shared, fd, error) = (Arc::clone(&self.shared), self.fd, self.error);
+            // Without a helper the caller takes every job.
+            drop(
+                Builder::new()
+                    .name("gmem-snapshot-crc".into())
+                    .spawn_scoped(self.scope, move || shared.serve(fd, error)),
+            );
         }
-        match &self.worker {
-            // A worker gone (after an error it reports) takes no more jobs.
-            Some(worker) => worker.jobs.send(job).unwrap_or(()),
-            None => self.pending.push_back(job),
+        let mut queue = self.shared.lock();
+        queue.jobs.push(job);
+        queue.done.push(None);
+        self.shared.changed.notify_all();
+        queue.jobs.len() - 1
+    }
+
+    /// Checksums job `k`, and any before it, now if nobody has started
+    /// them.
+    pub(super) fn help(&mut self, k: usize) {
+        loop {
+            let mut queue = self.shared.lock();
+            if queue.next > k {
+                return;
+            }
+            let j = queue.next;
+            queue.next += 1;
+            let job = queue.jobs[j];
+            drop(queue);
+            self.buf.resize(CHUNK, 0);
+            let result = checksum(self.fd, &job, &mut self.buf, self.error);
+            self.shared.lock().done[j] = Some(result);
         }
     }
 
-    /// The checksum of the oldest job pushed and not yet taken, waiting for
-    /// it. Called once a job.
-    pub(super) fn next(&mut self) -> Result<u32, SnapshotError> {
-        if let Some(worker) = &self.worker {
-            return match worker.results.recv() {
-                Ok(result) => result,
-                // The worker ended without a result: it panicked, or it
-                // already sent an error.
-                Err(_) => {
-                    if let Some(Err(panic)) = self.worker.take().map(|w| w.handle.join()) {
-                        std::panic::resume_unwind(panic);
-                    }
-                    Err(Error::os("checksumming")(Errno::IO).into())
-                }
-            };
+    /// The checksum of job `k`, helping with it or waiting for it; taken
+    /// once.
+    pub(super) fn take(&mut self, k: usize) -> Result<u32, SnapshotError> {
+        self.help(k);
+        let mut queue = self.shared.lock();
+        loop {
+            if let Some(result) = queue.done[k].take() {
+                return result;
+            }
+            queue = self
+                .shared
+                .changed
+                .wait(queue)
+                .unwrap_or_else(|e| e.into_inner());
         }
-        let job = self.pending.pop_front().expect("a job was pushed");
-        self.buf.resize(CHUNK, 0);
-        checksum(self.fd, &job, &mut self.buf, self.error)
+    }
+}
+
+impl Drop for Checksums<'_, '_> {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// With the helper and without it (the caller takes every job), each
+    /// job's checksum is that of its head and bytes, whatever order the
+    /// caller helps and takes in; a read past the end is the error given.
+    #[test]
+    fn checksums_with_and_without_the_helper() {
+        let file = rustix::fs::memfd_create("sums", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let bytes: Vec<u8> = (0..3 * CHUNK + 5).map(|i| (i % 241) as u8).collect();
+        write_at(file.as_fd(), &bytes, 0).unwrap();
+        let jobs = [
+            (0, 10),
+            (7, 2 * CHUNK as u64 + 3),
+            (CHUNK as u64, CHUNK as u64),
+        ];
+        let expected = |(at, len): (u64, u64)| {
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&[at as u8; EXTENT_HEAD_LEN]);
+            crc.update(&bytes[at as usize..(at + len) as usize]);
+            crc.finalize()
+        };
+        for helper in [true, false] {
+            std::thread::scope(|scope| {
+                let mut sums = Checksums::new(scope, file.as_fd(), |errno| SnapshotError::Stream {
+                    call: "pread",
+                    errno,
+                });
+                sums.tried = !helper;
+                for (at, len) in jobs {
+                    sums.push(Job {
+                        head: [at as u8; EXTENT_HEAD_LEN],
+                        at,
+                        len,
+                    });
+                }
+                sums.help(1);
+                for (k, job) in jobs.into_iter().enumerate().rev() {
+                    assert_eq!(sums.take(k), Ok(expected(job)), "{helper} {k}");
+                }
+                let past = sums.push(Job {
+                    head: [0; EXTENT_HEAD_LEN],
+                    at: 3 * CHUNK as u64,
+                    len: 6,
+                });
+                let error = SnapshotError::Stream {
+                    call: "pread",
+                    errno: Errno::IO,
+                };
+                assert_eq!(sums.take(past), Err(error));
+            });
+        }
     }
 }

@@ -165,7 +165,7 @@ fn write_plan(
         }
         let mut mover = Mover::new(method);
         let mut between = plan.head.clone();
-        let mut at = start;
+        let (mut at, mut large) = (start, 0);
         let flush = |between: &mut Vec<u8>, at: &mut u64| {
             write_at(to, between, *at).map_err(stream("pwrite"))?;
             *at += between.len() as u64;
@@ -192,7 +192,8 @@ fn write_plan(
                 return Err(Error::os("copying guest memory")(Errno::IO).into());
             }
             at += len;
-            between.extend_from_slice(&sums.next()?.to_le_bytes());
+            between.extend_from_slice(&sums.take(large)?.to_le_bytes());
+            large += 1;
         }
         between.extend_from_slice(&TRAILER);
         flush(&mut between, &mut at)?;
@@ -216,7 +217,8 @@ fn copy_extents_in(
         let mut sums = Checksums::new(scope, from, |errno| stream("pread")(errno));
         let mut mover = Mover::new(method);
         let mut buf = Vec::new();
-        // Where each extent's checksum is in the snapshot, and its value.
+        // Each large extent's job, and where its checksum is in the
+        // snapshot, and its value.
         let mut expected = VecDeque::new();
         let copied = (|| {
             let mut previous_end = 0;
@@ -228,22 +230,23 @@ fn copy_extents_in(
                     continue;
                 }
                 let (at, len) = (input.inner.at, extent.end - extent.start);
-                sums.push(Job { head, at, len });
+                let k = sums.push(Job { head, at, len });
                 let n = mover.copy(from, at, to, extent.start, len)?;
                 input.inner.at += n;
                 input.at += n;
                 if n < len {
                     return Err(SnapshotError::Truncated { at: input.at });
                 }
-                expected.push_back((input.at, input.read_u32()?));
+                sums.help(k);
+                expected.push_back((k, input.at, input.read_u32()?));
             }
             Ok(())
         })();
         // Every checksum taken is compared even after an error: a mismatch
         // comes before it in the snapshot, so it is the one reported, as in
         // the stream form.
-        for (at, crc) in expected {
-            if sums.next()? != crc {
+        for (k, at, crc) in expected {
+            if sums.take(k)? != crc {
                 let section = "extent";
                 return Err(SnapshotError::Checksum { section, at });
             }
