@@ -65,10 +65,14 @@
 //! (`pread`, checksum, write) is 1.2 to 1.4 too.
 //!
 //! So the checksum runs beside the copy, on a helper thread that reads the
-//! same extents with `pread` into its own 256 KiB buffer: 1.0 to 1.1 times
-//! the floor when a second CPU is free (a VMM snapshotting a paused guest
-//! has its vCPUs' CPUs). The CPU time is still about 1.3 times the floor's.
-//! If no thread can be started the caller checksums each extent itself.
+//! same extents with `pread` into its own 256 KiB buffer, taking them in
+//! order; the caller takes any extent the helper has not started when it
+//! gets there (just after copying it, so partly from cache), and does all
+//! of them if no thread can be started. With a second CPU free (a VMM
+//! snapshotting a paused guest has its vCPUs' CPUs) the file form measured
+//! 0.97 to 1.16 times the floor; with both CPUs taken by other work, 1.26
+//! to 1.58, no better than the stream form (1.18 to 1.42): the CPU time is
+//! still about 1.3 times the floor's, and the two threads contend.
 //!
 //! The helper reads the source, so the checksum is of the bytes as read at
 //! about the instant the kernel copies them: in a snapshot, a page a device
