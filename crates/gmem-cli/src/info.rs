@@ -108,6 +108,40 @@ impl HidingInfo {
     }
 }
 
+/// What `gmem info` says of lazy restore: whether each kind of userfaultfd
+/// fault works on a memfd mapping here, or the step that failed.
+pub fn lazy_restore_json(probe: &gmem::snapshot::LazyRestoreProbe) -> serde_json::Value {
+    let answer = |r: &Result<(), gmem::snapshot::FaultsUnavailable>| match r {
+        Ok(()) => serde_json::json!({ "works": true }),
+        Err(why) => serde_json::json!({ "works": false, "step": why.step, "errno": why.errno() }),
+    };
+    serde_json::json!({
+        "missing_faults": answer(&probe.missing_faults),
+        "minor_faults": answer(&probe.minor_faults),
+    })
+}
+
+/// The lines of `gmem info` about lazy restore.
+pub fn write_lazy_restore(
+    probe: &gmem::snapshot::LazyRestoreProbe,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    let answer = |r: &Result<(), gmem::snapshot::FaultsUnavailable>| match r {
+        Ok(()) => "works".to_owned(),
+        Err(why) => format!("unavailable: {why}"),
+    };
+    writeln!(
+        out,
+        "userfaultfd on memfd         missing faults (UFFDIO_COPY): {}; minor faults (UFFDIO_CONTINUE): {}",
+        answer(&probe.missing_faults),
+        answer(&probe.minor_faults)
+    )?;
+    writeln!(
+        out,
+        "lazy restore                 not built (gmem::snapshot's lazy module says what it needs)"
+    )
+}
+
 /// `gmem info --json`'s object.
 pub fn info_json(support: &HostSupport, hiding: &HidingInfo) -> serde_json::Value {
     serde_json::json!({

@@ -571,13 +571,17 @@ fn info(json: bool) -> anyhow::Result<ExitCode> {
     require_kvm()?;
     let support = gmem::kvm::HostSupport::probe()?;
     let hiding = HidingInfo::probe()?;
+    let lazy = gmem::snapshot::probe_lazy_restore();
     if json {
-        let json = serde_json::to_string_pretty(&info::info_json(&support, &hiding))?;
+        let mut json = info::info_json(&support, &hiding);
+        json["lazy_restore"] = info::lazy_restore_json(&lazy);
+        let json = serde_json::to_string_pretty(&json)?;
         output(|out| writeln!(out, "{json}"))?;
     } else {
         output(|out| {
             info::write_support(&support, out)?;
-            hiding.write_to(out)
+            hiding.write_to(out)?;
+            info::write_lazy_restore(&lazy, out)
         })?;
     }
     Ok(ExitCode::SUCCESS)

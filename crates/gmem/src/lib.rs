@@ -104,7 +104,7 @@ pub use listener::{ConversionListener, ListenerId, Refusal};
 pub use mapping::{Hiding, HostMapping};
 pub use pin::{OwnedPin, Pin};
 pub use remote::{Attached, BackendFault, BackendId, BackendStatus};
-pub use snapshot::{Saved, SnapshotError};
+pub use snapshot::{CopyMethod, Saved, SnapshotError};
 pub use stats::Stats;
 pub use sys::ProbeOutcome;
 

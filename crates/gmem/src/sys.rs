@@ -18,6 +18,7 @@ use rustix::io::Errno;
 use rustix::mm::{MapFlags, MremapFlags, ProtFlags};
 
 pub(crate) mod faults;
+pub(crate) mod uffd;
 
 /// An owned `MAP_SHARED` mapping of a file; `Drop` unmaps it.
 ///

@@ -2,7 +2,9 @@
 //! a file with nothing populated), what a restored file allows, a
 //! model-based proptest (random conversions, writes through a mapping,
 //! punches and pins, then snapshot, restore and every page compared), and a
-//! proptest of corrupted and truncated snapshots, which must be refused.
+//! proptest of corrupted and truncated snapshots, which must be refused by
+//! the stream and file forms alike; snapshots written by one form restored
+//! by the other.
 //!
 //! `PROPTEST_CASES` sets the number of cases (256 by default).
 
@@ -126,6 +128,41 @@ fn pins_do_not_block_a_snapshot_and_files_serve_as_streams() {
     drop(pin);
 }
 
+fn memfd(name: &str) -> std::fs::File {
+    std::fs::File::from(rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC).unwrap())
+}
+
+/// A snapshot written by either form restores by either form, to the same
+/// states and contents.
+#[test]
+fn the_stream_and_file_forms_restore_each_others_snapshots() {
+    let mem = GuestMemfd::new(16 * MIB, Flags::MMAP | Flags::INIT_SHARED).unwrap();
+    let map = mem.mmap().unwrap();
+    for page in [0, 1, 2, 700, 2048, 4095] {
+        map.write(page * P, &fill(page, 9)).unwrap();
+    }
+    mem.set_attributes(MIB, 3 * MIB, Attribute::Private)
+        .unwrap();
+    let expected = pages_of(&mem);
+    let by_stream = snapshot(&mem);
+    let mut by_file = memfd("by-file");
+    let saved = mem.snapshot_to_file(&by_file).unwrap();
+    assert_eq!(saved.bytes, by_stream.len() as u64);
+    by_file.seek(SeekFrom::Start(0)).unwrap();
+
+    let from_file = GuestMemfd::restore(&mut by_file, Options::new()).unwrap();
+    assert_eq!(pages_of(&from_file), expected);
+    let stream_file = memfd("by-stream");
+    (&stream_file).write_all(&by_stream).unwrap();
+    (&stream_file).seek(SeekFrom::Start(0)).unwrap();
+    let from_stream = GuestMemfd::restore_from_file(&stream_file, Options::new()).unwrap();
+    assert_eq!(pages_of(&from_stream), expected);
+    assert_eq!(
+        from_stream.stats().pages_allocated,
+        mem.stats().pages_allocated
+    );
+}
+
 /// One operation of the model test.
 #[derive(Debug, Clone)]
 enum Op {
@@ -235,7 +272,15 @@ proptest! {
         if let Some(cut) = cut {
             bad.truncate(cut.index(good.len()));
         }
-        match GuestMemfd::restore(&bad[..], Options::new()) {
+        let file = memfd("bad");
+        (&file).write_all(&bad).unwrap();
+        (&file).seek(SeekFrom::Start(0)).unwrap();
+        let by_file = GuestMemfd::restore_from_file(&file, Options::new());
+        prop_assert_eq!(
+            by_file.as_ref().map(GuestMemfd::shared_runs).map_err(Clone::clone),
+            GuestMemfd::restore(&bad[..], Options::new()).map(|f| f.shared_runs())
+        );
+        match by_file {
             Ok(copy) => {
                 prop_assert_eq!(&bad, &good);
                 prop_assert_eq!(copy.shared_runs(), mem.shared_runs());

@@ -1,8 +1,10 @@
 //! The snapshot rows of `gmem bench`: a sparse 4 GiB file saved and
-//! restored against `copy_file_range` of the same populated extents, the
+//! restored, by the file form and by the stream form, against
+//! `copy_file_range` of the same populated extents, the
 //! snapshot's size against the populated bytes, and the state of a file of
 //! 131,072 runs saved and loaded.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::ops::Range;
@@ -105,12 +107,17 @@ impl Sparse {
     }
 }
 
-/// `snapshot-4g-sparse` (time, and size) and `restore-4g-sparse`.
+/// `snapshot-4g-sparse` (the file form, the stream form, and the size) and
+/// `restore-4g-sparse` (both forms), each timed row against its own floor
+/// measured in the same run, samples interleaved.
 pub(super) fn sparse_4g() -> Vec<CaseResult> {
-    let mut fixture = Sparse::new();
+    let fixture = Sparse::new();
     let runs = fixture.mem.shared_runs().len() as u64 * 2;
     // Untimed first passes, which also leave a snapshot and a packed copy.
-    let saved = fixture.mem.snapshot(&fixture.snapshot).expect("snapshot");
+    let saved = fixture
+        .mem
+        .snapshot_to_file(&fixture.snapshot)
+        .expect("snapshot");
     fixture.copy_out();
     let size_goal = 1.01 * fixture.populated() as f64 + 1024.0 * runs as f64 / 1000.0;
     let size_row = CaseResult::value(
@@ -120,45 +127,65 @@ pub(super) fn sparse_4g() -> Vec<CaseResult> {
     );
     assert_eq!(saved.data_bytes, fixture.populated(), "the extents saved");
 
-    let snapshot = std::cell::RefCell::new(fixture.snapshot.try_clone().expect("dup"));
-    let packed = std::cell::RefCell::new(fixture.packed.try_clone().expect("dup"));
-    let (o, f) = measure_prepared(
-        &mut || {
-            fixture.mem.snapshot(&*snapshot.borrow()).expect("snapshot");
-        },
-        &mut || reset(&mut snapshot.borrow_mut()),
-        &mut || fixture.copy_out(),
-        &mut || reset(&mut packed.borrow_mut()),
-    );
-    let save_row = CaseResult::timed("snapshot-4g-sparse", o, Some(f), Goal::RatioAtMost(1.2))
-        .against("floor: copy_file_range of the extents");
+    let snapshot = RefCell::new(fixture.snapshot.try_clone().expect("dup"));
+    let packed = RefCell::new(fixture.packed.try_clone().expect("dup"));
+    let save = |name: &str, stream: bool| {
+        let (o, f) = measure_prepared(
+            &mut || {
+                let to = &*snapshot.borrow();
+                if stream {
+                    fixture.mem.snapshot(to).expect("snapshot");
+                } else {
+                    fixture.mem.snapshot_to_file(to).expect("snapshot");
+                }
+            },
+            &mut || reset(&mut snapshot.borrow_mut()),
+            &mut || fixture.copy_out(),
+            &mut || reset(&mut packed.borrow_mut()),
+        );
+        CaseResult::timed(name, o, Some(f), Goal::RatioAtMost(1.2))
+            .against("floor: copy_file_range of the extents")
+    };
+    let save_rows = [
+        save("snapshot-4g-sparse", false),
+        save("snapshot-4g-sparse-stream", true),
+    ];
 
     // Restores: the snapshot and packed copy were written by the last
     // samples; each sample's file is dropped before the next (untimed).
-    let restored = std::cell::RefCell::new(None::<GuestMemfd>);
-    let copied = std::cell::RefCell::new(None::<File>);
-    let (o, f) = measure_prepared(
-        &mut || {
-            let mut input = &*snapshot.borrow();
-            *restored.borrow_mut() =
-                Some(GuestMemfd::restore(&mut input, Options::new()).expect("restore"));
-        },
-        &mut || {
-            restored.borrow_mut().take();
-            snapshot
-                .borrow_mut()
-                .seek(SeekFrom::Start(0))
-                .expect("seek");
-        },
-        &mut || *copied.borrow_mut() = Some(fixture.copy_in()),
-        &mut || drop(copied.borrow_mut().take()),
-    );
-    let restore_row = CaseResult::timed("restore-4g-sparse", o, Some(f), Goal::RatioAtMost(1.2))
-        .against("floor: copy_file_range into a new memfd");
-    let check = restored.borrow_mut().take().expect("a restored file");
-    assert_eq!(check.shared_runs(), fixture.mem.shared_runs());
-    reset(&mut fixture.snapshot);
-    vec![save_row, size_row, restore_row]
+    let restored = RefCell::new(None::<GuestMemfd>);
+    let copied = RefCell::new(None::<File>);
+    let restore = |name: &str, stream: bool| {
+        let (o, f) = measure_prepared(
+            &mut || {
+                let from = &*snapshot.borrow();
+                *restored.borrow_mut() = Some(if stream {
+                    GuestMemfd::restore(from, Options::new()).expect("restore")
+                } else {
+                    GuestMemfd::restore_from_file(from, Options::new()).expect("restore")
+                });
+            },
+            &mut || {
+                restored.borrow_mut().take();
+                let mut from = snapshot.borrow_mut();
+                from.seek(SeekFrom::Start(0)).expect("seek");
+            },
+            &mut || *copied.borrow_mut() = Some(fixture.copy_in()),
+            &mut || drop(copied.borrow_mut().take()),
+        );
+        let check = restored.borrow_mut().take().expect("a restored file");
+        assert_eq!(check.shared_runs(), fixture.mem.shared_runs());
+        CaseResult::timed(name, o, Some(f), Goal::RatioAtMost(1.2))
+            .against("floor: copy_file_range into a new memfd")
+    };
+    let restore_rows = [
+        restore("restore-4g-sparse", false),
+        restore("restore-4g-sparse-stream", true),
+    ];
+    let mut rows = Vec::from(save_rows);
+    rows.push(size_row);
+    rows.extend(restore_rows);
+    rows
 }
 
 /// `snapshot-fragmented-1g`: the state of a 1 GiB file of 131,072 runs
@@ -171,10 +198,10 @@ pub(super) fn fragmented_1g() -> Vec<CaseResult> {
         mem.set_attributes(run + 2 * PAGE_SIZE, 2 * PAGE_SIZE, Attribute::Private)
             .expect("to private");
     }
-    let bytes = std::cell::RefCell::new(Vec::new());
+    let bytes = RefCell::new(Vec::new());
     let saved = mem.snapshot(&mut *bytes.borrow_mut()).expect("snapshot");
     assert_eq!(saved.runs, 131_072, "the runs of the fixture");
-    let restored = std::cell::RefCell::new(None::<GuestMemfd>);
+    let restored = RefCell::new(None::<GuestMemfd>);
     let (save, load) = measure_prepared(
         &mut || {
             mem.snapshot(&mut *bytes.borrow_mut()).expect("snapshot");

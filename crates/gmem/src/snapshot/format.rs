@@ -127,7 +127,7 @@ pub(crate) fn take_varint(bytes: &[u8]) -> Result<Option<(u64, usize)>, &'static
 /// A reader of a snapshot that counts the bytes it has read, so errors can
 /// say where they are, and turns an early end into `Truncated`.
 pub(crate) struct Cursor<R> {
-    inner: R,
+    pub(crate) inner: R,
     pub(crate) at: u64,
 }
 

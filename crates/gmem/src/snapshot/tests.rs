@@ -9,7 +9,7 @@ const P: u64 = PAGE_SIZE;
 
 /// The parts of a snapshot, written with correct checksums.
 #[derive(Clone)]
-struct Parts {
+pub(super) struct Parts {
     header: Header,
     /// Run lengths in pages.
     runs: Vec<u64>,
@@ -19,7 +19,7 @@ struct Parts {
 
 impl Parts {
     /// Eight pages: shared, two private, five shared; pages 0 and 2..4 populated.
-    fn valid() -> Parts {
+    pub(super) fn valid() -> Parts {
         Parts {
             header: Header {
                 first: Attribute::Shared,
@@ -34,7 +34,7 @@ impl Parts {
         }
     }
 
-    fn bytes(&self) -> Vec<u8> {
+    pub(super) fn bytes(&self) -> Vec<u8> {
         let mut out = self.header.encode().to_vec();
         let mut runs = Vec::new();
         for len in &self.runs {
