@@ -133,8 +133,8 @@ impl Counter {
 
     /// One of the counter's argument-less `ioctl`s.
     fn control(&self, request: c_ulong) -> std::io::Result<()> {
-        // SAFETY: ENABLE, DISABLE and RESET take no pointer: the kernel
-        // touches no memory of ours.
+        // ENABLE, DISABLE and RESET take no pointer.
+        // SAFETY: the kernel touches no memory of ours.
         let ret = unsafe { ioctl(self.fd.as_raw_fd(), request, 0 as c_ulong) };
         if ret < 0 {
             return Err(std::io::Error::last_os_error());

@@ -50,6 +50,14 @@ fn main() {
         ),
         trial("bad_handshakes_are_refused", bad_handshakes_are_refused),
         trial(
+            "backends_from_listener_callbacks_do_not_deadlock",
+            backends_from_callbacks,
+        ),
+        trial(
+            "two_threads_convert_with_a_backend_attached",
+            two_threads_with_a_backend,
+        ),
+        trial(
             "a_backend_pin_fails_a_punch_with_its_page",
             backend_pin_blocks_punch,
         ),
@@ -439,4 +447,61 @@ fn bad_answers_break_the_backend() {
         drop(file);
         answering.join().unwrap();
     }
+}
+
+/// Adding or detaching a backend from a listener's callback of the same
+/// file would wait for the conversion's own lock: refused, nothing changes.
+fn backends_from_callbacks() {
+    use std::sync::{Arc, Mutex};
+    struct Adding(Mutex<Option<(Error, bool)>>, Arc<GuestMemfd>);
+    impl gmem::ConversionListener for Adding {
+        fn commit(&self, _: u64, _: u64, _: Attribute) -> Result<(), gmem::Refusal> {
+            let (a, _b) = UnixStream::pair().unwrap();
+            let added = self.1.add_backend(a, None).unwrap_err();
+            let id = self.1.backends()[0].id;
+            *self.0.lock().unwrap() = Some((added, self.1.detach_backend(id)));
+            Ok(())
+        }
+    }
+    let file = Arc::new(shared_file(4));
+    let (vmm, backend) = UnixStream::pair().unwrap();
+    let attaching = std::thread::spawn(move || GuestMemfd::attach(backend, Options::new()));
+    file.add_backend(vmm, None).unwrap();
+    let attached = attaching.join().unwrap().unwrap();
+    let listener = Arc::new(Adding(Mutex::new(None), file.clone()));
+    file.add_listener(listener.clone());
+    file.set_attributes(0, P, Attribute::Private).unwrap();
+    let (added, detached) = listener.0.lock().unwrap().take().unwrap();
+    assert_eq!(added, Error::WouldDeadlock);
+    assert!(!detached);
+    assert_eq!(file.backends().len(), 1);
+    assert_eq!(attached.file().attribute(0).unwrap(), Attribute::Private);
+}
+
+/// Two threads converting the same file with a backend process attached:
+/// each conversion is answered, and the replica ends in the VMM's state.
+fn two_threads_with_a_backend() {
+    let file = shared_file(64);
+    let mut backend = Backend::start(&file);
+    std::thread::scope(|scope| {
+        for thread in 0..2u64 {
+            let file = &file;
+            scope.spawn(move || {
+                for round in 0..2_000u64 {
+                    let page = thread * 32 + round % 32;
+                    let to = if round % 2 == 0 {
+                        Attribute::Private
+                    } else {
+                        Attribute::Shared
+                    };
+                    file.set_attributes(page * P, P, to).unwrap();
+                }
+            });
+        }
+    });
+    for page in [0, 17, 32, 63] {
+        let want = format!("{:?}", file.attribute(page * P).unwrap());
+        assert_eq!(backend.ask(&format!("state {}", page * P)), want);
+    }
+    assert!(file.backends()[0].fault.is_none());
 }

@@ -19,15 +19,12 @@ use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 
-use super::BackendFault;
 use super::wire::{Channel, Kind, Message, PROTOCOL_VERSION, Received, WireError};
+use super::{ATTACH_GRACE, BackendFault};
 use crate::attributes::{Attribute, AttributeMap};
 use crate::backing::{Backing, BackingKind};
 use crate::file::{Flags, GuestMemfd, Options};
 use crate::{ConversionError, Error, PAGE_SHIFT, PAGE_SIZE};
-
-/// The longest the attachment may take beyond the options' timeout.
-const ATTACH_GRACE: Duration = Duration::from_secs(5);
 
 /// A backend's replica of a VMM's file, served while this lives.
 ///

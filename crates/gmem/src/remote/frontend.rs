@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::wire::{Channel, Kind, Message, PROTOCOL_VERSION, WireError};
-use super::{BackendFault, BackendId, BackendStatus, errno_of, exits_by};
+use super::{ATTACH_GRACE, BackendFault, BackendId, BackendStatus, errno_of, exits_by};
 use crate::attributes::{Attribute, AttributeMap};
 use crate::file::{FileState, GuestMemfd};
 use crate::{ConversionError, Error, PAGE_SHIFT};
@@ -312,10 +312,6 @@ impl Backend {
     }
 }
 
-/// The longest a backend's attachment may take beyond the file's timeout:
-/// the state it is sent is as long as the file has private runs.
-const ATTACH_GRACE: Duration = Duration::from_secs(5);
-
 impl GuestMemfd {
     /// Attaches a backend: a process connected by `socket` that calls
     /// [`GuestMemfd::attach`] on its end. From the moment this returns
@@ -332,6 +328,7 @@ impl GuestMemfd {
     /// sent to the backend and its registration.
     ///
     /// Errors: `EPERM` ([`Error::Attached`]) on a backend's own replica;
+    /// `EDEADLK` from a conversion listener's callback of this file;
     /// the backend's fault ([`Error::Backend`]: `ETIMEDOUT`, `EPROTO`,
     /// `EPROTONOSUPPORT`, `EPIPE`, or the socket's errno). Nothing is
     /// registered on error.
@@ -343,6 +340,9 @@ impl GuestMemfd {
         let state = &*self.state;
         if state.attached {
             return Err(Error::Attached);
+        }
+        if crate::held::is_held(state.refs.id()) {
+            return Err(Error::WouldDeadlock);
         }
         let process = process.or_else(|| super::peer_process(&socket));
         let mut channel = Channel::new(socket);
@@ -368,9 +368,14 @@ impl GuestMemfd {
     /// conversions and conversions no longer wait for it. Call it once the
     /// backend's process is gone (or its mappings can no longer matter):
     /// while it lives it may map the range a conversion hides. Waits for a
-    /// conversion in progress. Returns whether the backend was attached.
+    /// conversion in progress. Returns whether the backend was detached
+    /// (from a conversion listener's callback of this file, where it would
+    /// deadlock, nothing is: `false`).
     pub fn detach_backend(&self, id: BackendId) -> bool {
         let state = &*self.state;
+        if crate::held::is_held(state.refs.id()) {
+            return false;
+        }
         let _attrs_locked = state.write_attrs();
         let mut list = state.backends.lock();
         let before = list.len();

@@ -31,6 +31,10 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
 
 pub use backend::Attached;
+
+/// The longest an attachment may take beyond the timeout, on either side:
+/// the state sent is as long as the file has private runs.
+const ATTACH_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 pub(crate) use frontend::Backends;
 
 /// A backend of one file, as [`GuestMemfd::add_backend`] numbered it.

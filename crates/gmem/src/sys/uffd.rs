@@ -91,8 +91,9 @@ const USERFAULTFD_IOC_NEW: libc::Ioctl = libc::_IO(0xaa, 0x00);
 /// `ioctl(fd, request, arg)`.
 fn ioctl<T>(fd: BorrowedFd<'_>, request: libc::Ioctl, arg: &mut T) -> Result<(), Errno> {
     use std::os::fd::AsRawFd;
-    // SAFETY: every request used here takes a pointer to the `repr(C)`
-    // struct of its definition, which `arg` is, and writes only inside it.
+    // Every request used here takes a pointer to the `repr(C)` struct of
+    // its definition, which `arg` is.
+    // SAFETY: the kernel writes only inside `*arg`, which we own mutably.
     let done = unsafe { libc::ioctl(fd.as_raw_fd(), request, std::ptr::from_mut(arg)) };
     if done < 0 {
         return Err(Errno::from_raw_os_error(
@@ -106,10 +107,9 @@ fn ioctl<T>(fd: BorrowedFd<'_>, request: libc::Ioctl, arg: &mut T) -> Result<(),
 /// refused, as to an unprivileged process) from `/dev/userfaultfd`.
 fn open() -> Result<OwnedFd, Failure> {
     use rustix::mm::UserfaultfdFlags;
-    // SAFETY: the new descriptor only lets this module handle faults on the
-    // probe's own mapping, which it registers itself.
-    let by_call =
-        unsafe { rustix::mm::userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK) };
+    let flags = UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK;
+    // SAFETY: the descriptor only handles faults of the probe's own mapping.
+    let by_call = unsafe { rustix::mm::userfaultfd(flags) };
     let errno = match by_call {
         Ok(fd) => return Ok(fd),
         Err(errno) => errno,
@@ -120,8 +120,8 @@ fn open() -> Result<OwnedFd, Failure> {
     };
     use std::os::fd::{AsRawFd, FromRawFd};
     let new_flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-    // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a new
-    // descriptor, which nothing else owns.
+    // USERFAULTFD_IOC_NEW takes its flags by value.
+    // SAFETY: no memory is passed; the new descriptor is owned by nothing else.
     let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, new_flags) };
     if fd < 0 {
         return Err(("USERFAULTFD_IOC_NEW on /dev/userfaultfd", last_errno()));
@@ -174,8 +174,8 @@ pub(crate) fn probe(mode: FaultMode) -> Result<(), Failure> {
     let mut uffd = Some(uffd);
     let (resolved, read) = std::thread::scope(|scope| {
         let toucher = scope.spawn(move || {
-            // SAFETY: `addr` is the start of `region`, a live shared mapping
-            // of one page, joined before `region` is dropped.
+            // `region` is joined before it is dropped.
+            // SAFETY: `addr` is the start of `region`, a live one-page mapping.
             unsafe { std::ptr::read_volatile(addr as *const u8) }
         });
         let resolved = resolve(uffd.as_ref().expect("open").as_fd(), mode, addr);
